@@ -1,0 +1,163 @@
+"""Frozen kernel specs: validated on construction, JSON round-trip, stable fingerprint."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from ntk_scale.kernels import fc
+from ntk_scale.kernels.validate import DTYPES, KINDS, check_choice, check_features
+
+#: Bumped whenever a change to the kernel code could change a computed value: stores made by
+#: another version are refused (their fingerprint differs).
+KERNEL_CODE_VERSION = 1
+
+ACTIVATIONS = ("relu", "erf", "abs", "identity", "leaky_relu")
+_ABRELU_SLOPES = {"relu": (0.0, 1.0), "abs": (-1.0, 1.0)}
+
+
+@dataclasses.dataclass(frozen=True)
+class FullyConnected:
+    """Infinite-width fully-connected network: ``depth`` x [Dense(W_std, b_std), activation],
+    then a Dense(W_std, b_std) readout, in the NTK parameterization (as Neural Tangents' stax).
+
+    negative_slope: only for activation="leaky_relu" (default 0.01).
+    """
+
+    depth: int = 3
+    activation: str = "relu"
+    W_std: float = 1.4142135623730951
+    b_std: float = 0.0
+    negative_slope: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.depth, bool) or not isinstance(self.depth, (int, np.integer)):
+            raise ValueError(f"depth={self.depth!r} must be an integer >= 0 (hidden layers)")
+        if self.depth < 0:
+            raise ValueError(f"depth={self.depth} must be >= 0 (the number of hidden layers)")
+        check_choice("activation", self.activation, ACTIVATIONS)
+        _check_float("W_std", self.W_std, lambda v: v > 0, "must be > 0, e.g. W_std=1.4")
+        _check_float("b_std", self.b_std, lambda v: v >= 0, "must be >= 0, e.g. b_std=0.1")
+        slope = self.negative_slope
+        if self.activation == "leaky_relu":
+            slope = 0.01 if slope is None else slope
+            _check_float("negative_slope", slope, lambda v: True, "must be a finite number")
+            slope = float(slope)
+        elif slope is not None:
+            raise ValueError(
+                f"negative_slope={slope!r} applies only to activation='leaky_relu', "
+                f"not {self.activation!r}; drop it or use activation='leaky_relu'"
+            )
+        object.__setattr__(self, "depth", int(self.depth))
+        object.__setattr__(self, "W_std", float(self.W_std))
+        object.__setattr__(self, "b_std", float(self.b_std))
+        object.__setattr__(self, "negative_slope", slope)
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "FullyConnected", **dataclasses.asdict(self)}
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys, no spaces): equal specs give equal strings."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON and the kernel-code version (hex, 64 chars)."""
+        payload = f"{self.to_json()}|kernel-code-v{KERNEL_CODE_VERSION}"
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    # -- computation ---------------------------------------------------------------------------
+    @property
+    def params(self) -> fc.FCParams:
+        if self.activation in ("erf", "identity"):
+            act = fc.Activation(self.activation)
+        else:
+            a, b = _ABRELU_SLOPES.get(self.activation, (self.negative_slope, 1.0))
+            act = fc.Activation("abrelu", float(a), float(b))
+        return fc.FCParams(self.depth, act, self.W_std**2, self.b_std**2)
+
+    def kernel(
+        self, x1: Any, x2: Any = None, kind: str = "ntk", dtype: str = "float32"
+    ) -> np.ndarray:
+        """K(x1, x2). x1: (n1, d), x2: (n2, d) or None for K(x1, x1) -> numpy (n1, n2)."""
+        check_choice("kind", kind, KINDS)
+        check_choice("dtype", dtype, DTYPES)
+        a = check_features(x1, "x1")
+        if x2 is None:
+            return np.asarray(tile_function(self, kind, dtype, symmetric=True)(a, a))
+        b = check_features(x2, "x2", dim=a.shape[1])
+        return np.asarray(tile_function(self, kind, dtype)(a, b))
+
+    def diag(self, x: Any, kind: str = "ntk", dtype: str = "float32") -> np.ndarray:
+        """The diagonal K(x_i, x_i) without the off-diagonal entries. x: (n, d) -> (n,)."""
+        check_choice("kind", kind, KINDS)
+        check_choice("dtype", dtype, DTYPES)
+        return np.asarray(diag_function(self, kind, dtype)(check_features(x)))
+
+
+def _check_float(name: str, value: Any, ok: Callable[[float], bool], fix: str) -> None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} is not a number; it {fix}") from None
+    if not math.isfinite(v) or not ok(v):
+        raise ValueError(f"{name}={value!r} {fix}")
+
+
+def spec_from_dict(d: dict[str, Any]) -> FullyConnected:
+    """Inverse of ``spec.to_dict()``; unknown types or keys raise ValueError."""
+    d = dict(d)
+    kind = d.pop("type", None)
+    if kind != "FullyConnected":
+        raise ValueError(f"unknown kernel type {kind!r}; supported: 'FullyConnected'")
+    known = {f.name for f in dataclasses.fields(FullyConnected)}
+    extra = sorted(set(d) - known)
+    if extra:
+        raise ValueError(f"unknown kernel field(s) {extra}; valid fields are {sorted(known)}")
+    return FullyConnected(**d)
+
+
+def spec_from_json(text: str) -> FullyConnected:
+    return spec_from_dict(json.loads(text))
+
+
+def _wrap(fn: Callable, dtype: str) -> Callable:
+    """Run ``fn`` with 64-bit types available (scoped, no global flag) on ``dtype`` inputs."""
+    np_dtype = np.dtype(dtype)
+
+    def call(*arrays: Any) -> jax.Array:
+        with jax.enable_x64(True):
+            return fn(*[np.asarray(a, dtype=np_dtype) for a in arrays])
+
+    return call
+
+
+@functools.lru_cache(maxsize=64)
+def tile_function(
+    spec: FullyConnected, kind: str = "ntk", dtype: str = "float32", symmetric: bool = False
+) -> Callable[..., jax.Array]:
+    """A jitted tile function (x1 (n1, d), x2 (n2, d)) -> (n1, n2) in ``dtype``.
+
+    Compiled once per input shape (pad edge tiles to keep one shape). With ``symmetric=True`` it
+    must be called with x1 == x2 (a diagonal tile) and takes the diagonal from the exact formula.
+    """
+    p = spec.params
+    if symmetric:
+        jitted = jax.jit(lambda x1, x2: fc.fc_tile_symmetric(p, x1, kind))
+    else:
+        jitted = jax.jit(lambda x1, x2: fc.fc_tile(p, x1, x2, kind))
+    return _wrap(jitted, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def diag_function(spec: FullyConnected, kind: str = "ntk", dtype: str = "float32") -> Callable:
+    """A jitted diagonal function x (n, d) -> (n,) in ``dtype``."""
+    p = spec.params
+    return _wrap(jax.jit(lambda x: fc.fc_diag(p, x, kind)), dtype)
