@@ -12,7 +12,7 @@ Per-row quantities (the ``q`` chain and ``1/√q``) are computed once per row bl
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,24 +35,28 @@ _ACOS_COEFFS = (
 )
 
 
-class Activation(NamedTuple):
-    """Static description of an activation for the recursion (hashable, jit-static).
+class FCParams(NamedTuple):
+    """Hyper-parameters of a fully-connected kernel.
 
-    name: "abrelu" (covers relu, abs, leaky_relu), "erf" or "identity"; a, b: the ABReLU slopes.
+    ``depth`` and ``act`` ("abrelu" for relu / abs / leaky_relu, "erf", "identity") are static
+    (they shape the computation); ``a``, ``b`` (ABReLU slopes), ``w_var`` and ``b_var`` are traced
+    scalars, so one compiled tile function serves every W_std, b_std and slope.
     """
 
-    name: str
-    a: float = 0.0
-    b: float = 1.0
-
-
-class FCParams(NamedTuple):
-    """Static hyper-parameters of a fully-connected kernel (hashable, jit-static)."""
-
     depth: int
-    act: Activation
-    w_var: float
-    b_var: float
+    act: str
+    a: Any
+    b: Any
+    w_var: Any
+    b_var: Any
+
+    def split(self) -> tuple[tuple[int, str], tuple[Any, Any, Any, Any]]:
+        """(static part, traced part) for jit."""
+        return (self.depth, self.act), (self.a, self.b, self.w_var, self.b_var)
+
+    @classmethod
+    def join(cls, static: tuple[int, str], traced: tuple[Any, Any, Any, Any]) -> FCParams:
+        return cls(*static, *traced)
 
 
 def _pi_minus_theta(cos: jax.Array) -> jax.Array:
@@ -73,11 +77,11 @@ def _inv_sqrt(q: jax.Array) -> jax.Array:
     return jnp.where(q > 0, jax.lax.rsqrt(safe), 0.0)
 
 
-def _diag_step(act: Activation, q: jax.Array) -> jax.Array:
+def _diag_step(p: FCParams, q: jax.Array) -> jax.Array:
     """s(q, q, q): the activation's second moment on the diagonal."""
-    if act.name == "abrelu":
-        return 0.5 * (act.a**2 + act.b**2) * q
-    if act.name == "erf":
+    if p.act == "abrelu":
+        return 0.5 * (p.a**2 + p.b**2) * q
+    if p.act == "erf":
         return (2.0 / math.pi) * jnp.arcsin(2.0 * q / (1.0 + 2.0 * q))
     return q
 
@@ -92,12 +96,12 @@ def row_stats(p: FCParams, x: jax.Array) -> jax.Array:
     q = p.w_var * jnp.sum(x * x, axis=1) / d + p.b_var
     qs = [q]
     for _ in range(p.depth):
-        q = p.w_var * _diag_step(p.act, q) + p.b_var
+        q = p.w_var * _diag_step(p, q) + p.b_var
         qs.append(q)
     return jnp.stack(qs)
 
 
-def _abrelu_step(act, c, r1, r2, q1s, q2s):
+def _abrelu_step(p: FCParams, c, r1, r2, q1s, q2s):
     cos = jnp.clip(c * r1[:, None] * r2[None, :], -1.0, 1.0)
     if cos.dtype == jnp.float32:
         # θ = √(2(1 − cos θ)) near cos θ = 1, so a rounding error of a few ulps in cos θ becomes
@@ -106,10 +110,10 @@ def _abrelu_step(act, c, r1, r2, q1s, q2s):
         cos = jnp.where(cos > 1.0 - _SNAP_F32, 1.0, cos)
     sin = jnp.sqrt(jnp.maximum(1.0 - cos * cos, 0.0))
     pmt = _pi_minus_theta(cos)
-    scale = (act.b - act.a) ** 2 / _TWO_PI
+    scale = (p.b - p.a) ** 2 / _TWO_PI
     j = (q1s[:, None] * q2s[None, :]) * (sin + pmt * cos)
-    s = act.a * act.b * c + scale * j
-    sdot = act.a * act.b + scale * pmt
+    s = p.a * p.b * c + scale * j
+    sdot = p.a * p.b + scale * pmt
     return s, sdot
 
 
@@ -123,10 +127,9 @@ def _erf_step(c, q1, q2):
 
 
 def _layer(p: FCParams, c, theta, q1, q2, compute_ntk: bool):
-    act = p.act
-    if act.name == "abrelu":
-        s, sdot = _abrelu_step(act, c, _inv_sqrt(q1), _inv_sqrt(q2), jnp.sqrt(q1), jnp.sqrt(q2))
-    elif act.name == "erf":
+    if p.act == "abrelu":
+        s, sdot = _abrelu_step(p, c, _inv_sqrt(q1), _inv_sqrt(q2), jnp.sqrt(q1), jnp.sqrt(q2))
+    elif p.act == "erf":
         s, sdot = _erf_step(c, q1, q2)
     else:
         s, sdot = c, 1.0
@@ -158,15 +161,15 @@ def fc_diag(p: FCParams, x: jax.Array, kind: str) -> jax.Array:
         return qs[-1]
     theta = qs[0]
     for layer in range(p.depth):
-        theta = p.w_var * theta * _diag_sdot(p.act, qs[layer]) + qs[layer + 1]
+        theta = p.w_var * theta * _diag_sdot(p, qs[layer]) + qs[layer + 1]
     return theta
 
 
-def _diag_sdot(act: Activation, q: jax.Array) -> jax.Array:
+def _diag_sdot(p: FCParams, q: jax.Array) -> jax.Array:
     """ṡ(q, q, q): the derivative expectation on the diagonal (cos θ = 1)."""
-    if act.name == "abrelu":
-        return act.a * act.b + (act.b - act.a) ** 2 / 2.0 + 0.0 * q
-    if act.name == "erf":
+    if p.act == "abrelu":
+        return p.a * p.b + (p.b - p.a) ** 2 / 2.0 + 0.0 * q
+    if p.act == "erf":
         return (4.0 / math.pi) * jax.lax.rsqrt(1.0 + 4.0 * q)
     return jnp.ones_like(q)
 
@@ -176,7 +179,9 @@ def fc_tile_symmetric(p: FCParams, x: jax.Array, kind: str) -> jax.Array:
 
     arccos loses precision for cos θ ≈ 1 (θ ≈ √(2ε)); the diagonal entries are exact this way.
     """
-    tile = fc_tile(p, x, x, kind)
+    # The barrier materialises the tile once: XLA may otherwise recompute the transposed copy in
+    # another fusion, with other rounding, and the result would not be exactly symmetric.
+    tile = jax.lax.optimization_barrier(fc_tile(p, x, x, kind))
     tile = 0.5 * (tile + tile.T)  # exactly symmetric, whatever the rounding of each entry
     idx = jnp.arange(x.shape[0])
     return tile.at[idx, idx].set(fc_diag(p, x, kind))

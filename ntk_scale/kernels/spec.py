@@ -77,11 +77,11 @@ class FullyConnected:
     @property
     def params(self) -> fc.FCParams:
         if self.activation in ("erf", "identity"):
-            act = fc.Activation(self.activation)
+            act, (a, b) = self.activation, (0.0, 1.0)
         else:
+            act = "abrelu"
             a, b = _ABRELU_SLOPES.get(self.activation, (self.negative_slope, 1.0))
-            act = fc.Activation("abrelu", float(a), float(b))
-        return fc.FCParams(self.depth, act, self.W_std**2, self.b_std**2)
+        return fc.FCParams(self.depth, act, float(a), float(b), self.W_std**2, self.b_std**2)
 
     def kernel(
         self, x1: Any, x2: Any = None, kind: str = "ntk", dtype: str = "float32"
@@ -128,36 +128,45 @@ def spec_from_json(text: str) -> FullyConnected:
     return spec_from_dict(json.loads(text))
 
 
-def _wrap(fn: Callable, dtype: str) -> Callable:
-    """Run ``fn`` with 64-bit types available (scoped, no global flag) on ``dtype`` inputs."""
-    np_dtype = np.dtype(dtype)
+def _scalars(traced: tuple[float, ...], dtype: str) -> tuple[np.ndarray, ...]:
+    return tuple(np.asarray(v, dtype=dtype) for v in traced)
+
+
+@functools.lru_cache(maxsize=128)
+def _compiled(static: tuple[int, str], kind: str, what: str) -> Callable:
+    """One jitted function per network structure, not per W_std / b_std (those are traced)."""
+    if what == "tile":
+        return jax.jit(lambda t, x1, x2: fc.fc_tile(fc.FCParams.join(static, t), x1, x2, kind))
+    if what == "symmetric":
+        return jax.jit(lambda t, x1, x2: fc.fc_tile_symmetric(fc.FCParams.join(static, t), x1, kind))
+    return jax.jit(lambda t, x: fc.fc_diag(fc.FCParams.join(static, t), x, kind))
+
+
+def _bind(spec: FullyConnected, kind: str, dtype: str, what: str) -> Callable[..., jax.Array]:
+    """Run the compiled function with 64-bit types available (scoped, no global flag)."""
+    static, traced = spec.params.split()
+    fn, np_dtype = _compiled(static, kind, what), np.dtype(dtype)
+    hyper = _scalars(traced, dtype)
 
     def call(*arrays: Any) -> jax.Array:
         with jax.enable_x64(True):
-            return fn(*[np.asarray(a, dtype=np_dtype) for a in arrays])
+            return fn(hyper, *[np.asarray(a, dtype=np_dtype) for a in arrays])
 
     return call
 
 
-@functools.lru_cache(maxsize=64)
 def tile_function(
     spec: FullyConnected, kind: str = "ntk", dtype: str = "float32", symmetric: bool = False
 ) -> Callable[..., jax.Array]:
-    """A jitted tile function (x1 (n1, d), x2 (n2, d)) -> (n1, n2) in ``dtype``.
+    """A jitted tile function (x1 (n1, d), x2 (n2, d)) -> (n1, n2) jax array in ``dtype``.
 
     Compiled once per input shape (pad edge tiles to keep one shape). With ``symmetric=True`` it
-    must be called with x1 == x2 (a diagonal tile) and takes the diagonal from the exact formula.
+    must be called with x1 == x2 (a diagonal tile): the result is exactly symmetric and its
+    diagonal comes from the exact formula.
     """
-    p = spec.params
-    if symmetric:
-        jitted = jax.jit(lambda x1, x2: fc.fc_tile_symmetric(p, x1, kind))
-    else:
-        jitted = jax.jit(lambda x1, x2: fc.fc_tile(p, x1, x2, kind))
-    return _wrap(jitted, dtype)
+    return _bind(spec, kind, dtype, "symmetric" if symmetric else "tile")
 
 
-@functools.lru_cache(maxsize=64)
 def diag_function(spec: FullyConnected, kind: str = "ntk", dtype: str = "float32") -> Callable:
     """A jitted diagonal function x (n, d) -> (n,) in ``dtype``."""
-    p = spec.params
-    return _wrap(jax.jit(lambda x: fc.fc_diag(p, x, kind)), dtype)
+    return _bind(spec, kind, dtype, "diag")

@@ -1,0 +1,269 @@
+"""Block preconditioned conjugate gradients for (K + λI) A = Y with C right-hand sides.
+
+Per-column CG sharing one ``op.matmat`` per iteration over the still-active columns (O'Leary
+1980, in its simple per-column form). Converged columns are frozen: neither updated nor
+multiplied. All vectors and reductions are float64 whatever the operator's storage dtype.
+
+The whole iteration state is a :class:`PCGState` of plain arrays and ints; every iteration makes
+a new one (the old one is never mutated), so ``callback(state)`` may keep or save it, and
+``solve_pcg(..., state=saved)`` continues on the bitwise-identical trajectory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+
+from ntk_scale.linalg.operators import GramOperator
+from ntk_scale.linalg.preconditioners import Preconditioner, identity
+
+STATE_FIELDS = ("x", "r", "z", "p", "rz", "iteration", "active", "residuals")
+
+
+class SolverError(ValueError):
+    """PCG met a non-positive curvature or a NaN/Inf: K + λI is not (numerically) SPD."""
+
+
+class ConvergenceWarning(UserWarning):
+    """PCG reached max_iter with columns above tol."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PCGState:
+    """The complete PCG iteration state (C right-hand sides, N unknowns each).
+
+    x, r, z, p: (N, C) float64 iterate, residual, preconditioned residual, search direction.
+    rz: (C,) float64 rᵀz per column. iteration: completed iterations. active: (C,) bool, the
+    columns still iterating. residuals: (iteration + 1, C) float64 history of ||r_j|| / ||y_j||
+    (a frozen column repeats its last value).
+    """
+
+    x: np.ndarray
+    r: np.ndarray
+    z: np.ndarray
+    p: np.ndarray
+    rz: np.ndarray
+    iteration: int
+    active: np.ndarray
+    residuals: np.ndarray
+
+
+class PCGResult(NamedTuple):
+    """x: (N, C) float64 solution; iterations: int; residuals: (iterations + 1, C) float64
+    relative-residual history; converged: (C,) bool."""
+
+    x: np.ndarray
+    iterations: int
+    residuals: np.ndarray
+    converged: np.ndarray
+
+
+def resolve_ridge(ridge: float, op: GramOperator, absolute: bool = False) -> float:
+    """The ridge λ added to K. absolute=False: λ = ridge · mean(diag K), Neural Tangents'
+    ``diag_reg`` convention (diag_reg · trace(K) / N); absolute=True: λ = ridge."""
+    ridge = float(ridge)
+    if not np.isfinite(ridge) or ridge < 0:
+        raise ValueError(f"ridge={ridge!r} must be a finite number >= 0, e.g. 1e-4")
+    if absolute:
+        return ridge
+    scale = float(np.mean(op.diag()))
+    if not np.isfinite(scale) or scale <= 0:
+        raise ValueError(
+            f"mean(diag K) = {scale!r} is not a positive number, so a relative ridge is "
+            "undefined; check the Gram matrix or pass an absolute ridge"
+        )
+    return ridge * scale
+
+
+def solve_pcg(
+    op: GramOperator,
+    Y: np.ndarray,
+    lam: float,
+    preconditioner: Preconditioner | None = None,
+    tol: float = 1e-6,
+    max_iter: int | None = None,
+    x0: np.ndarray | None = None,
+    callback: Callable[[PCGState], object] | None = None,
+    state: PCGState | None = None,
+) -> PCGResult:
+    """Solve (K + λI) A = Y column by column to ||r_j|| / ||y_j|| <= tol.
+
+    op: an (N, N) GramOperator. Y: (N, C) targets. lam: the absolute ridge (see resolve_ridge).
+    preconditioner: ``apply(R)`` ≈ (K + λI)⁻¹ R, default identity. max_iter: default 2N.
+    x0: (N, C) starting guess (columns already within tol are never touched). callback: called
+    with the new PCGState after every iteration. state: a saved PCGState to resume from.
+    Warns (ConvergenceWarning) and returns converged=False columns when max_iter is reached;
+    raises SolverError on non-positive curvature or NaN/Inf.
+    """
+    Y = _check_targets(Y, op.shape[0])
+    lam, tol = _check_positive("lam", lam, allow_zero=True), _check_positive("tol", tol)
+    M = identity() if preconditioner is None else preconditioner
+    max_iter = 2 * op.shape[0] if max_iter is None else int(max_iter)
+    ynorm = np.linalg.norm(Y, axis=0)
+    if state is not None and x0 is not None:
+        raise ValueError("pass either x0 or state (a saved PCGState to resume), not both")
+    if state is not None:
+        st = _resume(state, Y.shape, tol)
+    else:
+        st = _initial_state(op, Y, lam, M, x0, ynorm, tol)
+    while st.active.any() and st.iteration < max_iter:
+        st = _step(op, lam, M, st, ynorm, tol)
+        if callback is not None:
+            callback(st)
+    converged = ~st.active
+    if not converged.all():
+        _warn_not_converged(st, max_iter, tol)
+    return PCGResult(st.x, st.iteration, st.residuals, converged)
+
+
+def _step(
+    op: GramOperator, lam: float, M: Preconditioner, st: PCGState, ynorm: np.ndarray, tol: float
+) -> PCGState:
+    """One PCG iteration over the active columns; returns a new state (``st`` is untouched)."""
+    idx = np.flatnonzero(st.active)
+    p = st.p[:, idx]
+    Ap = op.matmat(p) + lam * p
+    pAp = _colsum(p, Ap)
+    _check_curvature(pAp, Ap, idx, st.iteration, lam)
+    alpha = st.rz[idx] / pAp
+    x, r = st.x.copy(), st.r.copy()
+    x[:, idx] += alpha * p
+    r[:, idx] -= alpha * Ap
+    rel = st.residuals[-1].copy()
+    rel[idx] = np.linalg.norm(r[:, idx], axis=0) / ynorm[idx]
+    active = st.active & (rel > tol)
+    z, p_new, rz = st.z.copy(), st.p.copy(), st.rz.copy()
+    still = np.flatnonzero(active)
+    if still.size:
+        z[:, still] = M.apply(r[:, still])
+        rz_new = _colsum(r[:, still], z[:, still])
+        _check_rz(rz_new, still, st.iteration + 1)
+        p_new[:, still] = z[:, still] + (rz_new / rz[still]) * st.p[:, still]
+        rz[still] = rz_new
+    residuals = np.vstack([st.residuals, rel[None, :]])
+    return PCGState(x, r, z, p_new, rz, st.iteration + 1, active, residuals)
+
+
+def _initial_state(
+    op: GramOperator,
+    Y: np.ndarray,
+    lam: float,
+    M: Preconditioner,
+    x0: np.ndarray | None,
+    ynorm: np.ndarray,
+    tol: float,
+) -> PCGState:
+    """x0 (default 0), r = Y − (K + λI) x0, z = M r, p = z. Zero targets get x = 0."""
+    if x0 is None:
+        x, r = np.zeros_like(Y), Y.copy()
+    else:
+        x = _check_targets(x0, Y.shape[0], name="x0", shape=Y.shape).copy()
+        x[:, ynorm == 0] = 0.0
+        r = Y - (op.matmat(x) + lam * x)
+        _check_finite(r, "the initial residual Y − (K + λI) x0", 0)
+    rel = np.linalg.norm(r, axis=0) / np.where(ynorm > 0, ynorm, 1.0)
+    active = rel > tol
+    z = np.zeros_like(Y)
+    idx = np.flatnonzero(active)
+    if idx.size:
+        z[:, idx] = M.apply(r[:, idx])
+    rz = _colsum(r, z)
+    _check_rz(rz[idx], idx, 0)
+    return PCGState(x, r, z, z.copy(), rz, 0, active, rel[None, :])
+
+
+def _resume(state: PCGState, shape: tuple[int, int], tol: float) -> PCGState:
+    """Validate a saved state against the problem; columns now within ``tol`` are frozen."""
+    n, c = shape
+    for name in ("x", "r", "z", "p"):
+        if getattr(state, name).shape != shape:
+            raise ValueError(
+                f"saved PCG state has {name} of shape {getattr(state, name).shape} but the "
+                f"targets are {shape}; it belongs to another problem: start without state "
+                "(or use a new output dir)"
+            )
+    if state.residuals.shape != (state.iteration + 1, c):
+        raise ValueError(
+            f"saved PCG state is inconsistent: residuals {state.residuals.shape} after "
+            f"{state.iteration} iterations of {c} columns; delete the checkpoint and start again"
+        )
+    active = np.asarray(state.active, dtype=bool) & (state.residuals[-1] > tol)
+    return dataclasses.replace(state, active=active)
+
+
+def _colsum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Column-wise dot products aᵀb: (N, C), (N, C) -> (C,) float64."""
+    return np.einsum("ij,ij->j", a, b)
+
+
+def _check_curvature(pAp: np.ndarray, Ap: np.ndarray, idx: np.ndarray, it: int, lam: float):
+    _check_finite(Ap, "the operator product (K + λI) p", it)
+    bad = ~(pAp > 0)
+    if bad.any():
+        j = int(np.argmax(bad))
+        raise SolverError(
+            f"non-positive curvature pᵀ(K + λI)p = {pAp[j]:.3e} in column {int(idx[j])} at "
+            f"iteration {it}: K + λI is not positive definite at λ={lam:.3e}; use a larger "
+            "ridge (or check that the Gram matrix is a valid kernel matrix)"
+        )
+
+
+def _check_rz(rz: np.ndarray, idx: np.ndarray, it: int) -> None:
+    bad = ~(rz > 0)
+    if bad.any():
+        j = int(np.argmax(bad))
+        raise SolverError(
+            f"rᵀM⁻¹r = {rz[j]:.3e} in column {int(idx[j])} at iteration {it}: the preconditioner "
+            "is not positive definite or produced NaN/Inf; use a larger ridge, or another "
+            "preconditioner (e.g. jacobi)"
+        )
+
+
+def _check_finite(a: np.ndarray, what: str, it: int) -> None:
+    if not np.all(np.isfinite(a)):
+        raise SolverError(
+            f"{what} holds NaN/Inf at iteration {it}: the Gram matrix has non-finite entries "
+            "(verify the store) or K + λI is too ill-conditioned; use a larger ridge"
+        )
+
+
+def _check_targets(
+    Y: np.ndarray, n: int, name: str = "Y", shape: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Y as (N, C) finite float64 (a new array)."""
+    Y = np.array(Y, dtype=np.float64)
+    if Y.ndim != 2 or Y.shape[0] != n or (shape is not None and Y.shape != shape):
+        want = shape if shape is not None else f"({n}, C)"
+        raise ValueError(
+            f"{name} must have shape {want}, got {Y.shape}; pass a vector as y.reshape(-1, 1)"
+        )
+    bad = ~np.isfinite(Y).all(axis=0)
+    if bad.any():
+        raise ValueError(
+            f"{name} column {int(np.argmax(bad))} holds NaN/Inf; remove or impute those targets"
+        )
+    return Y
+
+
+def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
+    v = float(value)
+    if not np.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name}={value!r} must be a finite number {bound}")
+    return v
+
+
+def _warn_not_converged(st: PCGState, max_iter: int, tol: float) -> None:
+    last = st.residuals[-1]
+    warnings.warn(
+        f"PCG stopped at max_iter={max_iter} with {int(st.active.sum())} of {len(last)} "
+        f"columns above tol={tol:g} (worst relative residual {last[st.active].max():.2e}); "
+        "raise max_iter, use a stronger preconditioner (nystrom with pivots='rpcholesky' "
+        "and a larger rank), or a larger ridge",
+        ConvergenceWarning,
+        stacklevel=3,
+    )

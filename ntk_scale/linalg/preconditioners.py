@@ -1,0 +1,216 @@
+"""Preconditioners for (K + λI) A = Y: small factories returning frozen objects.
+
+Each result has ``apply(R)``: R (N, C) float64 -> (N, C) float64 ≈ (K + λI)⁻¹ R, and metadata
+(``name``, ``rank``, ``pivots``). See shared/REFERENCES.md, "Solvers and preconditioners".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+import scipy.linalg
+
+from ntk_scale.linalg.operators import GramOperator
+
+_EMPTY_INT = np.zeros(0, dtype=np.int64)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Identity:
+    """No preconditioning: apply(R) = R."""
+
+    name: str = "identity"
+    rank: int = 0
+    pivots: np.ndarray = dataclasses.field(default_factory=lambda: _EMPTY_INT)
+
+    def apply(self, R: np.ndarray) -> np.ndarray:
+        """R: (N, C) -> (N, C) float64 (a copy, so callers may update either freely)."""
+        return np.array(R, dtype=np.float64)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Jacobi:
+    """Diagonal preconditioner: apply(R) = R / (diag(K) + λ). inv_diag: (N,) float64."""
+
+    inv_diag: np.ndarray
+    name: str = "jacobi"
+    rank: int = 0
+    pivots: np.ndarray = dataclasses.field(default_factory=lambda: _EMPTY_INT)
+
+    def apply(self, R: np.ndarray) -> np.ndarray:
+        """R: (N, C) -> (N, C) float64."""
+        return np.asarray(R, dtype=np.float64) * self.inv_diag[:, None]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Nystrom:
+    """P = F Fᵀ + λI with F = U diag(σ) Vᵀ (thin SVD), applied in float64 with N x r memory:
+
+        P⁻¹ R = (1/λ)(I − F (λI + FᵀF)⁻¹ Fᵀ) R = U diag(1/(σ² + λ)) UᵀR + (1/λ)(R − U UᵀR).
+
+    U: (N, r) orthonormal; eigenvalues: (r,) σ² descending, the sketch's estimates of K's top
+    eigenvalues; pivots: (r,) the columns of K read into the sketch (in pivot order);
+    columns_read: how many columns of K were read in all (more than r for blocked RPCholesky).
+    """
+
+    U: np.ndarray
+    eigenvalues: np.ndarray
+    lam: float
+    pivots: np.ndarray
+    name: str
+    columns_read: int
+
+    @property
+    def rank(self) -> int:
+        return int(self.eigenvalues.shape[0])
+
+    def apply(self, R: np.ndarray) -> np.ndarray:
+        """R: (N, C) -> (N, C) float64."""
+        R = np.asarray(R, dtype=np.float64)
+        UtR = self.U.T @ R
+        inner = UtR / (self.eigenvalues + self.lam)[:, None]
+        return self.U @ inner + (R - self.U @ UtR) / self.lam
+
+
+@runtime_checkable
+class Preconditioner(Protocol):
+    """What solve_pcg needs: apply(R (N, C) float64) -> (N, C) float64 ≈ (K + λI)⁻¹ R."""
+
+    name: str
+
+    def apply(self, R: np.ndarray) -> np.ndarray: ...
+
+
+def identity() -> Identity:
+    """The identity preconditioner (plain CG)."""
+    return Identity()
+
+
+def jacobi(op: GramOperator, lam: float) -> Jacobi:
+    """Diagonal (Jacobi) preconditioner of K + λI. Reads only diag(K)."""
+    d = op.diag() + _check_lam(lam)
+    if not np.all(d > 0):
+        raise ValueError(
+            f"diag(K) + λ has {int(np.sum(~(d > 0)))} non-positive or NaN entries; K is not a "
+            "valid Gram matrix there (check the store) or use a larger ridge"
+        )
+    return Jacobi(inv_diag=1.0 / d)
+
+
+def nystrom(
+    op: GramOperator,
+    rank: int,
+    lam: float,
+    pivots: Literal["uniform", "rpcholesky"] = "rpcholesky",
+    seed: int | np.random.Generator | None = 0,
+    block: int = 1,
+) -> Nystrom:
+    """Nyström preconditioner of K + λI from ``rank`` columns of K.
+
+    pivots="uniform" reads ``rank`` uniformly sampled columns in one batch; "rpcholesky" picks
+    them by randomly pivoted Cholesky (Chen, Epperly, Tropp, Webber). ``block`` > 1 selects the
+    accelerated variant (Epperly, Tropp, Webber 2024): ``block`` candidate columns are read per
+    ``op.columns`` call and near-duplicates rejected, so a few more than ``rank`` columns are read.
+    The rank may come out below ``rank`` if K is numerically of lower rank.
+    """
+    lam = _check_lam(lam)
+    n = op.shape[0]
+    if not 1 <= rank <= n:
+        raise ValueError(
+            f"rank={rank} must be in [1, N={n}]; Frangella et al.: near the "
+            "effective dimension at λ, e.g. a few hundred"
+        )
+    rng = np.random.default_rng(seed)
+    if pivots == "uniform":
+        F, piv, read = _uniform_factor(op, rank, rng)
+    elif pivots == "rpcholesky":
+        F, piv, read = rpcholesky(op, rank, rng, block=block)
+    else:
+        raise ValueError(f"pivots={pivots!r} is not supported; use 'uniform' or 'rpcholesky'")
+    U, s, _ = scipy.linalg.svd(F, full_matrices=False, check_finite=True)
+    return Nystrom(
+        U=U, eigenvalues=s**2, lam=lam, pivots=piv, name=f"nystrom-{pivots}", columns_read=read
+    )
+
+
+def _check_lam(lam: float) -> float:
+    lam = float(lam)
+    if not np.isfinite(lam) or lam < 0:
+        raise ValueError(f"lam={lam!r} must be a finite ridge >= 0 (see resolve_ridge)")
+    return lam
+
+
+def _uniform_factor(
+    op: GramOperator, rank: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """F = K[:, S] L⁻ᵀ with L Lᵀ = K[S, S] + shift, S uniform without replacement."""
+    S = np.sort(rng.choice(op.shape[0], size=rank, replace=False))
+    C = op.columns(S)
+    L = _shifted_cholesky(C[S])
+    return scipy.linalg.solve_triangular(L, C.T, lower=True).T, S, rank
+
+
+def _shifted_cholesky(W: np.ndarray) -> np.ndarray:
+    """Lower Cholesky factor of W + shift·I, shift = eps·tr(W), grown until W is factorable."""
+    W = 0.5 * (W + W.T)
+    shift = np.finfo(np.float64).eps * max(float(np.trace(W)), np.finfo(np.float64).tiny)
+    for _ in range(8):
+        try:
+            return scipy.linalg.cholesky(W + shift * np.eye(len(W)), lower=True)
+        except np.linalg.LinAlgError:
+            shift *= 100.0
+    raise ValueError(
+        "K[S, S] is not positive definite even after a diagonal shift; the Gram matrix is "
+        "not positive semi-definite (check the store) or use pivots='rpcholesky'"
+    )
+
+
+def rpcholesky(
+    op: GramOperator, rank: int, rng: np.random.Generator, block: int = 1
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Randomly pivoted Cholesky: K ≈ F Fᵀ from ``rank`` pivot columns.
+
+    Keeps the residual diagonal d = diag(K − F Fᵀ) and samples pivots with probability ∝ d.
+    block=1 is the sequential algorithm (Chen et al.); block=b samples b candidates at once,
+    reads their columns in one call and accepts each by rejection sampling against the residual
+    updated for the candidates already accepted (accelerated RPCholesky, Epperly et al. 2024).
+    Returns F: (N, r) float64, pivots: (r,) int64, and the number of columns read.
+    """
+    n = op.shape[0]
+    d = op.diag()
+    trace = float(d.sum())
+    F = np.zeros((n, rank), dtype=np.float64)
+    piv: list[int] = []
+    read = 0
+    while len(piv) < rank and d.sum() > np.finfo(np.float64).eps * trace:
+        cand = rng.choice(n, size=min(block, rank - len(piv)), p=d / d.sum())
+        G = op.columns(cand) - F[:, : len(piv)] @ F[cand, : len(piv)].T
+        read += len(cand)
+        keep = _accept(G[cand], d[cand], rng)
+        if not len(keep):
+            continue
+        L = _shifted_cholesky(G[cand[keep]][:, keep])
+        new = scipy.linalg.solve_triangular(L, G[:, keep].T, lower=True).T
+        F[:, len(piv) : len(piv) + len(keep)] = new
+        piv.extend(int(c) for c in cand[keep])
+        d = np.maximum(d - np.sum(new**2, axis=1), 0.0)
+        d[cand[keep]] = 0.0
+    return F[:, : len(piv)], np.asarray(piv, dtype=np.int64), read
+
+
+def _accept(H: np.ndarray, d: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Rejection step of accelerated RPCholesky on the candidates' residual block H (b, b).
+
+    Candidate i is accepted with probability (its residual given the accepted ones) / d_i, which
+    rejects duplicates and near-duplicates. Returns the accepted positions (k,) int64.
+    """
+    H = 0.5 * (H + H.T)
+    S = H.copy()
+    keep: list[int] = []
+    for i in range(len(H)):
+        if S[i, i] > 1e-12 * d[i] and rng.random() * d[i] < S[i, i]:
+            keep.append(i)
+            S = S - np.outer(S[:, i], S[i, :]) / S[i, i]
+    return np.asarray(keep, dtype=np.int64)
