@@ -7,7 +7,8 @@ import functools
 import hashlib
 import json
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -138,7 +139,9 @@ def _compiled(static: tuple[int, str], kind: str, what: str) -> Callable:
     if what == "tile":
         return jax.jit(lambda t, x1, x2: fc.fc_tile(fc.FCParams.join(static, t), x1, x2, kind))
     if what == "symmetric":
-        return jax.jit(lambda t, x1, x2: fc.fc_tile_symmetric(fc.FCParams.join(static, t), x1, kind))
+        return jax.jit(
+            lambda t, x1, x2: fc.fc_tile_symmetric(fc.FCParams.join(static, t), x1, kind)
+        )
     return jax.jit(lambda t, x: fc.fc_diag(fc.FCParams.join(static, t), x, kind))
 
 
