@@ -15,6 +15,8 @@ import scipy.linalg
 from ntk_scale.linalg.operators import GramOperator
 
 _EMPTY_INT = np.zeros(0, dtype=np.int64)
+#: A residual diagonal entry below this fraction of K's diagonal is rounding noise (~5000 eps).
+_NOISE = 1e-12
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -129,6 +131,8 @@ def nystrom(
         F, piv, read = rpcholesky(op, rank, rng, block=block)
     else:
         raise ValueError(f"pivots={pivots!r} is not supported; use 'uniform' or 'rpcholesky'")
+    if F.shape[1] == 0:
+        raise ValueError("diag(K) is zero: there is nothing to sketch; check the Gram matrix")
     U, s, _ = scipy.linalg.svd(F, full_matrices=False, check_finite=True)
     return Nystrom(
         U=U, eigenvalues=s**2, lam=lam, pivots=piv, name=f"nystrom-{pivots}", columns_read=read
@@ -162,8 +166,8 @@ def _shifted_cholesky(W: np.ndarray) -> np.ndarray:
         except np.linalg.LinAlgError:
             shift *= 100.0
     raise ValueError(
-        "K[S, S] is not positive definite even after a diagonal shift; the Gram matrix is "
-        "not positive semi-definite (check the store) or use pivots='rpcholesky'"
+        "a pivot block K[S, S] is not positive definite even after a diagonal shift: the Gram "
+        "matrix is not positive semi-definite; check the store (or the kernel) for corruption"
     )
 
 
@@ -180,37 +184,62 @@ def rpcholesky(
     """
     n = op.shape[0]
     d = op.diag()
-    trace = float(d.sum())
+    if not np.all(np.isfinite(d)):
+        raise ValueError("diag(K) holds NaN/Inf; the Gram matrix is corrupt (verify the store)")
+    floor = _NOISE * np.abs(d)
+    d = np.where(d > floor, d, 0.0)
     F = np.zeros((n, rank), dtype=np.float64)
     piv: list[int] = []
     read = 0
-    while len(piv) < rank and d.sum() > np.finfo(np.float64).eps * trace:
+    while len(piv) < rank and d.sum() > 0:
         cand = rng.choice(n, size=min(block, rank - len(piv)), p=d / d.sum())
-        G = op.columns(cand) - F[:, : len(piv)] @ F[cand, : len(piv)].T
         read += len(cand)
-        keep = _accept(G[cand], d[cand], rng)
-        if not len(keep):
-            continue
-        L = _shifted_cholesky(G[cand[keep]][:, keep])
-        new = scipy.linalg.solve_triangular(L, G[:, keep].T, lower=True).T
+        new, keep, resid = _rpc_round(op, F[:, : len(piv)], cand, d, floor, rng)
         F[:, len(piv) : len(piv) + len(keep)] = new
         piv.extend(int(c) for c in cand[keep])
-        d = np.maximum(d - np.sum(new**2, axis=1), 0.0)
+        d = d - np.sum(new**2, axis=1)
+        d[cand[resid <= floor[cand]]] = 0.0  # the tracked residual was stale: it is noise
         d[cand[keep]] = 0.0
+        d[d <= floor] = 0.0
     return F[:, : len(piv)], np.asarray(piv, dtype=np.int64), read
 
 
-def _accept(H: np.ndarray, d: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _rpc_round(
+    op: GramOperator,
+    F: np.ndarray,
+    cand: np.ndarray,
+    d: np.ndarray,
+    floor: np.ndarray,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read the candidates' columns (one ``op.columns`` call) and accept some of them.
+
+    F: (N, k) factor so far; cand: (b,) candidate pivots. Returns the new factor columns
+    (N, a), the accepted positions in ``cand`` (a,), and the candidates' residuals (b,).
+    """
+    G = op.columns(cand) - F @ F[cand].T
+    H = G[cand]
+    keep = _accept(H, d[cand], floor[cand], rng)
+    if not keep.size:
+        return np.zeros((len(G), 0)), keep, np.diag(H)
+    L = _shifted_cholesky(H[np.ix_(keep, keep)])
+    return scipy.linalg.solve_triangular(L, G[:, keep].T, lower=True).T, keep, np.diag(H)
+
+
+def _accept(
+    H: np.ndarray, d: np.ndarray, floor: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
     """Rejection step of accelerated RPCholesky on the candidates' residual block H (b, b).
 
     Candidate i is accepted with probability (its residual given the accepted ones) / d_i, which
-    rejects duplicates and near-duplicates. Returns the accepted positions (k,) int64.
+    rejects duplicates and near-duplicates; a residual at or below ``floor`` (rounding noise) is
+    never accepted. Returns the accepted positions (k,) int64.
     """
     H = 0.5 * (H + H.T)
     S = H.copy()
     keep: list[int] = []
     for i in range(len(H)):
-        if S[i, i] > 1e-12 * d[i] and rng.random() * d[i] < S[i, i]:
+        if S[i, i] > floor[i] and rng.random() * d[i] < S[i, i]:
             keep.append(i)
             S = S - np.outer(S[:, i], S[i, :]) / S[i, i]
     return np.asarray(keep, dtype=np.int64)
