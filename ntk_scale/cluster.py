@@ -1,0 +1,57 @@
+"""Connecting to Ray: a local instance on 127.0.0.1 (the embedded default) or a cluster."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
+    """Return the ``ray`` module, initialised.
+
+    address: None starts a local Ray bound to 127.0.0.1 (unless ``RAY_ADDRESS`` is set or Ray is
+    already initialised); "auto" or "ray://host:port" or "host:port" joins an existing cluster.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return ray
+    # Ray's own switch for a local-only instance; it must be in the environment of the process
+    # that starts Ray (this one), before ray.init spawns the GCS and raylet.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=True,
+        configure_logging=False,
+    )
+    return ray
+
+
+def cluster_gpus(ray: Any) -> int:
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def cluster_cpus(ray: Any) -> int:
+    return int(ray.cluster_resources().get("CPU", 1))
+
+
+def worker_env(use_gpu: bool, threads: int | None) -> dict[str, str]:
+    """Environment for worker actors: CPU-only JAX where there is no GPU, bounded threads, no GPU
+    memory preallocation (actors may share a GPU), and float32 tiles never in TF32."""
+    env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
+    if not use_gpu:
+        env["JAX_PLATFORMS"] = "cpu"
+    if threads:
+        env["XLA_FLAGS"] = (
+            f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={threads}"
+        )
+        env["OMP_NUM_THREADS"] = env["OPENBLAS_NUM_THREADS"] = str(threads)
+    return env

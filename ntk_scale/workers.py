@@ -1,0 +1,69 @@
+"""Plain worker classes (no Ray inside): a tile computer. Ray wraps them once, at the edge."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import numpy as np
+
+from ntk_scale.plan import pad_rows
+from ntk_scale.store import GramStore
+
+
+class TileWorker:
+    """Computes tiles of one store and writes each (chunk, then marker) itself.
+
+    It reads its input rows from the store's copy of X, so X travels to each worker once per
+    block it needs, never through the driver. The tile function is compiled once, for the one
+    padded tile shape, when the worker starts.
+    """
+
+    def __init__(self, store_url: str):
+        from ntk_scale.kernels import tile_function
+
+        self.store = GramStore.open(store_url, mode="r+")
+        meta = self.store.meta
+        spec, self.size = meta.spec, meta.tile
+        self._fn = tile_function(spec, meta.kind, meta.dtype)
+        self._sym = tile_function(spec, meta.kind, meta.dtype, symmetric=True)
+        zeros = np.zeros((self.size, meta.d), dtype=meta.dtype)
+        np.asarray(self._fn(zeros, zeros))  # compile now, not inside the first tile's timing
+        if meta.symmetric:
+            np.asarray(self._sym(zeros, zeros))
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def node(self) -> str:
+        return _node_id()
+
+    def compute(self, i: int, j: int) -> dict[str, Any]:
+        """Compute, write and mark tile (i, j). Returns where and how long it took."""
+        t0 = time.perf_counter()
+        tile = self.store.plan.tile_at(i, j)
+        x1 = pad_rows(self.store.x_block("rows", i), self.size)
+        if tile.diagonal and self.store.meta.symmetric:
+            values = np.asarray(self._sym(x1, x1))
+        else:
+            values = np.asarray(self._fn(x1, pad_rows(self.store.x_block("cols", j), self.size)))
+        values = values[: tile.shape[0], : tile.shape[1]]
+        t1 = time.perf_counter()
+        info = {"node": _node_id(), "host": socket.gethostname(), "pid": os.getpid()}
+        info.update(compute_s=round(t1 - t0, 6), time=time.time())
+        self.store.write_tile(tile, values, info)
+        info["write_s"] = time.perf_counter() - t1
+        return {"i": i, "j": j, **info}
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # pragma: no cover - outside Ray there is no node id
+        pass
+    return socket.gethostname()

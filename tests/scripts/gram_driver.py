@@ -1,0 +1,33 @@
+"""A driver process for the driver-loss test: computes a Gram store on its own local Ray.
+
+Usage: python gram_driver.py STORE N TILE — the data is regenerated from a fixed seed.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np
+
+from ntk_scale import FullyConnected
+from ntk_scale.scheduler import RunOptions, compute_gram
+
+SPEC = FullyConnected(depth=3, activation="relu", W_std=1.4, b_std=0.1)
+
+
+def data(n: int) -> np.ndarray:
+    return np.random.default_rng(7).normal(size=(n, 64))
+
+
+if __name__ == "__main__":
+    store, n, tile = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    report = compute_gram(
+        data(n),
+        SPEC,
+        store,
+        dtype="float64",
+        tile=tile,
+        options=RunOptions(workers=2, progress=False, wait_seconds=1.0),
+    )
+    print(report.summary(), flush=True)
