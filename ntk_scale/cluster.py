@@ -12,18 +12,20 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
     address: None starts a local Ray bound to 127.0.0.1 (unless ``RAY_ADDRESS`` is set or Ray is
     already initialised); "auto" or "ray://host:port" or "host:port" joins an existing cluster.
     """
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # Ray's own switch for a local-only instance: it must be in the environment of the
+        # process that starts Ray (this one) before Ray reads its configuration.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
     if ray.is_initialized():
         return ray
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
         return ray
-    # Ray's own switch for a local-only instance; it must be in the environment of the process
-    # that starts Ray (this one), before ray.init spawns the GCS and raylet.
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # A new local instance gets Ray's token authentication by default (the token is written to
+    # ~/.ray/auth_token), unless RAY_AUTH_MODE says otherwise.
     ray.init(
         address="local",
         num_cpus=num_cpus,

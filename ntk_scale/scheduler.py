@@ -51,7 +51,11 @@ class GramReport:
 
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
-    """How to run: workers=None means one per GPU, else one per CPU slot of the cluster."""
+    """How to run: workers=None means one per GPU, else one per CPU slot of the cluster.
+
+    threads_per_worker: CPU workers are pinned to this many cores each (default 1), so that
+    workers sharing a node do not oversubscribe it.
+    """
 
     workers: int | None = None
     address: str | None = None
@@ -137,7 +141,16 @@ def _start_actors(ray: Any, url: str, options: RunOptions, n_missing: int) -> li
         runtime_env={"env_vars": worker_env(bool(gpus), threads)},
         **resources,
     )
-    return [remote.remote(url) for _ in range(n)]
+    return [remote.remote(url, _cores(k, threads, ray)) for k in range(n)]
+
+
+def _cores(k: int, threads: int | None, ray: Any) -> list[int] | None:
+    """Cores for actor k: SPREAD places actor k on node k mod M, as its (k // M)-th actor there."""
+    if not threads:
+        return None
+    nodes = max(1, sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0))
+    slot = k // nodes
+    return [slot * threads + t for t in range(threads)]
 
 
 class _Loop:

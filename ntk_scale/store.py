@@ -123,9 +123,34 @@ def _shift_row(msg: str, offset: int) -> str:
     return re.sub(r"row (\d+)", lambda m: f"row {int(m.group(1)) + offset}", msg, count=1)
 
 
-def tile_crc(values: np.ndarray) -> int:
-    """crc32c of a tile's values (C order, little endian), as recorded in its marker."""
-    return crc32c.crc32c(np.ascontiguousarray(values).astype(values.dtype.newbyteorder("<")))
+def encode_chunk(values: np.ndarray, tile: int, dtype: np.dtype) -> tuple[bytes, int]:
+    """Zarr v3 chunk bytes for a tile (bytes codec, little endian, then crc32c), and the crc."""
+    body, crc = chunk_body(values, tile, dtype)
+    return body.tobytes() + crc.to_bytes(4, "little"), crc
+
+
+def chunk_body(values: np.ndarray, tile: int, dtype: np.dtype) -> tuple[np.ndarray, int]:
+    """The chunk's (tile, tile) little-endian body, padded with zeros at edges, and its crc32c."""
+    le = np.dtype(dtype).newbyteorder("<")
+    if values.shape == (tile, tile):
+        body = np.ascontiguousarray(values, dtype=le)
+    else:
+        body = np.zeros((tile, tile), dtype=le)
+        body[: values.shape[0], : values.shape[1]] = values
+    return body, crc32c.crc32c(body)
+
+
+def decode_chunk(raw: bytes, tile_index: tuple[int, int], tile: int, dtype: np.dtype) -> np.ndarray:
+    """The (tile, tile) array in a chunk, after checking its size and crc32c."""
+    le = np.dtype(dtype).newbyteorder("<")
+    expected = tile * tile * le.itemsize + 4
+    if len(raw) != expected:
+        raise TileCorruptError(tile_index, f"chunk has {len(raw)} bytes, expected {expected}")
+    body = memoryview(raw)[:-4]
+    stored, actual = int.from_bytes(raw[-4:], "little"), crc32c.crc32c(body)
+    if stored != actual:
+        raise TileCorruptError(tile_index, f"crc32c {actual:#010x} != stored {stored:#010x}")
+    return np.frombuffer(body, dtype=le).reshape(tile, tile).astype(dtype, copy=False)
 
 
 def _zarr_store(url: str, read_only: bool = False):
@@ -241,21 +266,37 @@ class GramStore:
     def write_tile(
         self, tile: Tile, values: np.ndarray, info: dict[str, Any] | None = None
     ) -> None:
-        """Write one tile (its chunk, then its completion marker). values: tile.shape."""
+        """Write one tile (its chunk, then its completion marker). values: tile.shape.
+
+        The chunk is encoded here exactly as Zarr's codec pipeline would (C-order little-endian
+        bytes of the full chunk, edge chunks padded with the fill value 0, then the crc32c
+        codec's 4-byte little-endian checksum) and written in one atomic put: Zarr's own write
+        path ran at a fraction of the disk rate. tests/test_store_format.py checks that Zarr
+        reads these chunks.
+        """
         if values.shape != tile.shape:
             raise ValueError(f"tile {tile.i, tile.j} has shape {tile.shape}, got {values.shape}")
-        values = np.ascontiguousarray(values, dtype=self.dtype)
-        self.gram[tile.rows, tile.cols] = values
-        marker = {"i": tile.i, "j": tile.j, "crc32c": tile_crc(values), **(info or {})}
+        body, crc = chunk_body(values, self.plan.tile, self.dtype)
+        atomic_put(self.fs, self._chunk_path(tile.i, tile.j), body, crc.to_bytes(4, "little"))
+        marker = {"i": tile.i, "j": tile.j, "crc32c": crc, **(info or {})}
         atomic_put(self.fs, self._marker_path(tile), json.dumps(marker).encode())
+
+    def _chunk_path(self, i: int, j: int) -> str:
+        return f"{self.root}/gram/c/{i}/{j}"
 
     def read_tile(self, i: int, j: int) -> np.ndarray:
         """Stored tile (i, j) as written: (tile rows, tile cols). Raises TileCorruptError."""
         t = self.plan.tile_at(i, j)
         try:
-            return np.asarray(self.gram[t.rows, t.cols])
-        except Exception as err:  # the crc32c codec's error type differs between zarr versions
-            raise TileCorruptError((i, j), f"{type(err).__name__}: {err}") from err
+            raw = self.fs.cat_file(self._chunk_path(i, j))
+        except FileNotFoundError:
+            raise TileCorruptError((i, j), "its chunk is missing") from None
+        return decode_chunk(raw, (i, j), self.plan.tile, self.dtype)[: t.shape[0], : t.shape[1]]
+
+    def read_crc(self, i: int, j: int) -> int:
+        """The checksum stored with chunk (i, j) (its last 4 bytes)."""
+        raw = self.fs.cat_file(self._chunk_path(i, j), start=-4)
+        return int.from_bytes(raw, "little")
 
     def block(self, i: int, j: int) -> np.ndarray:
         """Block (i, j) of the full matrix, read from the tile that stores it."""
@@ -345,11 +386,10 @@ class GramStore:
                 missing.append((t.i, t.j))
                 continue
             try:
-                values = self.read_tile(t.i, t.j)
+                self.read_tile(t.i, t.j)
+                if self.read_crc(t.i, t.j) != markers[(t.i, t.j)]["crc32c"]:
+                    raise TileCorruptError((t.i, t.j), "checksum differs from its marker")
             except TileCorruptError:
-                corrupted.append((t.i, t.j))
-                continue
-            if tile_crc(values) != markers[(t.i, t.j)]["crc32c"]:
                 corrupted.append((t.i, t.j))
         return VerifyReport(self.plan.n_tiles, missing, corrupted)
 
@@ -359,7 +399,7 @@ class GramStore:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(self._marker_path((i, j)))
             with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(f"{self.root}/gram/c/{i}/{j}")
+                self.fs.rm_file(self._chunk_path(i, j))
 
     # -- the driver's lock ----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -460,16 +500,18 @@ class StoreLock:
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def atomic_put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write a small file so that readers see all of it or nothing (object-store puts are
-    atomic already; on a local disk write a temporary file and rename it)."""
+def atomic_put(fs: fsspec.AbstractFileSystem, path: str, *parts: Any) -> None:
+    """Write a file from byte buffers so that readers see all of it or nothing (object-store puts
+    are atomic already; on a local disk write a temporary file and rename it)."""
     if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
         tmp = f"{path}.tmp-{os.getpid()}"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(tmp, "wb") as f:
-            f.write(data)
+            for part in parts:
+                f.write(part)
         os.replace(tmp, path)
     else:
-        fs.pipe_file(path, data)
+        fs.pipe_file(path, b"".join(bytes(memoryview(p).cast("B")) for p in parts))
 
 
 def _attrs(url: str) -> dict[str, Any] | None:

@@ -21,7 +21,11 @@ class TileWorker:
     padded tile shape, when the worker starts.
     """
 
-    def __init__(self, store_url: str):
+    def __init__(self, store_url: str, cpus: list[int] | None = None):
+        if cpus:
+            # XLA's CPU thread pool sizes itself from the schedulable cores (XLA_FLAGS thread
+            # options did not bound it here): pin before the first computation creates it.
+            os.sched_setaffinity(0, {c % os.cpu_count() for c in cpus})
         from ntk_scale.kernels import tile_function
 
         self.store = GramStore.open(store_url, mode="r+")
@@ -42,7 +46,7 @@ class TileWorker:
 
     def compute(self, i: int, j: int) -> dict[str, Any]:
         """Compute, write and mark tile (i, j). Returns where and how long it took."""
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.time()
         tile = self.store.plan.tile_at(i, j)
         x1 = pad_rows(self.store.x_block("rows", i), self.size)
         if tile.diagonal and self.store.meta.symmetric:
@@ -52,9 +56,9 @@ class TileWorker:
         values = values[: tile.shape[0], : tile.shape[1]]
         t1 = time.perf_counter()
         info = {"node": _node_id(), "host": socket.gethostname(), "pid": os.getpid()}
-        info.update(compute_s=round(t1 - t0, 6), time=time.time())
+        info.update(compute_s=t1 - t0, start=started)
         self.store.write_tile(tile, values, info)
-        info["write_s"] = time.perf_counter() - t1
+        info.update(write_s=time.perf_counter() - t1, end=time.time(), bytes=values.nbytes)
         return {"i": i, "j": j, **info}
 
 

@@ -1,0 +1,156 @@
+"""Gram engine scaling: 1 vs 2 single-threaded workers, per-tile overhead, write vs raw disk.
+
+    python benchmarks/gram_scaling.py            # N = 20,000, d = 784, tile 2,048 (the issue's)
+    python benchmarks/gram_scaling.py --n 6000   # a quick run
+
+Prints a table and writes benchmarks/results/gram_scaling.json. Everything is measured in one
+run, on one local Ray: the two worker counts, the floor (raw disk rate: a file of the store's size
+written with and without fdatasync, like `dd conv=fdatasync`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+import numpy as np
+
+from ntk_scale import FullyConnected
+from ntk_scale.cluster import ensure_ray
+from ntk_scale.scheduler import RunOptions, compute_gram
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def raw_disk_rate(directory: Path, nbytes: int, sync: bool) -> float:
+    """Bytes/s for writing nbytes in 16 MB blocks (then fdatasync if ``sync``)."""
+    block = np.random.default_rng(0).bytes(16 << 20)
+    path = directory / "raw.bin"
+    start = time.perf_counter()
+    with open(path, "wb") as f:
+        written = 0
+        while written < nbytes:
+            f.write(block)
+            written += len(block)
+        if sync:
+            f.flush()
+            os.fdatasync(f.fileno())
+    elapsed = time.perf_counter() - start
+    path.unlink()
+    return written / elapsed
+
+
+def run(x, spec, workers: int, tile: int, directory: Path) -> dict:
+    store = directory / f"gram-{workers}w.zarr"
+    opts = RunOptions(workers=workers, threads_per_worker=1, progress=False, wait_seconds=0.5)
+    start = time.perf_counter()
+    report = compute_gram(x, spec, str(store), tile=tile, options=opts)
+    wall = time.perf_counter() - start
+    recs = report.records
+    compute = sum(r["compute_s"] for r in recs)
+    write = sum(r["write_s"] for r in recs)
+    nbytes = sum(r["bytes"] for r in recs)
+    spans = {}
+    for r in recs:
+        lo, hi = spans.get(r["pid"], (r["start"], r["end"]))
+        spans[r["pid"]] = (min(lo, r["start"]), max(hi, r["end"]))
+    busy = sum(hi - lo for lo, hi in spans.values())
+    steady = max(hi for _, hi in spans.values()) - min(lo for lo, _ in spans.values())
+    shutil.rmtree(store)
+    return {
+        "workers": workers,
+        "tiles": report.computed,
+        "wall_s": wall,
+        "steady_s": steady,
+        "compute_s": compute,
+        "write_s": write,
+        "overhead_fraction": (busy - compute) / compute,
+        "write_bytes_per_s": nbytes / write,
+        "median_tile_compute_s": float(np.median([r["compute_s"] for r in recs])),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=20_000)
+    ap.add_argument("--d", type=int, default=784)
+    ap.add_argument("--tile", type=int, default=2048)
+    ap.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
+    a = ap.parse_args()
+    directory = Path(a.dir or tempfile.mkdtemp(prefix="ntk-gram-bench-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    x = np.random.default_rng(0).normal(size=(a.n, a.d)).astype(np.float32)
+    spec = FullyConnected(depth=3, activation="relu", W_std=2**0.5, b_std=0.0)
+    ensure_ray(None)
+    one = run(x, spec, 1, a.tile, directory)
+    two = run(x, spec, 2, a.tile, directory)
+    store_bytes = int(one["write_bytes_per_s"] * one["write_s"])
+    raw = raw_disk_rate(directory, store_bytes, sync=False)
+    raw_sync = raw_disk_rate(directory, store_bytes, sync=True)
+    eff_wall = one["wall_s"] / (2 * two["wall_s"])
+    eff_steady = one["steady_s"] / (2 * two["steady_s"])
+    rows = [
+        ("wall time, 1 worker", f"{one['wall_s']:.1f} s", ""),
+        ("wall time, 2 workers", f"{two['wall_s']:.1f} s", ""),
+        ("efficiency T1/(2 T2), wall", f"{eff_wall:.2f}", "goal >= 0.9"),
+        ("efficiency T1/(2 T2), tiles only", f"{eff_steady:.2f}", "startup excluded"),
+        (
+            "median tile compute (1 / 2 workers)",
+            f"{one['median_tile_compute_s']:.3f} / {two['median_tile_compute_s']:.3f} s",
+            "",
+        ),
+        ("per-tile overhead / compute, 1 worker", f"{one['overhead_fraction']:.1%}", "goal <= 5 %"),
+        (
+            "per-tile overhead / compute, 2 workers",
+            f"{two['overhead_fraction']:.1%}",
+            "goal <= 5 %",
+        ),
+        (
+            "store write rate (2 workers, per tile)",
+            f"{two['write_bytes_per_s'] / 1e6:.0f} MB/s",
+            "",
+        ),
+        ("raw disk write (page cache)", f"{raw / 1e6:.0f} MB/s", "floor"),
+        ("raw disk write + fdatasync", f"{raw_sync / 1e6:.0f} MB/s", "floor"),
+        ("store write / raw (page cache)", f"{two['write_bytes_per_s'] / raw:.2f}", "goal >= 0.8"),
+        ("store write / raw + fdatasync", f"{two['write_bytes_per_s'] / raw_sync:.2f}", ""),
+    ]
+    print(
+        f"Gram scaling: N={a.n:,}, d={a.d}, tile={a.tile}, FC-3 ReLU NTK float32, "
+        f"1 thread per worker, {os.cpu_count()} cores"
+    )
+    for name, value, note in rows:
+        print(f"  {name:<42} {value:>16}  {note}")
+    RESULTS.mkdir(exist_ok=True)
+    out = {
+        "n": a.n,
+        "d": a.d,
+        "tile": a.tile,
+        "one_worker": one,
+        "two_workers": two,
+        "raw_write_bytes_per_s": raw,
+        "raw_write_fdatasync_bytes_per_s": raw_sync,
+        "efficiency_wall": eff_wall,
+        "efficiency_steady": eff_steady,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
+    }
+    (RESULTS / "gram_scaling.json").write_text(json.dumps(out, indent=2))
+    print(f"wrote {RESULTS / 'gram_scaling.json'}")
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
