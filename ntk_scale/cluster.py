@@ -17,8 +17,13 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
         # Ray's own switch for a local-only instance: it must be in the environment of the
         # process that starts Ray (this one) before Ray reads its configuration.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import warnings
+
     import ray
 
+    # Ray starts its processes with fork+exec; after JAX has run in this process Python warns
+    # that fork is unsafe with threads, which does not apply to an immediate exec.
+    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
     if ray.is_initialized():
         return ray
     if address:

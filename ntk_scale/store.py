@@ -569,7 +569,10 @@ def _make_meta(spec, x, x_cols, kind, dtype, tile) -> StoreMeta:
         if len(getattr(x_cols, "shape", ())) != 2 or x_cols.shape[1] != d:
             check_features(np.asarray(x_cols[:1]), "x_cols", dim=d)
         m, fp_cols = x_cols.shape[0], fingerprint_rows(x_cols, dtype, name="x_cols")
-    plan = BlockPlan(n, m, tile, symmetric=x_cols is None)
+    if not isinstance(tile, (int, np.integer)) or tile < 1:
+        raise ValueError(f"tile={tile!r} must be a positive integer (rows per tile side)")
+    # A tile larger than the matrix would only pad: clamp it (the plan stays one tile shape).
+    plan = BlockPlan(n, m, min(int(tile), max(n, m)), symmetric=x_cols is None)
     return StoreMeta(
         kernel=spec.to_dict(),
         kernel_fingerprint=spec.fingerprint(),

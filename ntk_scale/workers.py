@@ -59,6 +59,7 @@ class TileWorker:
         info.update(compute_s=t1 - t0, start=started)
         self.store.write_tile(tile, values, info)
         info.update(write_s=time.perf_counter() - t1, end=time.time(), bytes=values.nbytes)
+        info["entries"] = values.size
         return {"i": i, "j": j, **info}
 
 

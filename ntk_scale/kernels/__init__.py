@@ -8,6 +8,7 @@ from ntk_scale.kernels.spec import (
     spec_from_dict,
     spec_from_json,
     tile_function,
+    tile_matmul_function,
 )
 from ntk_scale.kernels.validate import check_features
 
@@ -20,4 +21,5 @@ __all__ = [
     "spec_from_dict",
     "spec_from_json",
     "tile_function",
+    "tile_matmul_function",
 ]

@@ -173,3 +173,33 @@ def tile_function(
 def diag_function(spec: FullyConnected, kind: str = "ntk", dtype: str = "float32") -> Callable:
     """A jitted diagonal function x (n, d) -> (n,) in ``dtype``."""
     return _bind(spec, kind, dtype, "diag")
+
+
+@functools.lru_cache(maxsize=128)
+def _compiled_matmul(static: tuple[int, str], kind: str) -> Callable:
+    """K(x1, x2) @ p fused in one jitted function: the tile never leaves the device."""
+
+    def fused(t, x1, x2, p):
+        tile = fc.fc_tile(fc.FCParams.join(static, t), x1, x2, kind)
+        return jax.numpy.dot(tile.astype(p.dtype), p, precision=jax.lax.Precision.HIGHEST)
+
+    return jax.jit(fused)
+
+
+def tile_matmul_function(
+    spec: FullyConnected, kind: str = "ntk", dtype: str = "float32"
+) -> Callable[..., jax.Array]:
+    """(x1 (n1, d), x2 (n2, d), p (n2, c) float64) -> K(x1, x2) @ p as (n1, c) float64.
+
+    The tile is computed in ``dtype`` (float32: "highest" matmul precision, never TF32) and
+    multiplied by p in float64, so only the small (n1, c) result leaves the device.
+    """
+    static, traced = spec.params.split()
+    fn, np_dtype, hyper = _compiled_matmul(static, kind), np.dtype(dtype), _scalars(traced, dtype)
+
+    def call(x1: Any, x2: Any, p: Any) -> jax.Array:
+        with jax.enable_x64(True):
+            x1, x2 = np.asarray(x1, dtype=np_dtype), np.asarray(x2, dtype=np_dtype)
+            return fn(hyper, x1, x2, np.asarray(p, dtype=np.float64))
+
+    return call

@@ -1,0 +1,71 @@
+"""Reading inputs (.npy, .npz, .csv, Zarr) and writing outputs; errors name the file and the fix."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+SUFFIXES = (".npy", ".npz", ".csv", ".zarr")
+
+
+def load_array(spec: str) -> Any:
+    """Load an array from PATH, PATH.npz[:KEY] or a Zarr array (PATH.zarr, a directory or URL).
+
+    .npy files are memory-mapped and Zarr arrays stay lazy, so large inputs are read block by
+    block by the store. Never unpickles.
+    """
+    path, key = _split_key(spec)
+    if "://" not in path and not os.path.exists(path):
+        raise FileNotFoundError(f"input file {path!r} does not exist; check the path")
+    lower = path.rstrip("/").lower()
+    if lower.endswith(".npy"):
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    if lower.endswith(".npz"):
+        return _load_npz(path, key)
+    if lower.endswith(".csv"):
+        return _load_csv(path)
+    if lower.endswith(".zarr") or "://" in path or os.path.isdir(path):
+        import zarr
+
+        node = zarr.open(path, mode="r")
+        return node[key] if key else node
+    raise ValueError(f"cannot read {path!r}: use one of {', '.join(SUFFIXES)} files")
+
+
+def _split_key(spec: str) -> tuple[str, str | None]:
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and not tail.startswith("//") and "/" not in tail and not os.path.exists(spec):
+        return head, tail
+    return spec, None
+
+
+def _load_npz(path: str, key: str | None) -> np.ndarray:
+    with np.load(path, allow_pickle=False) as f:
+        if key is None:
+            if len(f.files) != 1:
+                raise ValueError(f"{path} holds arrays {f.files}; name one as {path}:NAME")
+            key = f.files[0]
+        if key not in f.files:
+            raise ValueError(f"{path} has no array {key!r}; it holds {f.files}")
+        return f[key]
+
+
+def _load_csv(path: str) -> np.ndarray:
+    try:
+        arr = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+    except ValueError:
+        try:
+            arr = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2, skiprows=1)
+        except ValueError as err:
+            raise ValueError(f"{path}: not a numeric CSV ({err}); write numbers only") from None
+    return arr
+
+
+def load_targets(spec: str) -> np.ndarray:
+    """Targets y: (N,) or (N, C) float64."""
+    y = np.asarray(load_array(spec), dtype=np.float64)
+    if y.ndim == 2 and y.shape[1] == 1 and spec.lower().endswith(".csv"):
+        y = y[:, 0]
+    return y
