@@ -18,7 +18,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from ntk_scale.store import GramStore, atomic_put
+from ntk_scale.store import GramStore, atomic_put, zarr_store
 
 MODEL_FORMAT_VERSION = 1
 
@@ -39,7 +39,7 @@ def save_model(path: str, alpha: np.ndarray, meta: dict[str, Any]) -> None:
     fs.makedirs(root, exist_ok=True)
     a = np.asarray(alpha, dtype=np.float64)
     arr = zarr.create_array(
-        _zarr_store(path + "/alpha"),
+        zarr_store(path + "/alpha"),
         shape=a.shape,
         chunks=_chunks(a.shape),
         dtype="float64",
@@ -68,15 +68,9 @@ def load_model(path: str, store: GramStore | None = None) -> Model:
             f"but {store.url} holds {store.fingerprint[:12]}…; use the store the model was "
             "fitted on (see model.json) or fit again"
         )
-    alpha = np.asarray(zarr.open_array(_zarr_store(path + "/alpha"), mode="r")[...])
+    alpha = np.asarray(zarr.open_array(zarr_store(path + "/alpha"), mode="r")[...])
     return Model(alpha, meta)
 
 
 def _chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (min(shape[0], 1 << 18),) + tuple(shape[1:])
-
-
-def _zarr_store(url: str):
-    if "://" in url:
-        return zarr.storage.FsspecStore.from_url(url)
-    return zarr.storage.LocalStore(url)

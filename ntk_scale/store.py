@@ -153,10 +153,12 @@ def decode_chunk(raw: bytes, tile_index: tuple[int, int], tile: int, dtype: np.d
     return np.frombuffer(body, dtype=le).reshape(tile, tile).astype(dtype, copy=False)
 
 
-def _zarr_store(url: str, read_only: bool = False):
-    if "://" in url:
-        return zarr.storage.FsspecStore.from_url(url, read_only=read_only)
-    return zarr.storage.LocalStore(url, read_only=read_only)
+def zarr_store(url: str, read_only: bool = False):
+    """A Zarr store for a path or URL (file:// URLs become plain local stores)."""
+    fs, root = fsspec.core.url_to_fs(url)
+    if "://" not in url or isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        return zarr.storage.LocalStore(root, read_only=read_only)
+    return zarr.storage.FsspecStore.from_url(url, read_only=read_only)
 
 
 def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -171,7 +173,7 @@ class GramStore:
         self.url, self.meta = url, meta
         self.fs, self.root = _fs(url)
         self._group = zarr.open_group(
-            _zarr_store(url, read_only=mode == "r"), mode="r" if mode == "r" else "r+"
+            zarr_store(url, read_only=mode == "r"), mode="r" if mode == "r" else "r+"
         )
         self.gram = self._group["gram"]
         if mode != "r":
@@ -613,7 +615,7 @@ def _mismatch_message(url: str, found: StoreMeta, want: StoreMeta, diff: list[st
 def _write_new(url: str, meta: StoreMeta, spec: FullyConnected, x: Any, x_cols: Any) -> None:
     from ntk_scale.kernels import diag_function
 
-    group = zarr.open_group(_zarr_store(url), mode="w")
+    group = zarr.open_group(zarr_store(url), mode="w")
     group.attrs[_CREATING] = True
     common = {"compressors": [Crc32cCodec()], "filters": None, "fill_value": 0.0}
     plan = meta.plan
