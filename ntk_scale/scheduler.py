@@ -137,6 +137,7 @@ def _start_actors(ray: Any, url: str, options: RunOptions, n_missing: int) -> li
     remote = ray.remote(TileWorker).options(
         max_restarts=options.max_restarts,
         max_task_retries=0,
+        max_concurrency=options.tasks_per_worker,
         scheduling_strategy="SPREAD",
         runtime_env={"env_vars": worker_env(bool(gpus), threads)},
         **resources,

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -179,6 +180,7 @@ class GramStore:
         if mode != "r":
             self.fs.makedirs(f"{self.root}/tiles", exist_ok=True)
         self._x_cache: dict[tuple[str, int], np.ndarray] = {}
+        self._x_lock = threading.Lock()
 
     # -- creation and opening -------------------------------------------------------------------
     @classmethod
@@ -258,11 +260,12 @@ class GramStore:
         """Rows of row block b (side="rows") or column block b (side="cols"): (<= tile, d)."""
         key = "x_rows" if side == "rows" or self.meta.symmetric else "x_cols"
         start, stop = self.plan.row_range(b) if side == "rows" else self.plan.col_range(b)
-        if (key, b) not in self._x_cache:
-            if len(self._x_cache) > 8:
-                self._x_cache.pop(next(iter(self._x_cache)))
-            self._x_cache[(key, b)] = np.asarray(self._group[key][start:stop])
-        return self._x_cache[(key, b)]
+        with self._x_lock:  # workers may call this from two threads
+            if (key, b) not in self._x_cache:
+                if len(self._x_cache) > 8:
+                    self._x_cache.pop(next(iter(self._x_cache)))
+                self._x_cache[(key, b)] = np.asarray(self._group[key][start:stop])
+            return self._x_cache[(key, b)]
 
     # -- tiles ----------------------------------------------------------------------------------
     def write_tile(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from typing import Any
 
@@ -33,6 +34,7 @@ class TileWorker:
         spec, self.size = meta.spec, meta.tile
         self._fn = tile_function(spec, meta.kind, meta.dtype)
         self._sym = tile_function(spec, meta.kind, meta.dtype, symmetric=True)
+        self._compute_lock = threading.Lock()
         zeros = np.zeros((self.size, meta.d), dtype=meta.dtype)
         np.asarray(self._fn(zeros, zeros))  # compile now, not inside the first tile's timing
         if meta.symmetric:
@@ -46,15 +48,17 @@ class TileWorker:
 
     def compute(self, i: int, j: int) -> dict[str, Any]:
         """Compute, write and mark tile (i, j). Returns where and how long it took."""
-        t0, started = time.perf_counter(), time.time()
         tile = self.store.plan.tile_at(i, j)
-        x1 = pad_rows(self.store.x_block("rows", i), self.size)
-        if tile.diagonal and self.store.meta.symmetric:
-            values = np.asarray(self._sym(x1, x1))
-        else:
-            values = np.asarray(self._fn(x1, pad_rows(self.store.x_block("cols", j), self.size)))
-        values = values[: tile.shape[0], : tile.shape[1]]
-        t1 = time.perf_counter()
+        with self._compute_lock:
+            t0, started = time.perf_counter(), time.time()
+            x1 = pad_rows(self.store.x_block("rows", i), self.size)
+            if tile.diagonal and self.store.meta.symmetric:
+                values = np.asarray(self._sym(x1, x1))
+            else:
+                x2 = pad_rows(self.store.x_block("cols", j), self.size)
+                values = np.asarray(self._fn(x1, x2))
+            values = values[: tile.shape[0], : tile.shape[1]]
+            t1 = time.perf_counter()
         info = {"node": _node_id(), "host": socket.gethostname(), "pid": os.getpid()}
         info.update(compute_s=t1 - t0, start=started)
         self.store.write_tile(tile, values, info)
