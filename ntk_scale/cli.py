@@ -45,8 +45,14 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from ntk_scale.planning import plan_gram
 
     plan = plan_gram(a.n, a.d, _spec(a), a.kind, a.dtype, a.tile, a.workers or 1, not a.no_measure)
-    width = max(len(k) for k, _ in plan.rows())
-    for key, value in plan.rows():
+    rows = plan.rows()
+    if not a.no_measure:
+        from ntk_scale.planning import choose_operator, measure_read_rate
+
+        pick = choose_operator(plan, measure_read_rate(a.store_dir))
+        rows.append(("solver operator", f"{pick.choice} ({pick.reason})"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
         print(f"{key:<{width}}  {value}")
     if a.json:
         print(json.dumps(dataclasses_asdict(plan)))
@@ -170,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, required=True, help="training samples N")
     p.add_argument("--d", type=int, required=True, help="features d")
     p.add_argument("--no-measure", action="store_true", help="skip timing a tile here")
+    p.add_argument("--store-dir", default=".", help="where the store would live (read rate)")
     p.add_argument("--json", action="store_true", help="also print the plan as JSON")
     _kernel_args(p)
     _run_args(p)

@@ -97,3 +97,52 @@ def _duration(s: float) -> str:
     if s < 7200:
         return f"{s / 60:.1f} min"
     return f"{s / 3600:.1f} h"
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatorChoice:
+    """Stored vs matrix-free for the products K·P of a solve, from measured costs."""
+
+    choice: str  # "stored" or "matrixfree"
+    stored_seconds: float  # one product: read every stored byte once
+    matrixfree_seconds: float  # one product: recompute every block (both triangles)
+    read_bytes_per_s: float
+    reason: str
+
+
+def measure_read_rate(directory: str, nbytes: int = 256 << 20) -> float:
+    """Bytes/s reading a freshly written file of nbytes in ``directory`` (the store's disk)."""
+    import os
+    import tempfile
+
+    block = np.random.default_rng(0).bytes(16 << 20)
+    fd, path = tempfile.mkstemp(dir=directory, prefix=".ntk-read-rate-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for _ in range(max(1, nbytes // len(block))):
+                f.write(block)
+        start, got = time.perf_counter(), 0
+        with open(path, "rb", buffering=0) as f:
+            while chunk := f.read(16 << 20):
+                got += len(chunk)
+        return got / (time.perf_counter() - start)
+    finally:
+        os.remove(path)
+
+
+def choose_operator(plan: GramPlan, read_bytes_per_s: float) -> OperatorChoice:
+    """The cheaper operator per product: reading the stored upper triangle once, or recomputing
+    all B² blocks (a tile costs ``plan.seconds_per_tile``, measured here) on the workers."""
+    if plan.seconds_per_tile is None:
+        raise ValueError("choose_operator needs a measured plan (plan_gram(..., measure=True))")
+    blocks = -(-plan.n // plan.tile)
+    stored = plan.bytes_on_disk / read_bytes_per_s
+    recompute = blocks * blocks * plan.seconds_per_tile / plan.workers
+    choice = "matrixfree" if recompute < stored else "stored"
+    reason = (
+        f"a product reads {_bytes(plan.bytes_on_disk)} at {_bytes(read_bytes_per_s)}/s = "
+        f"{_duration(stored)}, or recomputes {blocks * blocks:,} tiles at "
+        f"{plan.seconds_per_tile:.3f} s on {plan.workers} workers = {_duration(recompute)}: "
+        f"{'recomputing' if choice == 'matrixfree' else 'reading'} is cheaper"
+    )
+    return OperatorChoice(choice, stored, recompute, read_bytes_per_s, reason)

@@ -313,8 +313,17 @@ class GramStore:
         """Row panel i: K[rows of block i, :] as (panel rows, n_cols)."""
         return np.hstack([self.block(i, j) for j in range(self.plan.col_blocks)])
 
-    def columns(self, idx: Iterable[int]) -> np.ndarray:
-        """K[:, idx] as (n_rows, len(idx)) float64, reading each needed block column once."""
+    def columns(self, idx: Iterable[int], source: str = "compute") -> np.ndarray:
+        """K[:, idx] as (n_rows, len(idx)) float64 (what Nyström / RPCholesky preconditioners read).
+
+        source="compute" evaluates the kernel on the store's copy of X (N x len(idx) entries, far
+        cheaper than reading whole block columns for fully-connected kernels), with the exact
+        diagonal where a pivot meets its own row; source="read" reads each needed block column.
+        """
+        if source == "compute":
+            return self._computed_columns(np.asarray(list(idx), dtype=np.int64))
+        if source != "read":
+            raise ValueError(f"source={source!r}; use 'compute' or 'read'")
         idx = np.asarray(list(idx), dtype=np.int64)
         out = np.empty((self.meta.n_rows, idx.size), dtype=np.float64)
         tile = self.plan.tile
@@ -324,6 +333,36 @@ class GramStore:
             for ib in range(self.plan.row_blocks):
                 r0, r1 = self.plan.row_range(ib)
                 out[r0:r1, sel] = self.block(ib, int(jb))[:, local]
+        return out
+
+    def _computed_columns(self, idx: np.ndarray) -> np.ndarray:
+        from ntk_scale.kernels import tile_function
+        from ntk_scale.plan import pad_rows
+
+        if not self.meta.symmetric:
+            raise ValueError("columns are defined for symmetric stores K(X, X)")
+        tile = self.plan.tile
+        width = 1 << max(0, int(idx.size - 1).bit_length())  # few shapes: few compilations
+        pivots = (
+            np.vstack(
+                [
+                    self.x_block("rows", int(b))[[int(i) - int(b) * tile]]
+                    for b, i in zip(idx // tile, idx, strict=True)
+                ]
+            )
+            if idx.size
+            else None
+        )
+        out = np.empty((self.meta.n_rows, idx.size), dtype=np.float64)
+        if pivots is None:
+            return out
+        fn = tile_function(self.meta.spec, self.meta.kind, self.meta.dtype)
+        xp = pad_rows(pivots, width)
+        for b in range(self.plan.row_blocks):
+            r0, r1 = self.plan.row_range(b)
+            block = np.asarray(fn(pad_rows(self.x_block("rows", b), tile), xp))
+            out[r0:r1] = block[: r1 - r0, : idx.size]
+        out[idx, np.arange(idx.size)] = self.diagonal()[idx]
         return out
 
     def diagonal(self) -> np.ndarray:

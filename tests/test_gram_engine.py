@@ -53,6 +53,7 @@ def test_stored_gram_equals_one_call(clean_store):
     np.testing.assert_allclose(store.row_panel(3), expected[768:], rtol=1e-12)
     cols = [0, 5, 300, 1002]
     np.testing.assert_allclose(store.columns(cols), expected[:, cols], rtol=1e-12)
+    np.testing.assert_allclose(store.columns(cols, source="read"), expected[:, cols], rtol=1e-12)
     np.testing.assert_array_equal(store.diagonal(), np.diag(full))
 
 

