@@ -70,6 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ranks", default="100,300,1000", help="Nyström / RPCholesky ranks")
     p.add_argument("--tol", type=float, default=1e-6)
     p.add_argument("--max-iter", type=int, default=2000, help="PCG cap (none may hit it)")
+    p.add_argument(
+        "--operator",
+        default="stored",
+        choices=("stored", "dense", "distributed"),
+        help="operator for the PCG solves (iteration counts do not depend on it; dense = the "
+        "float64 matrix in memory, fastest on one small machine)",
+    )
     p.add_argument("--pivot-block", type=int, default=50, help="accelerated RPCholesky block")
     p.add_argument("--workers", type=int, default=2, help="Ray workers building the store")
     p.add_argument("--store", default=None, help="store path (default: a temp dir, reused)")
@@ -198,6 +205,7 @@ def pcg_row(url, Y, Kt, Y_test, ridge: float, name: str, rank: int, args) -> dic
             rep = solve_store(
                 url, Y, ridge=ridge, preconditioner=name, rank=rank, tol=args.tol,
                 max_iter=args.max_iter, pivot_block=args.pivot_block, seed=args.seed,
+                operator=args.operator,
             )  # fmt: skip
     except (SolverError, ValueError) as err:
         return {**row, "error": str(err)}

@@ -175,7 +175,9 @@ def _make_operator(
     if kind == "stored":
         return StoredOperator(store)
     if kind == "dense":
-        return DenseOperator(store.to_dask().compute())
+        # Converted to float64 once: the in-memory mode trades memory (8 N² bytes) for products
+        # that are one BLAS call, with no per-product conversion of a float32 matrix.
+        return DenseOperator(np.asarray(store.to_dask().compute(), dtype=np.float64))
     from ntk_scale.linalg.distributed import DistributedOperator
 
     return stack.enter_context(DistributedOperator(store.url, n_actors=workers))

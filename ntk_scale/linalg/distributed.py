@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 
 from ntk_scale.cluster import ensure_ray, worker_env
-from ntk_scale.linalg.operators import check_block, check_indices
+from ntk_scale.linalg.operators import check_block
 from ntk_scale.linalg.stored import (
+    StoreBacked,
     add_products,
     open_symmetric,
     stream_tiles,
@@ -128,7 +129,7 @@ def _panel_product(panel: np.ndarray, P: np.ndarray, plan: BlockPlan) -> np.ndar
     return out
 
 
-class DistributedOperator:
+class DistributedOperator(StoreBacked):
     """A GramOperator whose products run on ``n_actors`` Ray actors holding row panels.
 
     store_url: a symmetric store every actor can open (a shared path or an object-store URL).
@@ -191,16 +192,6 @@ class DistributedOperator:
     def stats(self) -> list[dict[str, Any]]:
         """Each actor's PanelWorker.stats(), in row order."""
         return self._get([w.stats.remote() for w in self.actors], "reporting stats")
-
-    def diag(self) -> np.ndarray:
-        """diag(K): (N,) float64, from the store."""
-        if self._diag is None:
-            self._diag = self.store.diagonal()
-        return self._diag.copy()
-
-    def columns(self, idx: Any) -> np.ndarray:
-        """K[:, idx]. idx: (m,) int -> (N, m) float64, read from the store by the driver."""
-        return self.store.columns(check_indices(idx, self.shape[0]))
 
     def close(self) -> None:
         """Kill the actors (idempotent)."""

@@ -135,7 +135,25 @@ def _owned(block: int, a: int, b: int | None) -> bool:
     return block >= a and (b is None or block < b)
 
 
-class StoredOperator:
+class StoreBacked:
+    """diag and columns of an operator whose matrix lives in ``self.store`` (a GramStore)."""
+
+    store: GramStore
+    shape: tuple[int, int]
+    _diag: np.ndarray | None
+
+    def diag(self) -> np.ndarray:
+        """diag(K): (N,) float64 (the store's exact diagonal, read once)."""
+        if self._diag is None:
+            self._diag = self.store.diagonal()
+        return self._diag.copy()
+
+    def columns(self, idx: Any) -> np.ndarray:
+        """K[:, idx]. idx: (m,) int -> (N, m) float64, computed from the store's copy of X."""
+        return self.store.columns(check_indices(idx, self.shape[0]))
+
+
+class StoredOperator(StoreBacked):
     """A GramOperator over a symmetric GramStore, streamed tile by tile on this machine.
 
     store_or_url: a GramStore or its URL. read_ahead: tiles read ahead by a thread pool.
@@ -180,16 +198,6 @@ class StoredOperator:
             add_products(out, t, products)
         self.last_product_seconds = time.perf_counter() - start
         return out
-
-    def diag(self) -> np.ndarray:
-        """diag(K): (N,) float64 (the store's exact diagonal, read once)."""
-        if self._diag is None:
-            self._diag = self.store.diagonal()
-        return self._diag.copy()
-
-    def columns(self, idx: Any) -> np.ndarray:
-        """K[:, idx]. idx: (m,) int -> (N, m) float64, reading each needed block column once."""
-        return self.store.columns(check_indices(idx, self.shape[0]))
 
     def __repr__(self) -> str:
         return (
