@@ -402,6 +402,9 @@ class GramStore:
         return out
 
     def _marker_paths(self) -> list[str]:
+        # Markers are written by other processes (the workers); s3fs/gcsfs cache listings per
+        # filesystem instance, which would hide new markers or keep removed ones.
+        self.fs.invalidate_cache(f"{self.root}/tiles")
         try:
             return [
                 p for p in self.fs.ls(f"{self.root}/tiles", detail=False) if p.endswith(".json")
@@ -519,6 +522,7 @@ class StoreLock:
             with os.fdopen(fd, "wb") as f:
                 f.write(payload)
             return True
+        self.fs.invalidate_cache(self.path)
         if self.fs.exists(self.path):  # object stores: best effort (no exclusive create)
             return False
         self.fs.pipe_file(self.path, payload)
