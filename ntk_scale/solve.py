@@ -55,6 +55,9 @@ class SolveReport:
     setup_seconds: float
     iteration_seconds: float
     resumed_from: int | None
+    #: The Nyström sketch's estimates of K's top eigenvalues (descending), for the spectrum plot;
+    #: empty for identity / Jacobi.
+    eigenvalues: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
 
     @property
     def seconds(self) -> tuple[float, float]:
@@ -124,7 +127,8 @@ def solve_store(
     if vector:
         result = result._replace(x=result.x[:, 0])
     resumed = None if state is None else state.iteration
-    return SolveReport(result, lam, M.name, getattr(M, "rank", 0), setup, iterating, resumed)
+    eig = np.asarray(getattr(M, "eigenvalues", np.zeros(0)), dtype=np.float64)
+    return SolveReport(result, lam, M.name, getattr(M, "rank", 0), setup, iterating, resumed, eig)
 
 
 def _run(op, Y, lam, M, tol, max_iter, state, path, meta, every, callback):

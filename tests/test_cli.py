@@ -67,6 +67,7 @@ def test_gram_solve_predict_verify(ray_local, files, capsys):
     meta = json.loads((t / "model" / "model.json").read_text())
     assert meta["solver"]["converged"] == [True, True]
     assert (t / "model" / "residuals.png").stat().st_size > 1000
+    assert (t / "model" / "spectrum.png").stat().st_size > 1000
     out = str(t / "pred.npy")
     assert main(["predict", "--model-dir", model, "--x", str(t / "xs.npy"), "--out", out]) == 0
     pred = np.load(out)
