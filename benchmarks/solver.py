@@ -42,6 +42,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np
 import scipy.linalg
+import threadpoolctl
 
 from ntk_scale import FullyConnected
 from ntk_scale.linalg import ConvergenceWarning, SolverError
@@ -188,7 +189,10 @@ def cholesky_row(K: np.ndarray, Y, Kt, Y_test, lam: float) -> dict:
     try:
         A = K.copy()
         A[np.diag_indices_from(A)] += lam
-        factor = scipy.linalg.cho_factor(A, lower=True, overwrite_a=True, check_finite=False)
+        # Multi-threaded OpenBLAS dpotrf crashed (SIGSEGV) on this 2-core VM at N = 20,000;
+        # one BLAS thread for the reference factorisation.
+        with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+            factor = scipy.linalg.cho_factor(A, lower=True, overwrite_a=True, check_finite=False)
         X = scipy.linalg.cho_solve(factor, Y, check_finite=False)
     except np.linalg.LinAlgError as err:
         return {"method": "cholesky", "seconds": time.perf_counter() - start, "error": str(err)}
