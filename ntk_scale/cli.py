@@ -206,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rank", type=int, default=500, help="Nyström / RPCholesky rank")
     g.add_argument("--tol", type=float, default=1e-6, help="‖r‖/‖y‖ per column")
     g.add_argument("--max-iter", type=int, default=None)
-    g.add_argument("--operator", default="stored", choices=("stored", "distributed", "dense"))
+    g.add_argument(
+        "--operator", default="stored", choices=("stored", "distributed", "dense", "matrixfree")
+    )
     g.add_argument("--checkpoint-every", type=int, default=10, help="iterations")
     p.add_argument("--workers", type=int, default=None)
     p.set_defaults(func=cmd_solve)

@@ -24,7 +24,10 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
 
     ridge: λ relative to mean(diag K) (Neural Tangents' ``diag_reg``) unless ridge_absolute.
     workdir: where Gram stores and models live (a temporary directory when None).
-    operator: "stored" (stream the store here), "distributed" (Ray actors) or "dense".
+    operator: "stored" (stream the store here), "distributed" (Ray actors), "dense",
+    "matrixfree" (recompute tiles in every product, nothing stored) or "auto" (the cheaper of
+    stored and matrix-free from a tile timed here and the store disk's read rate; the choice
+    and its reason are kept in ``operator_choice_``).
     """
 
     def __init__(
@@ -80,8 +83,8 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
         return np.asarray(y, dtype=np.float64)
 
     def _gram(self, X: np.ndarray) -> str:
-        from ntk_scale.scheduler import RunOptions, compute_gram
-        from ntk_scale.store import fingerprint_rows
+        from ntk_scale.scheduler import RunOptions, run_store
+        from ntk_scale.store import GramStore, fingerprint_rows
 
         check_choice("kind", self.kind, KINDS)
         check_choice("dtype", self.dtype, DTYPES)
@@ -93,10 +96,22 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
         name = f"gram-{spec.fingerprint()[:8]}-{self.kind}-{self.dtype}-{self.tile}-{fp}.zarr"
         store = os.path.join(self.workdir_, name)
         opts = RunOptions(workers=self.workers, address=self.address, progress=self.progress)
-        self.gram_report_ = compute_gram(
-            X, spec, store, kind=self.kind, dtype=self.dtype, tile=self.tile, options=opts
-        )
+        gram = GramStore.create(store, spec, X, kind=self.kind, dtype=self.dtype, tile=self.tile)
+        self.operator_ = self._pick_operator(spec, X.shape)
+        if self.operator_ != "matrixfree":
+            self.gram_report_ = run_store(gram, opts)
         return store
+
+    def _pick_operator(self, spec: FullyConnected, shape: tuple[int, int]) -> str:
+        if self.operator != "auto":
+            self.operator_choice_ = None
+            return self.operator
+        from ntk_scale.planning import choose_operator, measure_read_rate, plan_gram
+
+        workers = self.workers or os.cpu_count() or 1
+        plan = plan_gram(shape[0], shape[1], spec, self.kind, self.dtype, self.tile, workers)
+        self.operator_choice_ = choose_operator(plan, measure_read_rate(self.workdir_))
+        return self.operator_choice_.choice
 
     def _solve(self, Y: np.ndarray) -> None:
         from ntk_scale.solve import solve_store
@@ -110,7 +125,7 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
             rank=min(self.rank, Y.shape[0]),
             tol=self.tol,
             max_iter=self.max_iter,
-            operator=self.operator,
+            operator=self.operator_,
             workers=self.workers or 2,
             seed=self.seed,
         )

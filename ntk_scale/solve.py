@@ -37,7 +37,7 @@ from ntk_scale.linalg.stored import StoredOperator, open_symmetric
 from ntk_scale.store import GramStore
 
 PRECONDITIONERS = ("rpcholesky", "nystrom", "jacobi", "none")
-OPERATORS = ("stored", "distributed", "dense")
+OPERATORS = ("stored", "distributed", "dense", "matrixfree")
 CHECKPOINT_NAME = "pcg_state.npz"
 
 
@@ -98,7 +98,7 @@ def solve_store(
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every={checkpoint_every} must be >= 1 (iterations)")
     start = time.perf_counter()
-    store = open_symmetric(store_url)
+    store = open_symmetric(store_url, complete=operator != "matrixfree")
     Y2, vector = check_targets(Y, store.shape[0])
     with contextlib.ExitStack() as stack:
         op = _make_operator(store, operator, workers, stack)
@@ -178,6 +178,13 @@ def _make_operator(
 ) -> GramOperator:
     if kind == "stored":
         return StoredOperator(store)
+    if kind == "matrixfree":
+        from ntk_scale.linalg.matrixfree import MatrixFreeOperator
+
+        x = np.vstack([store.x_block("rows", b) for b in range(store.plan.row_blocks)])
+        m = store.meta
+        mf = MatrixFreeOperator(m.spec, x, m.kind, m.dtype, tile=m.tile, n_actors=workers)
+        return stack.enter_context(mf)
     if kind == "dense":
         # Converted to float64 once: the in-memory mode trades memory (8 N² bytes) for products
         # that are one BLAS call, with no per-product conversion of a float32 matrix.

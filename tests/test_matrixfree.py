@@ -177,3 +177,22 @@ def test_panel_function_holds_one_shape_per_row_block(data):
 def test_rejects_bad_arguments(data, kwargs, match):
     with pytest.raises(ValueError, match=match):
         MatrixFreeOperator(SPEC, data[0], local=True, **kwargs)
+
+
+def test_estimator_matrixfree_and_auto_match_stored(ray_local, tmp_path):
+    """operator="matrixfree" stores no tile and predicts what the stored path predicts."""
+    from ntk_scale import NTKRegressor
+    from ntk_scale.store import GramStore
+
+    rng = np.random.default_rng(5)
+    x, xs = rng.normal(size=(300, 6)), rng.normal(size=(20, 6))
+    y = np.sin(x[:, 0])
+    spec = FullyConnected(depth=2, W_std=1.4, b_std=0.1)
+    kw = dict(kernel=spec, tile=128, tol=1e-10, rank=100, ridge=1e-3, workers=2)
+    stored = NTKRegressor(operator="stored", workdir=str(tmp_path / "s"), **kw).fit(x, y)
+    free = NTKRegressor(operator="matrixfree", workdir=str(tmp_path / "m"), **kw).fit(x, y)
+    assert GramStore.open(free.store_).completed() == set()
+    np.testing.assert_allclose(free.predict(xs), stored.predict(xs), rtol=1e-4, atol=1e-6)
+    auto = NTKRegressor(operator="auto", workdir=str(tmp_path / "a"), **kw).fit(x, y)
+    assert auto.operator_ in ("stored", "matrixfree")
+    assert "cheaper" in auto.operator_choice_.reason

@@ -32,15 +32,16 @@ from ntk_scale.store import GramStore
 _CHUNK = 128
 
 
-def open_symmetric(store_or_url: GramStore | str) -> GramStore:
-    """The GramStore at a URL (opened read-only), or the store given; it must be K(X, X)."""
+def open_symmetric(store_or_url: GramStore | str, complete: bool = True) -> GramStore:
+    """The GramStore at a URL (opened read-only), or the store given; it must be K(X, X) and,
+    with ``complete``, hold every tile (the matrix-free operator needs only its copy of X)."""
     store = GramStore.open(store_or_url) if isinstance(store_or_url, str) else store_or_url
     if not store.meta.symmetric:
         raise ValueError(
             f"store {store.url} holds a rectangular K(X*, X) of shape {store.shape}; the solver "
             "needs the symmetric training Gram K(X, X): point to that store"
         )
-    missing = len(store.missing())
+    missing = len(store.missing()) if complete else 0
     if missing:
         raise ValueError(
             f"store {store.url} lacks {missing} of {store.plan.n_tiles} tiles; finish it first "
