@@ -25,7 +25,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import numpy as np
-import psutil
 
 from ntk_scale import FullyConnected
 from ntk_scale.cluster import ensure_ray
@@ -55,11 +54,18 @@ class PeakMemory:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> int:
-        total = 0
-        for p in psutil.process_iter(["pid", "cmdline", "memory_info"]):
-            cmd = " ".join(p.info["cmdline"] or [])
-            if p.info["pid"] == os.getpid() or "ray" in cmd or "default_worker" in cmd:
-                total += p.info["memory_info"].rss if p.info["memory_info"] else 0
+        """Sum of RSS (from /proc) over this process and every Ray process."""
+        total, page = 0, os.sysconf("SC_PAGE_SIZE")
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+                if int(pid) != os.getpid() and "ray" not in cmd:
+                    continue
+                with open(f"/proc/{pid}/statm") as f:
+                    total += int(f.read().split()[1]) * page
+            except (OSError, ValueError, IndexError):
+                continue
         return total
 
     def _run(self) -> None:
@@ -143,6 +149,7 @@ def main() -> None:
     ap.add_argument("--ridge", type=float, default=1e-3)
     ap.add_argument("--tol", type=float, default=1e-4)
     ap.add_argument("--rank", type=int, default=1000)
+    ap.add_argument("--merge", default=None, help="a previous end_to_end JSON whose rows to add")
     a = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="ntk-e2e-"))
     solver = {
@@ -166,10 +173,15 @@ def main() -> None:
             f"test rel-MSE {r['relative_test_mse']:.4f}",
             flush=True,
         )
+    if a.merge:
+        old = json.loads(Path(a.merge).read_text())["rows"]
+        rows = sorted(
+            rows + [r for r in old if r["n"] not in {x["n"] for x in rows}], key=lambda r: r["n"]
+        )
     top = rows[-1]
     print(
-        f"\nN = {a.n:,} train, {a.m:,} test, d = {a.d}, 10 outputs, FC-3 ReLU NTK, float32 store, "
-        f"{os.cpu_count()} cores"
+        f"\nN = {top['n']:,} train, {a.m:,} test, d = {a.d}, 10 outputs, FC-3 ReLU NTK, "
+        f"float32 store, {os.cpu_count()} cores"
     )
     print(f"  {'stage':<10}{'wall s':>10}")
     for k in ("gram_s", "solve_s", "predict_s", "total_s"):

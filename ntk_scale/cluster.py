@@ -62,3 +62,21 @@ def worker_env(use_gpu: bool, threads: int | None) -> dict[str, str]:
         )
         env["OMP_NUM_THREADS"] = env["OPENBLAS_NUM_THREADS"] = str(threads)
     return env
+
+
+def gather(ray: Any, refs: list[Any], timeout_s: float, who: str, what: str, fix: str) -> list:
+    """ray.get with a timeout, turning Ray's errors into ones that say what to change.
+
+    who: the actors ("panel", "matrix-free"); what: the operation; fix: advice if an actor died.
+    """
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise TimeoutError(
+            f"{who} actors took over {timeout_s:.0f} s {what}; check `ray status` for free "
+            "CPUs/GPUs (each actor needs one) or raise timeout_s"
+        ) from None
+    except ray.exceptions.RayActorError as err:
+        raise RuntimeError(
+            f"a {who} actor died while {what} ({err}); it may have run out of memory: {fix}"
+        ) from err

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ntk_scale.cluster import ensure_ray, worker_env
+from ntk_scale.cluster import ensure_ray, gather, worker_env
 from ntk_scale.linalg.operators import check_block
 from ntk_scale.linalg.stored import (
     StoreBacked,
@@ -166,19 +166,8 @@ class DistributedOperator(StoreBacked):
             raise
 
     def _get(self, refs: list[Any], what: str) -> list[Any]:
-        ray = self._ray
-        try:
-            return ray.get(refs, timeout=self.timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(
-                f"panel actors took over {self.timeout_s:.0f} s {what}; check `ray status` for "
-                "free CPUs (each actor needs num_cpus=1) or raise timeout_s"
-            ) from None
-        except ray.exceptions.RayActorError as err:
-            raise RuntimeError(
-                f"a panel actor died while {what} ({err}); it may have run out of memory: lower "
-                "memory_budget_bytes or use more actors, then build a new DistributedOperator"
-            ) from err
+        fix = "lower memory_budget_bytes or use more actors, then build a new DistributedOperator"
+        return gather(self._ray, refs, self.timeout_s, "panel", what, fix)
 
     def matmat(self, P: np.ndarray) -> np.ndarray:
         """K @ P. P: (N, C) float64 -> (N, C) float64; P is sent once through the object store."""

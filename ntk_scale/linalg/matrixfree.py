@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ntk_scale.cluster import gather
 from ntk_scale.kernels import FullyConnected, check_features, fc, tile_function
 from ntk_scale.kernels.validate import DTYPES, KINDS, check_choice
 from ntk_scale.linalg.operators import check_block, check_indices
@@ -247,20 +248,9 @@ class MatrixFreeOperator:
             return [getattr(self.local, method)(*args)]
         if not self.actors:
             raise RuntimeError("this MatrixFreeOperator is closed; build a new one")
-        ray = self._ray
         refs = [getattr(w, method).remote(*args) for w in self.actors]
-        try:
-            return ray.get(refs, timeout=self.timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(
-                f"matrix-free actors took over {self.timeout_s:.0f} s {what}; check `ray status` "
-                "for free CPUs/GPUs (each actor needs one) or raise timeout_s"
-            ) from None
-        except ray.exceptions.RayActorError as err:
-            raise RuntimeError(
-                f"a matrix-free actor died while {what} ({err}); it may have run out of memory: "
-                "lower tile, then build a new MatrixFreeOperator"
-            ) from err
+        fix = "lower tile, then build a new MatrixFreeOperator"
+        return gather(self._ray, refs, self.timeout_s, "matrix-free", what, fix)
 
     def matmat(self, P: np.ndarray) -> np.ndarray:
         """K @ P. P: (N, C) float64 -> (N, C) float64, every tile recomputed."""
