@@ -366,12 +366,40 @@ def test_nystrom_sketch_properties(small_gram, pivots, block):
     assert np.all(M.eigenvalues <= np.linalg.eigvalsh(K)[::-1][:40] * (1 + 1e-9))
 
 
-def test_nystrom_apply_is_the_woodbury_inverse(small_gram):
+def test_nystrom_apply_inverts_the_preconditioner(small_gram):
     lam = 1e-2
     M = nystrom(DenseOperator(small_gram), 30, lam, seed=1)
-    P = (M.U * M.eigenvalues) @ M.U.T + lam * np.eye(300)
+    U, s2 = M.U, M.eigenvalues
+    # Frangella et al.: F Fᵀ + λI on the sketched directions, σ_r² + λ on their complement.
+    P = (U * (s2 + lam)) @ U.T + (s2[-1] + lam) * (np.eye(300) - U @ U.T)
     R = np.random.default_rng(0).standard_normal((300, 3))
     np.testing.assert_allclose(M.apply(R), np.linalg.solve(P, R), rtol=1e-9, atol=1e-9)
+    assert M.tail == pytest.approx(s2[-1] + lam)
+
+
+def test_nystrom_complement_scaling_beats_plain_woodbury_when_ridge_is_tiny():
+    """With λ far below K's smallest eigenvalue, P = F Fᵀ + λI leaves the complement's
+    eigenvalues near λ_{r+1}/λ; the σ_r² + λ scaling keeps them near 1: fewer iterations."""
+    X = np.random.default_rng(3).standard_normal((600, 3))  # low dimension: ill-conditioned K
+    K = FullyConnected(depth=2, b_std=0.1).kernel(X, dtype="float64")
+    lam = 1e-8 * np.mean(np.diag(K))
+    op, Y = DenseOperator(K), X[:, :2].copy()
+    M = nystrom(op, 60, lam, seed=0)
+
+    class PlainWoodbury:  # (F Fᵀ + λI)⁻¹, the same sketch
+        name = "plain"
+
+        def apply(self, R):
+            UtR = M.U.T @ R
+            return M.U @ (UtR / (M.eigenvalues + lam)[:, None]) + (R - M.U @ UtR) / lam
+
+    plain = PlainWoodbury()
+    ours = solve_pcg(op, Y, lam, M, tol=1e-8, max_iter=3000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        woodbury = solve_pcg(op, Y, lam, plain, tol=1e-8, max_iter=3000)
+    assert ours.converged.all()
+    assert ours.iterations < 0.8 * woodbury.iterations, (ours.iterations, woodbury.iterations)
 
 
 def test_jacobi_and_identity_apply(small_gram):

@@ -48,9 +48,18 @@ class Jacobi:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Nystrom:
-    """P = F Fᵀ + λI with F = U diag(σ) Vᵀ (thin SVD), applied in float64 with N x r memory:
+    """Nyström preconditioner of K + λI from a sketch K ≈ F Fᵀ, F = U diag(σ) Vᵀ (thin SVD):
 
-        P⁻¹ R = (1/λ)(I − F (λI + FᵀF)⁻¹ Fᵀ) R = U diag(1/(σ² + λ)) UᵀR + (1/λ)(R − U UᵀR).
+        P = U diag(σ² + λ) Uᵀ + (σ_r² + λ)(I − U Uᵀ),
+        P⁻¹ R = U diag(1/(σ² + λ)) UᵀR + (R − U UᵀR) / (σ_r² + λ),
+
+    applied in float64 with N x r memory (Frangella, Tropp, Udell 2023, eq. 5.3). On the
+    sketched directions P is the Woodbury form of F Fᵀ + λI; on their complement, where K's
+    eigenvalues lie below about σ_r², it divides by σ_r² + λ rather than by λ. With
+    P = F Fᵀ + λI the preconditioned spectrum reaches (λ_{r+1} + λ)/λ even when K's own
+    smallest eigenvalue is far above λ; here it stays within [(λ_min + λ)/(σ_r² + λ), ~1],
+    which at N = 4,000 (FC-3 ReLU NTK, λ = 1e-6·mean diag, rank 1,000) cut the iterations from
+    94 to 57 (and from 329 to 189 at rank 100).
 
     U: (N, r) orthonormal; eigenvalues: (r,) σ² descending, the sketch's estimates of K's top
     eigenvalues; pivots: (r,) the columns of K read into the sketch (in pivot order);
@@ -68,12 +77,17 @@ class Nystrom:
     def rank(self) -> int:
         return int(self.eigenvalues.shape[0])
 
+    @property
+    def tail(self) -> float:
+        """σ_r² + λ: what P is on the complement of the sketched directions."""
+        return float(self.eigenvalues[-1]) + self.lam
+
     def apply(self, R: np.ndarray) -> np.ndarray:
         """R: (N, C) -> (N, C) float64."""
         R = np.asarray(R, dtype=np.float64)
         UtR = self.U.T @ R
         inner = UtR / (self.eigenvalues + self.lam)[:, None]
-        return self.U @ inner + (R - self.U @ UtR) / self.lam
+        return self.U @ inner + (R - self.U @ UtR) / self.tail
 
 
 @runtime_checkable
