@@ -9,15 +9,27 @@ The training Gram is built with ``compute_gram`` (float32 store by default) and 
 already exists.
 
 For each ridge λ = r · mean(diag K), r in ``--ridges``, it reports the iterations and seconds to
-``--tol`` of PCG on the StoredOperator with no preconditioner, Jacobi, Nyström (uniform pivots)
-and RPCholesky at each rank in ``--ranks``, and the wall time of a dense Cholesky solve
-(scipy cho_factor / cho_solve on the float64 matrix), each with its relative test error. It also
-times one StoredOperator product (stored bytes / seconds) against the rate of reading a freshly
-written file of the same size (fsync'ed after writing; nothing is dropped from the page cache,
-so both are reads of recently written data).
+``--tol`` of PCG on the StoredOperator with RPCholesky and Nyström (uniform pivots) at each rank in
+``--ranks``, Jacobi and no preconditioner, and the wall time of a dense Cholesky solve of the
+float64 matrix in memory, each with its relative test error. The dense Cholesky is blocked
+(right-looking, 2,048-wide panels: one-thread dpotrf on the diagonal block, trsm and gemm
+updates on every core), because OpenBLAS's own multi-threaded dpotrf segfaults on this VM at
+N = 20,000 and its one-thread dpotrf takes 1.8x as long. No preconditioner and Jacobi are run
+to at most ``--cap-factor`` x RPCholesky's iterations at the largest rank (and ``--max-iter``):
+a capped run shows the ratio is below 1/cap-factor without paying for thousands of products.
+
+Every ``--trace-every`` iterations a callback records the test error of the current iterate and
+the wall time so far (setup included, the callback's own time excluded), so the table also gives
+the seconds each PCG solve needs to come within 1 % of Cholesky's test error ("equal test
+error"), besides its seconds to ``--tol``.
+
+Throughput: one StoredOperator product (stored bytes / seconds) with the store's chunk files
+first dropped from the page cache (posix_fadvise DONTNEED; local stores) against reading the
+same files, equally dropped, with plain unbuffered reads (the raw disk rate); and the same
+two with the files cached (page-cache rates, where the product is bound by its arithmetic).
 
 Goals: RPCholesky iterations <= 1/10 of none at the smallest λ; PCG wall <= 1/10 of dense
-Cholesky at equal test error; stored read throughput >= 0.8 of the raw file rate.
+Cholesky at equal test error; stored read throughput >= 0.8 of the raw disk rate.
 
     .venv/bin/python benchmarks/solver.py                 # N = 20,000 (the full run)
     .venv/bin/python benchmarks/solver.py --n 2000        # smoke test
@@ -70,7 +82,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ridges", default="1e-2,1e-4,1e-6", help="relative ridges (x mean diag)")
     p.add_argument("--ranks", default="100,300,1000", help="Nyström / RPCholesky ranks")
     p.add_argument("--tol", type=float, default=1e-6)
-    p.add_argument("--max-iter", type=int, default=2000, help="PCG cap (none may hit it)")
+    p.add_argument("--max-iter", type=int, default=3000, help="PCG iteration cap")
+    p.add_argument(
+        "--cap-factor",
+        type=int,
+        default=10,
+        help="none / Jacobi stop after this many times RPCholesky's iterations (largest rank)",
+    )
+    p.add_argument("--trace-every", type=int, default=5, help="test-error trace interval")
     p.add_argument(
         "--operator",
         default="stored",
@@ -137,51 +156,84 @@ def heldout_error(Kt: np.ndarray, A: np.ndarray, Y_test: np.ndarray) -> float:
 # -- throughput --------------------------------------------------------------------------------
 
 
+def chunk_files(url: str) -> list[str]:
+    """The local paths of the store's tile chunks (what a product reads)."""
+    root = os.path.join(url, "gram", "c")
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
+
+
+def drop_cached(paths: list[str]) -> None:
+    """Drop the files' pages from the page cache (posix_fadvise DONTNEED: clean pages only)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def raw_read(paths: list[str], block: int = 16 << 20) -> float:
+    """Bytes / second reading the files in order with unbuffered reads, no processing."""
+    buf = bytearray(block)
+    start, got = time.perf_counter(), 0
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                got += n
+    return got / (time.perf_counter() - start)
+
+
 def stored_rates(url: str, rhs: int, repeats: int = 3) -> dict:
-    """Bytes / second of one StoredOperator product (and of a read-only pass over the tiles)."""
+    """Bytes / second of one StoredOperator product and of raw reads of the same chunk files,
+    each with the files dropped from the page cache (cold: the disk) and cached (warm).
+    Cold and warm runs alternate product / raw, so both see the same machine state."""
     op = StoredOperator(url)
+    files = chunk_files(url)
     P = np.random.default_rng(0).standard_normal((op.shape[0], rhs))
-    op.matmat(P)  # warm: the first pass may come from disk rather than the page cache
-    product, stream = [], []
+    out: dict[str, list[float]] = {k: [] for k in ("cold_product", "cold_raw", "warm_product")}
+    out["warm_raw"] = []
     for _ in range(repeats):
-        before = op.bytes_read
+        drop_cached(files)
         op.matmat(P)
-        product.append((op.bytes_read - before) / op.last_product_seconds)
-        start, before = time.perf_counter(), op.bytes_read
-        for _tile in op.tiles():
-            pass
-        stream.append((op.bytes_read - before) / (time.perf_counter() - start))
+        out["cold_product"].append(op.stored_bytes / op.last_product_seconds)
+        drop_cached(files)
+        out["cold_raw"].append(raw_read(files))
+        op.matmat(P)
+        out["warm_product"].append(op.stored_bytes / op.last_product_seconds)
+        out["warm_raw"].append(raw_read(files))
+    rates = {f"{k}_bytes_per_s": statistics.median(v) for k, v in out.items()}
     return {
         "stored_bytes": op.stored_bytes,
-        "product_bytes_per_s": statistics.median(product),
-        "read_only_bytes_per_s": statistics.median(stream),
+        "chunk_file_bytes": sum(os.path.getsize(f) for f in files),
+        "read_ahead": op.read_ahead,
+        **rates,
+        "runs": out,
     }
 
 
-def raw_file_rate(directory: str, size: int, repeats: int = 3, block: int = 16 << 20) -> float:
-    """Bytes / second reading a freshly written (fsync'ed) file of ``size`` bytes."""
-    path = os.path.join(directory, f".raw-rate-{os.getpid()}.bin")
-    chunk = np.random.default_rng(0).integers(0, 256, block, dtype=np.uint8).tobytes()
-    try:
-        with open(path, "wb") as f:
-            for off in range(0, size, block):
-                f.write(chunk[: min(block, size - off)])
-            f.flush()
-            os.fsync(f.fileno())
-        buf = bytearray(block)
-        rates = []
-        for _ in range(repeats):
-            start, got = time.perf_counter(), 0
-            with open(path, "rb", buffering=0) as f:
-                while n := f.readinto(buf):
-                    got += n
-            rates.append(got / (time.perf_counter() - start))
-        return statistics.median(rates)
-    finally:
-        os.remove(path)
-
-
 # -- solves ------------------------------------------------------------------------------------
+
+
+def blocked_cholesky(A: np.ndarray, block: int = 2048) -> np.ndarray:
+    """In-place lower Cholesky factor of A (n, n) float64, right-looking by ``block`` panels:
+    one-thread dpotrf on each diagonal block, then trsm and gemm updates with every BLAS thread.
+    Only the lower triangle of the result is the factor (cho_solve(lower=True) reads only it)."""
+    n = len(A)
+    for k in range(0, n, block):
+        e = min(k + block, n)
+        with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+            A[k:e, k:e] = scipy.linalg.cholesky(A[k:e, k:e], lower=True, check_finite=False)
+        if e == n:
+            break
+        panel = scipy.linalg.solve_triangular(
+            A[k:e, k:e], A[e:, k:e].T, lower=True, check_finite=False
+        )
+        A[e:, k:e] = panel.T
+        for j in range(e, n, block):
+            je = min(j + block, n)
+            A[j:, j:je] -= A[j:, k:e] @ A[j:je, k:e].T
+    return A
 
 
 def cholesky_row(K: np.ndarray, Y, Kt, Y_test, lam: float) -> dict:
@@ -189,45 +241,64 @@ def cholesky_row(K: np.ndarray, Y, Kt, Y_test, lam: float) -> dict:
     try:
         A = K.copy()
         A[np.diag_indices_from(A)] += lam
-        # Multi-threaded OpenBLAS dpotrf crashed (SIGSEGV) on this 2-core VM at N = 20,000;
-        # one BLAS thread for the reference factorisation.
-        with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
-            factor = scipy.linalg.cho_factor(A, lower=True, overwrite_a=True, check_finite=False)
-        X = scipy.linalg.cho_solve(factor, Y, check_finite=False)
+        L = blocked_cholesky(A)
+        if not np.all(np.isfinite(np.diag(L))):
+            raise np.linalg.LinAlgError("the factor has non-finite entries")
+        X = scipy.linalg.cho_solve((L, True), Y, check_finite=False)
     except np.linalg.LinAlgError as err:
         return {"method": "cholesky", "seconds": time.perf_counter() - start, "error": str(err)}
     seconds = time.perf_counter() - start
     return {"method": "cholesky", "seconds": seconds, "test_error": heldout_error(Kt, X, Y_test)}
 
 
-def pcg_row(url, Y, Kt, Y_test, ridge: float, name: str, rank: int, args) -> dict:
+def pcg_row(url, Y, Kt, Y_test, ridge, name, rank, args, max_iter, ref_error) -> dict:
+    """One PCG solve; ``ref_error``: Cholesky's test error at this ridge (or None)."""
     label = name if name in ("none", "jacobi") else f"{name}-{rank}"
-    row = {"method": label, "preconditioner": name, "rank": rank}
+    row = {"method": label, "preconditioner": name, "rank": rank, "max_iter": max_iter}
+    trace: list[tuple[int, float, float]] = []  # (iteration, seconds so far, test error)
+    spent = [0.0]  # seconds inside the callback, excluded from the trace's times
+    start = time.perf_counter()
+
+    def record(st) -> None:
+        if st.iteration % args.trace_every:
+            return
+        t0 = time.perf_counter()
+        err = heldout_error(Kt, st.x, Y_test)
+        trace.append((st.iteration, t0 - start - spent[0], err))
+        spent[0] += time.perf_counter() - t0
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             rep = solve_store(
                 url, Y, ridge=ridge, preconditioner=name, rank=rank, tol=args.tol,
-                max_iter=args.max_iter, pivot_block=args.pivot_block, seed=args.seed,
-                operator=args.operator,
+                max_iter=max_iter, pivot_block=args.pivot_block, seed=args.seed,
+                operator=args.operator, callback=record,
             )  # fmt: skip
     except (SolverError, ValueError) as err:
         return {**row, "error": str(err)}
     res = rep.result
-    return {
+    out = {
         **row,
         "iterations": res.iterations,
         "converged": bool(res.converged.all()),
         "setup_s": rep.setup_seconds,
-        "iterations_s": rep.iteration_seconds,
-        "seconds": rep.setup_seconds + rep.iteration_seconds,
+        "iterations_s": rep.iteration_seconds - spent[0],
+        "seconds": rep.setup_seconds + rep.iteration_seconds - spent[0],
         "test_error": heldout_error(Kt, res.x, Y_test),
+        "trace": trace,
     }
+    if ref_error is not None:
+        hit = next((t for t in trace if abs(t[2] - ref_error) <= EQUAL_ERROR * ref_error), None)
+        out["equal_error_iteration"] = hit[0] if hit else None
+        out["equal_error_s"] = hit[1] if hit else None
+    return out
 
 
 def methods(ranks: list[int]) -> list[tuple[str, int]]:
-    out = [("none", 0), ("jacobi", 0)]
-    return out + [(m, r) for m in ("nystrom", "rpcholesky") for r in ranks]
+    """RPCholesky first (largest rank first: its iterations cap none / Jacobi), then Nyström."""
+    desc = sorted(ranks, reverse=True)
+    return [(m, r) for m in ("rpcholesky", "nystrom") for r in desc] + [("none", 0), ("jacobi", 0)]
 
 
 # -- goals and the table -----------------------------------------------------------------------
@@ -250,41 +321,53 @@ def goal_iterations(rows: list[dict], ridge: float, ranks: list[int]) -> dict:
 
 
 def goal_wall(rows: list[dict], chol: dict[float, dict]) -> dict:
-    """Fastest converged PCG within EQUAL_ERROR of Cholesky's test error, at the ridge where
-    Cholesky's test error is best; wall ratio <= 1/10."""
+    """At the ridge where Cholesky's test error is best: the PCG solve that comes within
+    EQUAL_ERROR of that test error soonest (seconds from the start, setup included), and its
+    wall ratio to Cholesky (goal <= 1/10). Also the fastest solve converged to --tol."""
     ok = {r: c for r, c in chol.items() if "test_error" in c}
     if not ok:
         return {"met": False, "note": "dense Cholesky failed at every ridge"}
     ridge = min(ok, key=lambda r: ok[r]["test_error"])
     ref = ok[ridge]
-    equal = [
-        r
-        for r in rows
-        if r["ridge"] == ridge
-        and r.get("converged")
-        and abs(r["test_error"] - ref["test_error"]) <= EQUAL_ERROR * ref["test_error"]
-    ]
-    if not equal:
-        return {"ridge": ridge, "met": False, "note": "no PCG solve reached Cholesky's error"}
-    best = min(equal, key=lambda r: r["seconds"])
-    ratio = best["seconds"] / ref["seconds"]
-    return {"ridge": ridge, "method": best["method"], "ratio": ratio, "met": ratio <= 0.1}
+    at = [r for r in rows if r["ridge"] == ridge and r.get("equal_error_s") is not None]
+    conv = [r for r in rows if r["ridge"] == ridge and r.get("converged")]
+    out: dict = {"ridge": ridge, "cholesky_s": ref["seconds"]}
+    if conv:
+        best = min(conv, key=lambda r: r["seconds"])
+        out["fastest_to_tol"] = {"method": best["method"], "seconds": best["seconds"]}
+        out["fastest_to_tol_ratio"] = best["seconds"] / ref["seconds"]
+    if not at:
+        return {**out, "met": False, "note": "no PCG solve reached Cholesky's test error"}
+    best = min(at, key=lambda r: r["equal_error_s"])
+    ratio = best["equal_error_s"] / ref["seconds"]
+    return {
+        **out,
+        "method": best["method"],
+        "iteration": best["equal_error_iteration"],
+        "seconds": best["equal_error_s"],
+        "ratio": ratio,
+        "met": ratio <= 0.1,
+    }
 
 
 def print_table(rows: list[dict]) -> None:
     head = f"{'ridge':>7} {'method':<16} {'iters':>6} {'conv':>5} {'setup s':>8} "
-    print(head + f"{'iter s':>8} {'total s':>8} {'test err':>9}")
+    print(head + f"{'iter s':>8} {'total s':>8} {'test err':>9} {'=err s':>8}")
     for r in rows:
         if "error" in r:
             print(f"{r['ridge']:>7.0e} {r['method']:<16} failed: {r['error'][:70]}")
             continue
         its = r.get("iterations", "")
         conv = {True: "yes", False: "NO"}.get(r.get("converged"), "")
-        setup, it_s = r.get("setup_s"), r.get("iterations_s")
-        cells = [f"{v:>8.2f}" if v is not None else f"{'':>8}" for v in (setup, it_s)]
+        cells = [
+            f"{v:>8.2f}" if v is not None else f"{'':>8}"
+            for v in (r.get("setup_s"), r.get("iterations_s"), r["seconds"])
+        ]
+        eq = r.get("equal_error_s")
+        eq_cell = f"{eq:>8.2f}" if eq is not None else f"{'-' if 'trace' in r else '':>8}"
         print(
-            f"{r['ridge']:>7.0e} {r['method']:<16} {its!s:>6} {conv:>5} {cells[0]} {cells[1]} "
-            f"{r['seconds']:>8.2f} {r['test_error']:>9.4f}"
+            f"{r['ridge']:>7.0e} {r['method']:<16} {its!s:>6} {conv:>5} {' '.join(cells)} "
+            f"{r['test_error']:>9.5f} {eq_cell}"
         )
 
 
@@ -306,7 +389,6 @@ def run(args: argparse.Namespace) -> dict:
     url, build_s = build_store(args, X)
     Kt = heldout_kernel(X_test, X, args.dtype)
     rates = stored_rates(url, args.rhs)
-    rates["raw_file_bytes_per_s"] = raw_file_rate(os.path.dirname(url), rates["stored_bytes"])
     store = GramStore.open(url)
     start = time.perf_counter()
     K = store.to_dask().compute().astype(np.float64)
@@ -317,8 +399,16 @@ def run(args: argparse.Namespace) -> dict:
         chol[ridge] = {"ridge": ridge, **cholesky_row(K, Y, Kt, Y_test, ridge * mean_diag)}
         rows.append(chol[ridge])
         print_table([chol[ridge]])
+        cap = args.max_iter
         for name, rank in methods(ranks):
-            row = {"ridge": ridge, **pcg_row(url, Y, Kt, Y_test, ridge, name, rank, args)}
+            limit = cap if name in ("none", "jacobi") else args.max_iter
+            ref = chol[ridge].get("test_error")
+            row = {
+                "ridge": ridge,
+                **pcg_row(url, Y, Kt, Y_test, ridge, name, rank, args, limit, ref),
+            }
+            if name == "rpcholesky" and rank == max(ranks) and row.get("converged"):
+                cap = min(args.max_iter, args.cap_factor * row["iterations"] + 1)
             rows.append(row)
             print_table([row])
     del K
@@ -327,8 +417,9 @@ def run(args: argparse.Namespace) -> dict:
         "rpcholesky_iters_<=_0.1_none": goal_iterations(pcg, min(ridges), ranks),
         "pcg_wall_<=_0.1_cholesky": goal_wall(pcg, chol),
         "stored_read_>=_0.8_raw": {
-            "ratio": rates["product_bytes_per_s"] / rates["raw_file_bytes_per_s"],
-            "met": rates["product_bytes_per_s"] >= 0.8 * rates["raw_file_bytes_per_s"],
+            "ratio": rates["cold_product_bytes_per_s"] / rates["cold_raw_bytes_per_s"],
+            "met": rates["cold_product_bytes_per_s"] >= 0.8 * rates["cold_raw_bytes_per_s"],
+            "note": "both read the chunk files after dropping them from the page cache",
         },
     }
     return {
@@ -351,10 +442,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     print_table(result["rows"])
     t = result["throughput"]
+    gb = {k: v / 1e9 for k, v in t.items() if k.endswith("_per_s")}
     print(
-        f"\nstored product read {t['product_bytes_per_s'] / 1e9:.2f} GB/s "
-        f"(read-only pass {t['read_only_bytes_per_s'] / 1e9:.2f} GB/s), raw file "
-        f"{t['raw_file_bytes_per_s'] / 1e9:.2f} GB/s, {t['stored_bytes'] / 1e6:.0f} MB stored"
+        f"\nstored product, files dropped from the page cache: {gb['cold_product_bytes_per_s']:.2f}"
+        f" GB/s vs raw read of the same files {gb['cold_raw_bytes_per_s']:.2f} GB/s; cached: "
+        f"{gb['warm_product_bytes_per_s']:.2f} vs {gb['warm_raw_bytes_per_s']:.2f} GB/s "
+        f"({t['stored_bytes'] / 1e6:.0f} MB stored, read_ahead {t['read_ahead']})"
     )
     print_goals(result["goals"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
