@@ -21,6 +21,7 @@ import numpy as np
 from ntk_scale.cluster import ensure_ray, gather, worker_env
 from ntk_scale.linalg.operators import check_block
 from ntk_scale.linalg.stored import (
+    UPCAST_ROWS,
     StoreBacked,
     add_products,
     open_symmetric,
@@ -119,13 +120,16 @@ def _rows(plan: BlockPlan, i: int) -> int:
 
 
 def _panel_product(panel: np.ndarray, P: np.ndarray, plan: BlockPlan) -> np.ndarray:
-    """panel @ P in float64. A float32 panel is upcast one tile-wide column block at a time."""
+    """panel @ P in float64. A float32 panel is upcast ``UPCAST_ROWS`` rows of one tile-wide column
+    block at a time (about an L2 cache of float64), never as a whole float64 copy."""
     if panel.dtype == np.float64:
         return panel @ P
     out = np.zeros((panel.shape[0], P.shape[1]))
     for j in range(plan.col_blocks):
         c0, c1 = plan.col_range(j)
-        out += panel[:, c0:c1].astype(np.float64) @ P[c0:c1]
+        for r in range(0, panel.shape[0], UPCAST_ROWS):
+            block = np.asarray(panel[r : r + UPCAST_ROWS, c0:c1], dtype=np.float64)
+            out[r : r + UPCAST_ROWS] += block @ P[c0:c1]
     return out
 
 

@@ -32,7 +32,7 @@ from ntk_scale.plan import BlockPlan, Tile
 from ntk_scale.store import GramStore
 
 #: Rows of a tile upcast to float64 at once: 128 x 2048 x 8 B = 2 MiB, about an L2 cache.
-_CHUNK = 128
+UPCAST_ROWS = 128
 
 
 def default_read_ahead() -> int:
@@ -129,7 +129,7 @@ def tile_products(
 
     values: t.shape, any float dtype. P: (N, C) float64. Returns (T @ P[cols], or None when row
     block t.i is not owned; Tᵀ @ P[rows], or None when t is diagonal or t.j is not owned), both
-    float64. The tile is upcast ``_CHUNK`` rows at a time, so each float64 chunk is used by both
+    float64. The tile is upcast ``UPCAST_ROWS`` rows at a time, so each float64 chunk serves both
     products while it is in cache, and no float64 copy of the whole tile is made.
     """
     want_rows = _owned(t.i, a, b)
@@ -138,12 +138,12 @@ def tile_products(
     rows = np.empty((t.shape[0], c)) if want_rows else None
     cols = np.zeros((t.shape[1], c)) if want_cols else None
     p_cols, p_rows = P[t.cols], P[t.rows]
-    for r in range(0, t.shape[0], _CHUNK):
-        T = np.asarray(values[r : r + _CHUNK], dtype=np.float64)
+    for r in range(0, t.shape[0], UPCAST_ROWS):
+        T = np.asarray(values[r : r + UPCAST_ROWS], dtype=np.float64)
         if rows is not None:
-            rows[r : r + _CHUNK] = T @ p_cols
+            rows[r : r + UPCAST_ROWS] = T @ p_cols
         if cols is not None:
-            cols += T.T @ p_rows[r : r + _CHUNK]
+            cols += T.T @ p_rows[r : r + UPCAST_ROWS]
     return rows, cols
 
 
