@@ -3,7 +3,6 @@
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import stop_group
 
 BIN = Path(sys.executable).parent
 
@@ -72,16 +72,7 @@ def ray_head(tmp_path):
         _wait_for_jobs_api(address, env, head, tmp_path / "head.log")
         yield address, env
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(head.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                head.wait(timeout=20)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        stop_group(head, timeout=20)
         log.close()
 
 

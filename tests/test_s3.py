@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,6 +49,8 @@ for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_CO
     os.environ.pop(_name, None)
 os.environ.update(S3_ENV)
 
+from processes import SCRIPTS, kill_solve_driver, stop_group  # noqa: E402
+
 from ntk_scale import FullyConnected  # noqa: E402
 from ntk_scale.cli import main  # noqa: E402
 from ntk_scale.linalg.checkpoint import load_checkpoint  # noqa: E402
@@ -58,7 +59,6 @@ from ntk_scale.scheduler import RunOptions, compute_gram  # noqa: E402
 from ntk_scale.solve import CHECKPOINT_NAME, solve_store  # noqa: E402
 from ntk_scale.store import GramStore, TileCorruptError  # noqa: E402
 
-SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 SPEC = FullyConnected(depth=2, activation="relu", W_std=1.4, b_std=0.1)
@@ -78,19 +78,6 @@ def _require_s3_packages() -> None:
             "pip install -e '.[test]'",
             pytrace=False,
         )
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=15)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +116,7 @@ def s3(ray_local, tmp_path_factory):
         client.create_bucket(Bucket=BUCKET)
         yield client
     finally:
-        _stop(proc)
+        stop_group(proc)
         log.close()
 
 
@@ -314,30 +301,7 @@ def test_killed_solve_resumes_from_its_checkpoint_in_the_bucket(s3, pipeline, tm
     np.save(ypath, y)
     out_dir, key = f"{ROOT}/solve-resume", f"solve-resume/{CHECKPOINT_NAME}"
     args = [STORE, out_dir, str(ypath), str(RIDGE), str(RANK), str(TOL)]
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPTS / "solve_driver.py"), *args],
-        env={**os.environ, "NTK_SOLVE_SLEEP": "0.1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    last, lines = -1, []
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            lines.append(line)
-            assert line, f"the solve exited early:\n{''.join(lines)[-3000:]}"
-            if line.startswith("iteration "):
-                last = int(line.split()[1])
-            if last >= 4 and key in _keys(s3, "solve-resume/"):
-                break
-        else:
-            raise AssertionError("the solve made no progress in 120 s")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+    last = kill_solve_driver(args, lambda it: it >= 4 and key in _keys(s3, "solve-resume/"))
     saved = load_checkpoint(f"{ROOT}/{key}", {}).iteration
     cli = load_model(MODEL)
     assert 2 <= saved <= last < cli.meta["solver"]["iterations"], "the kill came too late"

@@ -3,16 +3,12 @@ checkpoints of other problems and bad targets are refused."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.linalg
+from processes import kill_solve_driver
 
 from ntk_scale import FullyConnected
 from ntk_scale.scheduler import RunOptions, compute_gram
@@ -54,33 +50,12 @@ def run_and_kill(problem, out_dir: Path, min_iteration: int = 6) -> int:
     """Start solve_driver.py; SIGKILL it once it has passed ``min_iteration`` with a checkpoint
     on disk. Returns the last iteration it printed."""
     url, _, ypath = problem
-    args = [str(KW["ridge"]), str(KW["rank"]), str(KW["tol"])]
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPTS / "solve_driver.py"), url, str(out_dir), ypath, *args],
-        env={**os.environ, "NTK_SOLVE_SLEEP": "0.1", "JAX_PLATFORMS": "cpu"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+    args = [url, str(out_dir), ypath, str(KW["ridge"]), str(KW["rank"]), str(KW["tol"])]
+    return kill_solve_driver(
+        args,
+        lambda it: it >= min_iteration and (out_dir / CHECKPOINT_NAME).exists(),
+        env={"JAX_PLATFORMS": "cpu"},
     )
-    last, lines = -1, []
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            lines.append(line)
-            assert line, f"the driver exited early:\n{''.join(lines)[-3000:]}"
-            if line.startswith("iteration "):
-                last = int(line.split()[1])
-            if last >= min_iteration and (out_dir / CHECKPOINT_NAME).exists():
-                break
-        else:
-            raise AssertionError("the driver made no progress in 120 s")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
-    return last
 
 
 def test_killed_solve_resumes_to_the_same_answer(problem, uninterrupted, tmp_path):
