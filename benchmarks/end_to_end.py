@@ -25,13 +25,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import numpy as np
+from results_io import RESULTS, machine, write_json
 
 from ntk_scale import FullyConnected
 from ntk_scale.cluster import ensure_ray
 from ntk_scale.pipeline import stage_predict, stage_solve
 from ntk_scale.scheduler import RunOptions, compute_gram
 
-RESULTS = Path(__file__).parent / "results"
 SPEC = FullyConnected(depth=3, activation="relu", W_std=2**0.5, b_std=0.1)
 
 
@@ -190,18 +190,7 @@ def main() -> None:
         f"  peak memory {top['peak_rss_bytes'] / 1e9:.2f} GB  (goal: total < 600 s, peak < 8 GB: "
         f"{'met' if top['total_s'] < 600 and top['peak_rss_bytes'] < 8e9 else 'NOT met'})"
     )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "end_to_end.json").write_text(
-        json.dumps(
-            {
-                "rows": rows,
-                "solver": solver,
-                "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "cpus": os.cpu_count(),
-            },
-            indent=2,
-        )
-    )
+    write_json(RESULTS / "end_to_end.json", {"rows": rows, "solver": solver, **machine()})
     if len(rows) > 1:
         plot_series(rows, RESULTS / "end_to_end_scaling.png")
         print(f"wrote {RESULTS / 'end_to_end_scaling.png'}")

@@ -26,8 +26,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 import argparse
-import json
-import platform
 import resource
 import time
 from pathlib import Path
@@ -37,12 +35,13 @@ import numpy as np
 
 jax.config.update("jax_default_matmul_precision", "highest")  # never TF32 for float32 matmuls
 
+from results_io import RESULTS, machine, write_json
+
 from ntk_scale import FullyConnected
 from ntk_scale.kernels import tile_matmul_function
 from ntk_scale.linalg import nystrom, solve_pcg
 from ntk_scale.linalg.matrixfree import MatrixFreeOperator, precision_report, split_blocks
 
-RESULTS = Path(__file__).parent / "results"
 SPEC = FullyConnected(depth=3, activation="relu", W_std=2**0.5, b_std=0.0)
 
 
@@ -246,14 +245,12 @@ def main() -> None:
         "total_s": total,
         "at_n_requested": extrapolate(run, a.n) if n_run < a.n else None,
         "memory": peak_memory(),
-        "machine": {"platform": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M:%S")},
+        "machine": machine(),
     }
     print_report(report)
     kind = dev.device_kind.lower().replace(" ", "_")
     out = Path(a.out) if a.out else RESULTS / f"gpu_million_{dev.platform}_{kind}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str))
-    print(f"wrote {out}")
+    write_json(out, report)
 
 
 def print_report(r: dict) -> None:

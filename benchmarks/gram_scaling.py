@@ -11,9 +11,7 @@ written with and without fdatasync, like `dd conv=fdatasync`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -23,12 +21,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import numpy as np
+from results_io import RESULTS, machine, write_json
 
 from ntk_scale import FullyConnected
 from ntk_scale.cluster import ensure_ray
 from ntk_scale.scheduler import RunOptions, compute_gram
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def raw_disk_rate(directory: Path, nbytes: int, sync: bool) -> float:
@@ -199,14 +196,9 @@ def main() -> None:
         "raw_write_fdatasync_bytes_per_s": raw_sync,
         "efficiency_wall": eff_wall,
         "efficiency_steady": eff_steady,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        },
+        "machine": machine(),
     }
-    (RESULTS / "gram_scaling.json").write_text(json.dumps(out, indent=2))
-    print(f"wrote {RESULTS / 'gram_scaling.json'}")
+    write_json(RESULTS / "gram_scaling.json", out)
     shutil.rmtree(directory, ignore_errors=True)
 
 

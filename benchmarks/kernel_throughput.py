@@ -36,6 +36,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
 import jax.numpy as jnp
 import numpy as np
+from results_io import RESULTS, write_json
 
 from ntk_scale import FullyConnected
 from ntk_scale.kernels import tile_function
@@ -43,7 +44,7 @@ from ntk_scale.kernels import tile_function
 REPO = Path(__file__).resolve().parents[1]
 HELPER = REPO / "benchmarks" / "nt_tile_timing.py"
 DEFAULT_ORACLE = REPO.parent / "shared" / "tools" / "nt-oracle.sh"
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "kernel_throughput.json"
+DEFAULT_OUT = RESULTS / "kernel_throughput.json"
 
 SPEC = FullyConnected(depth=3, activation="relu", W_std=1.4, b_std=0.1)
 #: (d, dtype) -> the largest acceptable tile / floor ratio.
@@ -324,9 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info,
         "total_wall_s": total_s,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out} ({total_s:.0f} s in all)")
+    write_json(args.out, result)
+    print(f"({total_s:.0f} s in all)")
     return 0
 
 

@@ -20,9 +20,7 @@ from disk. Prints a table and writes benchmarks/results/matrix_free.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -32,12 +30,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import numpy as np
+from results_io import RESULTS, machine, write_json
 
 from ntk_scale import FullyConnected
 from ntk_scale.linalg.matrixfree import MatrixFreeOperator
 from ntk_scale.linalg.stored import StoredOperator
 
-RESULTS = Path(__file__).parent / "results"
 SPEC = FullyConnected(depth=3, activation="relu", W_std=2**0.5, b_std=0.0)
 
 
@@ -184,15 +182,9 @@ def main() -> None:
         "stored": "float32 store, 2 Ray workers; products read it from the page cache",
         "results": results,
         "wall_s": wall,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "load_average_before_after": [load_before[0], os.getloadavg()[0]],
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        },
+        "machine": machine(load_average_before_after=[load_before[0], os.getloadavg()[0]]),
     }
-    (RESULTS / "matrix_free.json").write_text(json.dumps(out, indent=2))
-    print(f"wrote {RESULTS / 'matrix_free.json'}")
+    write_json(RESULTS / "matrix_free.json", out)
     shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -40,21 +40,18 @@ Results: ``benchmarks/results/solver.json``.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np
 import scipy.linalg
 import threadpoolctl
+from results_io import RESULTS, machine, write_json
 
 from ntk_scale import FullyConnected
 from ntk_scale.linalg import ConvergenceWarning, SolverError
@@ -63,8 +60,7 @@ from ntk_scale.scheduler import RunOptions, compute_gram
 from ntk_scale.solve import solve_store
 from ntk_scale.store import GramStore
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "solver.json"
+DEFAULT_OUT = RESULTS / "solver.json"
 SPEC = FullyConnected(depth=3, activation="relu", W_std=1.4, b_std=0.1)
 #: A PCG solve "equals" Cholesky's test error when within this relative difference.
 EQUAL_ERROR = 0.01
@@ -191,8 +187,9 @@ def stored_rates(url: str, rhs: int, repeats: int = 3) -> dict:
     op = StoredOperator(url)
     files = chunk_files(url)
     P = np.random.default_rng(0).standard_normal((op.shape[0], rhs))
-    out: dict[str, list[float]] = {k: [] for k in ("cold_product", "cold_raw", "warm_product")}
-    out["warm_raw"] = []
+    out: dict[str, list[float]] = {
+        k: [] for k in ("cold_product", "cold_raw", "warm_product", "warm_raw")
+    }
     for _ in range(repeats):
         drop_cached(files)
         op.matmat(P)
@@ -424,8 +421,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     return {
         "config": {**vars(args), "ridges": ridges, "ranks": ranks, "tile": store.plan.tile},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
         "store": {"url": url, "build_s": build_s, "dense_load_s": load_s, "mean_diag": mean_diag},
         "throughput": rates,
         "rows": rows,
@@ -450,9 +446,7 @@ def main(argv: list[str] | None = None) -> None:
         f"({t['stored_bytes'] / 1e6:.0f} MB stored, read_ahead {t['read_ahead']})"
     )
     print_goals(result["goals"])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":
