@@ -343,19 +343,11 @@ class GramStore:
             raise ValueError("columns are defined for symmetric stores K(X, X)")
         tile = self.plan.tile
         width = 1 << max(0, int(idx.size - 1).bit_length())  # few shapes: few compilations
-        pivots = (
-            np.vstack(
-                [
-                    self.x_block("rows", int(b))[[int(i) - int(b) * tile]]
-                    for b, i in zip(idx // tile, idx, strict=True)
-                ]
-            )
-            if idx.size
-            else None
-        )
         out = np.empty((self.meta.n_rows, idx.size), dtype=np.float64)
-        if pivots is None:
+        if not idx.size:
             return out
+        held = {int(b): self.x_block("rows", int(b)) for b in np.unique(idx // tile)}
+        pivots = np.stack([held[int(i) // tile][int(i) % tile] for i in idx])
         fn = tile_function(self.meta.spec, self.meta.kind, self.meta.dtype)
         xp = pad_rows(pivots, width)
         for b in range(self.plan.row_blocks):
