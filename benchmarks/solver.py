@@ -56,6 +56,7 @@ from results_io import RESULTS, machine, write_json
 from ntk_scale import FullyConnected
 from ntk_scale.linalg import ConvergenceWarning, SolverError
 from ntk_scale.linalg.stored import StoredOperator
+from ntk_scale.planning import drop_page_cache, read_rate
 from ntk_scale.scheduler import RunOptions, compute_gram
 from ntk_scale.solve import solve_store
 from ntk_scale.store import GramStore
@@ -158,28 +159,6 @@ def chunk_files(url: str) -> list[str]:
     return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
 
 
-def drop_cached(paths: list[str]) -> None:
-    """Drop the files' pages from the page cache (posix_fadvise DONTNEED: clean pages only)."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def raw_read(paths: list[str], block: int = 16 << 20) -> float:
-    """Bytes / second reading the files in order with unbuffered reads, no processing."""
-    buf = bytearray(block)
-    start, got = time.perf_counter(), 0
-    for path in paths:
-        with open(path, "rb", buffering=0) as f:
-            while n := f.readinto(buf):
-                got += n
-    return got / (time.perf_counter() - start)
-
-
 def stored_rates(url: str, rhs: int, repeats: int = 3) -> dict:
     """Bytes / second of one StoredOperator product and of raw reads of the same chunk files,
     each with the files dropped from the page cache (cold: the disk) and cached (warm).
@@ -191,14 +170,14 @@ def stored_rates(url: str, rhs: int, repeats: int = 3) -> dict:
         k: [] for k in ("cold_product", "cold_raw", "warm_product", "warm_raw")
     }
     for _ in range(repeats):
-        drop_cached(files)
+        drop_page_cache(files)
         op.matmat(P)
         out["cold_product"].append(op.stored_bytes / op.last_product_seconds)
-        drop_cached(files)
-        out["cold_raw"].append(raw_read(files))
+        drop_page_cache(files)
+        out["cold_raw"].append(read_rate(files))
         op.matmat(P)
         out["warm_product"].append(op.stored_bytes / op.last_product_seconds)
-        out["warm_raw"].append(raw_read(files))
+        out["warm_raw"].append(read_rate(files))
     rates = {f"{k}_bytes_per_s": statistics.median(v) for k, v in out.items()}
     return {
         "stored_bytes": op.stored_bytes,

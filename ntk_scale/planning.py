@@ -110,8 +110,37 @@ class OperatorChoice:
     reason: str
 
 
+def drop_page_cache(paths: list[str]) -> None:
+    """Flush the files and drop their pages from the OS page cache (posix_fadvise DONTNEED, Linux;
+    a no-op elsewhere), so the next read of them comes from the disk."""
+    import os
+
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_rate(paths: list[str], block: int = 16 << 20) -> float:
+    """Bytes/s reading the files in order with plain unbuffered reads, nothing else."""
+    buf = bytearray(block)
+    start, got = time.perf_counter(), 0
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                got += n
+    return got / (time.perf_counter() - start)
+
+
 def measure_read_rate(directory: str, nbytes: int = 256 << 20) -> float:
-    """Bytes/s reading a freshly written file of nbytes in ``directory`` (the store's disk)."""
+    """Bytes/s reading a file of nbytes written in ``directory`` (the store's disk), after dropping
+    it from the page cache: a store worth planning for is read from the disk, not from memory
+    (here 1.3 GB/s from the disk against 8 GB/s from the cache)."""
     import os
     import tempfile
 
@@ -121,11 +150,8 @@ def measure_read_rate(directory: str, nbytes: int = 256 << 20) -> float:
         with os.fdopen(fd, "wb") as f:
             for _ in range(max(1, nbytes // len(block))):
                 f.write(block)
-        start, got = time.perf_counter(), 0
-        with open(path, "rb", buffering=0) as f:
-            while chunk := f.read(16 << 20):
-                got += len(chunk)
-        return got / (time.perf_counter() - start)
+        drop_page_cache([path])
+        return read_rate([path])
     finally:
         os.remove(path)
 
