@@ -1,18 +1,29 @@
 """The store's chunks are plain Zarr v3: Zarr reads what GramStore writes, byte for byte."""
 
+import json
+
 import numpy as np
 import pytest
 import zarr
 
 from ntk_scale import FullyConnected
-from ntk_scale.store import GramStore, TileCorruptError, decode_chunk, encode_chunk
+from ntk_scale.kernels import diag_blocks
+from ntk_scale.store import (
+    GramStore,
+    TileCorruptError,
+    check_array_format,
+    decode_chunk,
+    encode_chunk,
+)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_zarr_reads_directly_written_chunks(tmp_path, dtype):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(70, 5))
-    store = GramStore.create(str(tmp_path / "g.zarr"), FullyConnected(), x, dtype=dtype, tile=32)
+    spec = FullyConnected()
+    diag = diag_blocks(spec, x, dtype=dtype)
+    store = GramStore.create(str(tmp_path / "g.zarr"), spec, x, dtype=dtype, tile=32, diag=diag)
     dense = np.zeros((70, 70), dtype=dtype)
     for t in store.plan.tiles():
         values = rng.normal(size=t.shape).astype(dtype)
@@ -42,6 +53,8 @@ def test_zarr_and_encode_chunk_agree_byte_for_byte(tmp_path):
     arr[:, :] = values
     written = (tmp_path / "a.zarr" / "c" / "0" / "0").read_bytes()
     assert written == encode_chunk(values, 32, np.dtype("float32"))[0]
+    # The metadata Zarr writes for this array is the format the store checks on every open.
+    check_array_format(json.loads((tmp_path / "a.zarr" / "zarr.json").read_text()), 32, "float32")
 
 
 def test_decode_rejects_truncated_and_flipped_chunks():

@@ -1,0 +1,40 @@
+"""Every exception a user may catch; each message names the fix."""
+
+from __future__ import annotations
+
+
+class StoreMismatchError(ValueError):
+    """The store at this path was made for another kernel, other data or other settings."""
+
+
+class StoreLockedError(RuntimeError):
+    """Another live driver holds the store's lock."""
+
+
+class TileCorruptError(RuntimeError):
+    """A tile's bytes fail their checksum (or its marker's); ``tile`` names it."""
+
+    def __init__(self, tile: tuple[int, int], detail: str):
+        super().__init__(
+            f"tile {tile} is corrupted ({detail}); run `ntk-scale verify --repair STORE` "
+            "(or GramStore.invalidate + recompute) to rebuild it"
+        )
+        self.tile = tile
+
+
+class StoreFormatError(ValueError):
+    """The store's array metadata does not match the chunk format this version writes."""
+
+
+class GramRunError(RuntimeError):
+    """A run could not finish: a task failed repeatedly, or nothing finished for too long."""
+
+
+class WorkerLostError(GramRunError):
+    """Workers died and could not be replaced, or one task kept killing the workers it ran on
+    (most likely it needs more memory than a worker has)."""
+
+
+class PlacementError(ValueError):
+    """No worker could be placed on the cluster: the message names what each worker asks for
+    and what the cluster has. A usage error (exit code 2): ask for less or add resources."""

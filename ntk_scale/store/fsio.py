@@ -1,0 +1,37 @@
+"""Filesystem helpers: fsspec filesystems and Zarr stores for a path or URL, atomic writes."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import fsspec
+import zarr
+
+
+def url_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``url`` and the path inside it (no trailing slash)."""
+    fs, root = fsspec.core.url_to_fs(url)
+    return fs, root.rstrip("/")
+
+
+def zarr_store(url: str, read_only: bool = False):
+    """A Zarr store for a path or URL (file:// URLs become plain local stores)."""
+    fs, root = fsspec.core.url_to_fs(url)
+    if "://" not in url or isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        return zarr.storage.LocalStore(root, read_only=read_only)
+    return zarr.storage.FsspecStore.from_url(url, read_only=read_only)
+
+
+def atomic_put(fs: fsspec.AbstractFileSystem, path: str, *parts: Any) -> None:
+    """Write a file from byte buffers so that readers see all of it or nothing (object-store puts
+    are atomic already; on a local disk write a temporary file and rename it)."""
+    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "wb") as f:
+            for part in parts:
+                f.write(part)
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, b"".join(bytes(memoryview(p).cast("B")) for p in parts))
