@@ -1,0 +1,374 @@
+"""`ntk-scale plan`: tiles, bytes, FLOPs, memory and a measured wall-time estimate for a Gram job.
+
+A Gram job is bound by whichever is slower: computing the tiles on the workers, or writing the
+stored upper triangle to the store (every worker writes to the same store). The estimate is
+``max(seconds_per_tile * tiles / workers, bytes_on_disk / write_bytes_per_s)``; both rates are
+measured on this machine, the write rate in the store itself (a local directory or any fsspec
+URL). Probes live in a temporary directory under the store URL and are always removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+
+import fsspec
+import numpy as np
+from fsspec.implementations.local import LocalFileSystem
+
+from ntk_scale.kernels import FullyConnected, tile_function
+from ntk_scale.plan import BlockPlan
+
+# Elementwise work per entry and hidden layer of the recursion (arccos polynomial, sqrt, ...).
+_FLOPS_PER_ENTRY_LAYER = 40
+_PROBE_PREFIX = ".ntk-probe-"
+_PROBE_FILE_BYTES = 16 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class GramPlan:
+    """Size and time of K(X, X) for X (n, d), stored as the upper triangle of (tile, tile) tiles.
+
+    Times are in seconds, rates in bytes/s, sizes in bytes. ``compute_seconds`` is
+    ``seconds_per_tile * tiles / workers``; ``write_seconds`` is ``bytes_on_disk /
+    write_bytes_per_s``; ``estimated_seconds`` is the larger of the two (``bound`` names it), or
+    the compute time alone when no write rate is known (``bound`` None), or None unmeasured.
+    """
+
+    n: int
+    d: int
+    tile: int
+    workers: int
+    dtype: str
+    tiles: int
+    entries: int
+    bytes_on_disk: int
+    flops: float
+    worker_memory_bytes: int
+    seconds_per_tile: float | None
+    compute_seconds: float | None
+    write_bytes_per_s: float | None
+    write_seconds: float | None
+    bound: str | None  # "compute", "write", or None (write rate or compute time unknown)
+    estimated_seconds: float | None
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(label, value) pairs for `ntk-scale plan`."""
+        per = "-" if self.seconds_per_tile is None else f"{self.seconds_per_tile:.3f} s"
+        rate = "not measured" if self.write_bytes_per_s is None else _rate(self.write_bytes_per_s)
+        return [
+            ("samples N / features d", f"{self.n:,} / {self.d:,}"),
+            ("tile / tiles (upper triangle)", f"{self.tile:,} / {self.tiles:,}"),
+            ("entries computed", f"{self.entries:.3e}"),
+            ("bytes on disk", _bytes(self.bytes_on_disk)),
+            ("FLOPs", f"{self.flops:.3e}"),
+            ("memory per worker", _bytes(self.worker_memory_bytes)),
+            ("measured time per tile", per),
+            (f"compute estimate ({self.workers} workers)", _maybe(self.compute_seconds)),
+            ("store write rate", rate),
+            ("write time (bytes on disk / write rate)", _maybe(self.write_seconds)),
+            (f"estimated wall time ({self.workers} workers)", self._estimate_text()),
+        ]
+
+    def _estimate_text(self) -> str:
+        if self.estimated_seconds is None:
+            if self.write_seconds is None:
+                return "not measured"
+            return f"not measured (writes alone take {_duration(self.write_seconds)})"
+        est = _duration(self.estimated_seconds)
+        if self.bound == "write":
+            disk = f"{_bytes(self.bytes_on_disk)} at {_rate(self.write_bytes_per_s)}"
+            return f"{est} (bound by writes: {disk})"
+        if self.bound == "compute":
+            return f"{est} (bound by compute; writes take {_duration(self.write_seconds)})"
+        return f"{est} (compute only; store write rate not measured)"
+
+
+def plan_gram(
+    n: int,
+    d: int,
+    spec: FullyConnected,
+    kind: str = "ntk",
+    dtype: str = "float32",
+    tile: int = 2048,
+    workers: int = 1,
+    measure: bool = True,
+    store_url: str | None = None,
+    write_bytes_per_s: float | None = None,
+    seconds_per_tile: float | None = None,
+) -> GramPlan:
+    """Size a K(X, X) job for X (n, d). With ``measure``, one (tile, tile) tile is timed on this
+    machine (synthetic data) unless ``seconds_per_tile`` is given, and the write rate (bytes/s)
+    is measured under ``store_url`` unless ``write_bytes_per_s`` is given."""
+    _check_sizes(n, d, workers, seconds_per_tile, write_bytes_per_s)
+    plan = BlockPlan.square(n, min(tile, n))
+    t, item, entries = plan.tile, np.dtype(dtype).itemsize, plan.entries()
+    if measure and seconds_per_tile is None:
+        seconds_per_tile = _time_tile(spec, kind, dtype, t, d)
+    if measure and write_bytes_per_s is None and store_url is not None:
+        write_bytes_per_s = measure_write_rate(store_url)
+    return GramPlan(
+        n=n,
+        d=d,
+        tile=t,
+        workers=workers,
+        dtype=dtype,
+        tiles=plan.n_tiles,
+        entries=entries,
+        bytes_on_disk=entries * item,
+        flops=float(entries) * (2 * d + _FLOPS_PER_ENTRY_LAYER * spec.depth),
+        worker_memory_bytes=item * (2 * t * d + 6 * t * t),  # inputs + the recursion's live tiles
+        **_timing(plan.n_tiles, entries * item, workers, seconds_per_tile, write_bytes_per_s),
+    )
+
+
+def _timing(
+    tiles: int, nbytes: int, workers: int, per_tile: float | None, write_rate: float | None
+) -> dict[str, float | str | None]:
+    """GramPlan's time fields (seconds; write rate in bytes/s)."""
+    compute = None if per_tile is None else per_tile * tiles / workers
+    write = None if write_rate is None else nbytes / write_rate
+    bound, est = _bound(compute, write)
+    return {
+        "seconds_per_tile": per_tile,
+        "compute_seconds": compute,
+        "write_bytes_per_s": write_rate,
+        "write_seconds": write,
+        "bound": bound,
+        "estimated_seconds": est,
+    }
+
+
+def _check_sizes(
+    n: int, d: int, workers: int, per_tile: float | None, write_rate: float | None
+) -> None:
+    if n < 1 or d < 1 or workers < 1:
+        raise ValueError(f"n={n}, d={d}, workers={workers} must all be >= 1")
+    if per_tile is not None and not per_tile >= 0:
+        raise ValueError(f"seconds_per_tile={per_tile} must be >= 0")
+    if write_rate is not None and not write_rate > 0:
+        raise ValueError(f"write_bytes_per_s={write_rate} must be > 0")
+
+
+def _bound(compute: float | None, write: float | None) -> tuple[str | None, float | None]:
+    """(bound, estimated seconds): the slower of compute and writes when both are known."""
+    if compute is None:
+        return None, None
+    if write is None:
+        return None, compute
+    return ("write", write) if write > compute else ("compute", compute)
+
+
+def _time_tile(spec: FullyConnected, kind: str, dtype: str, t: int, d: int) -> float:
+    """Seconds for one (t, t) tile from (t, d) inputs, after a warm-up call (compilation)."""
+    rng = np.random.default_rng(0)
+    x1 = rng.normal(size=(t, d)).astype(dtype)
+    x2 = rng.normal(size=(t, d)).astype(dtype)
+    fn = tile_function(spec, kind, dtype)
+    fn(x1, x2).block_until_ready()
+    start = time.perf_counter()
+    fn(x1, x2).block_until_ready()
+    return time.perf_counter() - start
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000:
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} EB"
+
+
+def _rate(bytes_per_s: float) -> str:
+    return f"{_bytes(bytes_per_s)}/s"
+
+
+def _duration(s: float) -> str:
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _maybe(s: float | None) -> str:
+    return "not measured" if s is None else _duration(s)
+
+
+# --- store throughput probes -------------------------------------------------------------------
+
+
+def drop_page_cache(paths: list[str]) -> None:
+    """Flush the files and drop their pages from the OS page cache (posix_fadvise DONTNEED, Linux;
+    a no-op elsewhere), so the next read of them comes from the disk."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_rate(paths: list[str], block: int = 16 << 20) -> float:
+    """Bytes/s reading the files in order with plain unbuffered reads, nothing else."""
+    buf = bytearray(block)
+    start, got = time.perf_counter(), 0
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                got += n
+    return got / _elapsed(start)
+
+
+def measure_write_rate(url: str, nbytes: int = 256 << 20, file_bytes: int = 16 << 20) -> float:
+    """Bytes/s writing ``nbytes`` of random bytes as files of ``file_bytes`` into a temporary
+    probe directory under ``url`` (a local directory, ``file://`` URL or any fsspec URL). Local
+    files are written with plain writes and each is fdatasync'ed inside the timing: a store that
+    outgrows the page cache is bound by the disk. Other filesystems use ``fs.pipe_file``."""
+    payloads = _payloads(nbytes, file_bytes)  # generated before timing
+    with _probe(url) as (fs, probe, local):
+        start = time.perf_counter()
+        _write_files(fs, probe, local, payloads)
+        return nbytes / _elapsed(start)
+
+
+def measure_read_rate(url: str, nbytes: int = 256 << 20) -> float:
+    """Bytes/s reading back ``nbytes`` written in a temporary probe directory under ``url``. Local
+    files are first dropped from the page cache: a store worth planning for is read from the disk,
+    not from memory (here 1.3 GB/s from the disk against 8 GB/s from the cache). Other
+    filesystems are read with ``fs.cat_file``."""
+    payloads = _payloads(nbytes, _PROBE_FILE_BYTES)
+    with _probe(url) as (fs, probe, local):
+        paths = _write_files(fs, probe, local, payloads)
+        if local:
+            drop_page_cache(paths)
+            return read_rate(paths)
+        start, got = time.perf_counter(), 0
+        for path in paths:
+            got += len(fs.cat_file(path))
+        return got / _elapsed(start)
+
+
+def _payloads(nbytes: int, file_bytes: int) -> list[bytes]:
+    """``nbytes`` split into files of ``file_bytes`` (the last one shorter), one random block."""
+    if nbytes < 1 or file_bytes < 1:
+        raise ValueError(f"nbytes={nbytes} and file_bytes={file_bytes} must be >= 1")
+    block = np.random.default_rng(0).bytes(min(nbytes, file_bytes))
+    full, rest = divmod(nbytes, len(block))
+    return [block] * full + ([block[:rest]] if rest else [])
+
+
+def _write_files(
+    fs: fsspec.AbstractFileSystem, probe: str, local: bool, payloads: list[bytes]
+) -> list[str]:
+    """Write payloads as probe/00000, probe/00001, ...; return their paths."""
+    paths = [f"{probe}/{k:05d}" for k in range(len(payloads))]
+    for path, data in zip(paths, payloads, strict=True):
+        if local:
+            _write_synced(path, data)
+        else:
+            fs.pipe_file(path, data)
+    return paths
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    """Plain writes to a new file, then fdatasync (fsync where fdatasync is missing)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        getattr(os, "fdatasync", os.fsync)(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _probe(url: str) -> Iterator[tuple[fsspec.AbstractFileSystem, str, bool]]:
+    """(fs, probe directory under url, local?): the probe is removed on the way out; OSErrors
+    while probing become a ValueError naming ``url``."""
+    fs, root, local = _store_root(url)
+    probe = f"{root}/{_PROBE_PREFIX}{uuid.uuid4().hex}"
+    try:
+        if local:
+            probe = tempfile.mkdtemp(prefix=_PROBE_PREFIX, dir=root)
+        yield fs, probe, local
+    except OSError as e:
+        raise ValueError(
+            f"cannot write a throughput probe under {url!r} ({e}); pass a store URL that "
+            "exists and that you can write to"
+        ) from e
+    finally:
+        _remove_probe(fs, probe, local)
+
+
+def _store_root(url: str) -> tuple[fsspec.AbstractFileSystem, str, bool]:
+    """(fs, root path, local?) for a path, file:// URL or fsspec URL; local roots must be
+    existing writable directories."""
+    url = os.fspath(url)
+    fs, root = fsspec.core.url_to_fs(url)
+    local = isinstance(fs, LocalFileSystem)
+    if local and not os.path.isdir(root):
+        raise ValueError(
+            f"store directory {url!r} does not exist (or is not a directory); create it "
+            f"(mkdir -p {root}) or pass an existing directory"
+        )
+    if local and not os.access(root, os.W_OK | os.X_OK):
+        raise ValueError(f"store directory {url!r} is not writable; pass one you can write to")
+    return fs, root if local else root.rstrip("/"), local
+
+
+def _remove_probe(fs: fsspec.AbstractFileSystem, probe: str, local: bool) -> None:
+    if local:
+        shutil.rmtree(probe, ignore_errors=True)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(probe, recursive=True)
+
+
+def _elapsed(start: float) -> float:
+    """Seconds since ``start``, never 0 (a rate must stay finite)."""
+    return max(time.perf_counter() - start, 1e-9)
+
+
+# --- stored vs matrix-free ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatorChoice:
+    """Stored vs matrix-free for the products K·P of a solve, from measured costs (seconds)."""
+
+    choice: str  # "stored" or "matrixfree"
+    stored_seconds: float  # one product: read every stored byte once
+    matrixfree_seconds: float  # one product: recompute every block (both triangles)
+    read_bytes_per_s: float
+    reason: str
+
+
+def choose_operator(plan: GramPlan, read_bytes_per_s: float) -> OperatorChoice:
+    """The cheaper operator per product: reading the stored upper triangle once
+    (``bytes_on_disk / read_bytes_per_s``), or recomputing all B² blocks, B = ceil(n / tile), at
+    ``plan.seconds_per_tile`` each on ``plan.workers`` workers."""
+    if plan.seconds_per_tile is None:
+        raise ValueError("choose_operator needs a measured plan (plan_gram(..., measure=True))")
+    blocks = math.ceil(plan.n / plan.tile)
+    stored = plan.bytes_on_disk / read_bytes_per_s
+    recompute = blocks * blocks * plan.seconds_per_tile / plan.workers
+    choice = "matrixfree" if recompute < stored else "stored"
+    reason = (
+        f"a product reads {_bytes(plan.bytes_on_disk)} at {_rate(read_bytes_per_s)} = "
+        f"{_duration(stored)}, or recomputes {blocks * blocks:,} tiles at "
+        f"{plan.seconds_per_tile:.3f} s on {plan.workers} workers = {_duration(recompute)}: "
+        f"{'recomputing' if choice == 'matrixfree' else 'reading'} is cheaper"
+    )
+    return OperatorChoice(choice, stored, recompute, read_bytes_per_s, reason)

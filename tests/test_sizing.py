@@ -1,0 +1,196 @@
+"""sizing: write-bound wall-time estimates, store throughput probes, stored vs matrix-free."""
+
+import math
+import os
+
+import fsspec
+import pytest
+
+from ntk_scale import FullyConnected, sizing
+from ntk_scale.sizing import (
+    choose_operator,
+    measure_read_rate,
+    measure_write_rate,
+    plan_gram,
+)
+
+SPEC = FullyConnected(depth=2, activation="relu")
+SMALL = 4 << 20
+
+
+def _plan(n=4096, tile=2048, workers=2, per_tile=0.01, write=None, dtype="float32"):
+    return plan_gram(
+        n,
+        8,
+        SPEC,
+        dtype=dtype,
+        tile=tile,
+        workers=workers,
+        measure=False,
+        seconds_per_tile=per_tile,
+        write_bytes_per_s=write,
+    )
+
+
+def _record_writes(monkeypatch) -> list[str]:
+    """Absolute paths of every directory made and file opened for writing via os from now on."""
+    made, real_open, real_mkdir = [], os.open, os.mkdir
+    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+
+    def spy_open(path, flags, *args, **kwargs):
+        if flags & writing:
+            made.append(os.path.abspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def spy_mkdir(path, *args, **kwargs):
+        made.append(os.path.abspath(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", spy_open)
+    monkeypatch.setattr(os, "mkdir", spy_mkdir)
+    return made
+
+
+def test_no_probe_in_cwd_and_none_left_in_store(tmp_path, monkeypatch):
+    cwd, store = tmp_path / "cwd", tmp_path / "store"
+    cwd.mkdir()
+    store.mkdir()
+    monkeypatch.chdir(cwd)
+    small_write = sizing.measure_write_rate
+    monkeypatch.setattr(
+        sizing, "measure_write_rate", lambda url: small_write(url, nbytes=SMALL, file_bytes=1 << 20)
+    )
+    made = _record_writes(monkeypatch)
+    plan = plan_gram(64, 3, SPEC, tile=32, workers=2, measure=True, store_url=str(store))
+    assert plan.seconds_per_tile > 0 and plan.write_bytes_per_s > 0
+    assert plan.bound in ("compute", "write")
+    assert measure_write_rate(f"file://{store}", nbytes=SMALL) > 0
+    assert measure_read_rate(str(store), nbytes=SMALL) > 0
+    assert len(made) >= 3 * 2  # three probe directories, each with files
+    assert all(path.startswith(f"{store}{os.sep}.ntk-probe-") for path in made), made
+    assert os.listdir(cwd) == []
+    assert os.listdir(store) == []
+
+
+def test_tile_and_byte_counts_by_hand():
+    # n a multiple of tile: the upper triangle holds n (n + tile) / 2 entries.
+    plan = _plan(n=4096, tile=2048)
+    assert plan.tiles == 3
+    assert plan.entries == 4096 * (4096 + 2048) // 2 == 4096 * 4096 - 2048 * 2048
+    assert plan.bytes_on_disk == 4 * 12_582_912
+    assert _plan(dtype="float64").bytes_on_disk == 8 * 12_582_912
+    # otherwise: (n² + sum of the diagonal blocks' squares) / 2, blocks 2048, 2048, 904.
+    ragged = _plan(n=5000, tile=2048)
+    assert ragged.tiles == 6
+    assert ragged.entries == (5000**2 + 2 * 2048**2 + 904**2) // 2 == 17_102_912
+
+
+def test_write_bound_estimate_is_bytes_over_rate():
+    plan = _plan(write=1e6, per_tile=0.01, workers=2)
+    nbytes = 4 * 4096 * (4096 + 2048) // 2
+    assert plan.write_seconds == nbytes / 1e6 == 50.331648
+    assert plan.compute_seconds == 0.01 * 3 / 2
+    assert plan.bound == "write"
+    assert plan.estimated_seconds == nbytes / 1e6
+    rows = dict(plan.rows())
+    assert (
+        rows["estimated wall time (2 workers)"] == "50.3 s (bound by writes: 50.3 MB at 1.0 MB/s)"
+    )
+
+
+def test_compute_bound_when_writes_are_fast():
+    plan = _plan(write=1e15, per_tile=0.01, workers=2)
+    assert plan.bound == "compute"
+    assert plan.estimated_seconds == plan.compute_seconds == 0.01 * 3 / 2
+    assert "bound by compute" in dict(plan.rows())["estimated wall time (2 workers)"]
+
+
+def test_reported_fault_is_write_bound():
+    # n=60000 on 2 workers: 4.9 s of compute, but 7.4 GB at 172 MB/s take 43 s to write.
+    blocks = math.ceil(60000 / 2048)
+    per_tile = 4.9 * 2 / (blocks * (blocks + 1) // 2)
+    plan = plan_gram(
+        60000,
+        25,
+        SPEC,
+        workers=2,
+        measure=False,
+        seconds_per_tile=per_tile,
+        write_bytes_per_s=172e6,
+    )
+    assert plan.compute_seconds == pytest.approx(4.9)
+    # 29 full diagonal blocks of 2048 and one of 60000 - 29 * 2048 = 608.
+    assert plan.entries == (60000**2 + 29 * 2048**2 + 608**2) // 2 == 1_861_002_240
+    assert plan.bound == "write"
+    assert plan.estimated_seconds == 4 * 1_861_002_240 / 172e6
+    text = dict(plan.rows())["estimated wall time (2 workers)"]
+    assert text == "43.3 s (bound by writes: 7.4 GB at 172.0 MB/s)"
+
+
+def test_without_write_rate_the_estimate_is_compute_only():
+    plan = _plan(write=None, per_tile=0.01, workers=2)
+    assert plan.bound is None and plan.write_seconds is None
+    assert plan.estimated_seconds == 0.01 * 3 / 2
+    unmeasured = _plan(per_tile=None, write=1e6)
+    assert unmeasured.estimated_seconds is None and unmeasured.bound is None
+    assert unmeasured.write_seconds == 4 * 12_582_912 / 1e6
+
+
+def test_choose_operator_picks_recomputing_when_reads_are_slow():
+    plan = _plan(n=5000, tile=2048, per_tile=1e-6, workers=3)
+    pick = choose_operator(plan, read_bytes_per_s=1e3)
+    assert pick.choice == "matrixfree"
+    assert pick.stored_seconds == 4 * 17_102_912 / 1e3
+    assert pick.matrixfree_seconds == 3 * 3 * 1e-6 / 3
+
+
+def test_choose_operator_picks_reading_when_tiles_are_slow():
+    plan = _plan(n=4096, tile=2048, per_tile=100.0, workers=2)
+    pick = choose_operator(plan, read_bytes_per_s=1e12)
+    assert pick.choice == "stored"
+    assert pick.stored_seconds == 4 * 12_582_912 / 1e12
+    assert pick.matrixfree_seconds == 2 * 2 * 100.0 / 2
+    with pytest.raises(ValueError, match="measured plan"):
+        choose_operator(_plan(per_tile=None), 1e9)
+
+
+@pytest.fixture
+def memory_dir():
+    fs = fsspec.filesystem("memory")
+    fs.mkdir("/probe-test")
+    yield fs
+    fs.rm("/probe-test", recursive=True)
+
+
+@pytest.mark.parametrize("measure", [measure_write_rate, measure_read_rate])
+def test_memory_filesystem_probe_leaves_nothing(memory_dir, measure):
+    rate = measure("memory://probe-test", nbytes=SMALL)
+    assert math.isfinite(rate) and rate > 0
+    assert memory_dir.ls("/probe-test") == []
+
+
+def test_write_probe_writes_exactly_nbytes(memory_dir, monkeypatch):
+    sizes = []
+    real = memory_dir.pipe_file
+
+    def pipe_file(path, data):
+        sizes.append(len(data))
+        real(path, data)
+
+    monkeypatch.setattr(memory_dir, "pipe_file", pipe_file)
+    measure_write_rate("memory://probe-test", nbytes=(3 << 20) + 5, file_bytes=1 << 20)
+    assert sizes == [1 << 20] * 3 + [5]
+
+
+@pytest.mark.parametrize("measure", [measure_write_rate, measure_read_rate])
+def test_missing_local_directory_is_named(tmp_path, measure):
+    missing = tmp_path / "no-such-store"
+    with pytest.raises(ValueError, match="no-such-store.*does not exist"):
+        measure(str(missing), nbytes=SMALL)
+    with pytest.raises(ValueError, match="no-such-store"):
+        measure(f"file://{missing}", nbytes=SMALL)
+    assert not missing.exists()
+    a_file = tmp_path / "a-file"
+    a_file.write_bytes(b"")
+    with pytest.raises(ValueError, match="a-file"):
+        measure(str(a_file), nbytes=SMALL)
