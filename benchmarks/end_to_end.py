@@ -25,12 +25,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import numpy as np
+from ntk_scale.pipeline import stage_predict, stage_solve
 from results_io import RESULTS, machine, write_json
 
-from ntk_scale import FullyConnected
+from ntk_scale import FullyConnected, stages
 from ntk_scale.cluster import ensure_ray
-from ntk_scale.pipeline import stage_predict, stage_solve
-from ntk_scale.scheduler import RunOptions, compute_gram
+from ntk_scale.options import GramOptions, RunOptions
 
 SPEC = FullyConnected(depth=3, activation="relu", W_std=2**0.5, b_std=0.1)
 
@@ -89,7 +89,7 @@ def run_once(n: int, m: int, d: int, workdir: Path, solver: dict, tile: int) -> 
     t = {}
     with PeakMemory() as mem:
         t0 = time.perf_counter()
-        gram = compute_gram(x, SPEC, store, tile=tile, options=RunOptions(progress=False))
+        gram = stages.gram(x, SPEC, store, GramOptions(tile=tile), RunOptions(progress=False))
         t["gram_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         meta = stage_solve(store, y, model, solver, None)

@@ -38,9 +38,9 @@ jax.config.update("jax_default_matmul_precision", "highest")  # never TF32 for f
 from results_io import RESULTS, machine, write_json
 
 from ntk_scale import FullyConnected
-from ntk_scale.kernels import tile_matmul_function
+from ntk_scale.actors import ProductWorker
 from ntk_scale.linalg import nystrom, solve_pcg
-from ntk_scale.linalg.matrixfree import MatrixFreeOperator, precision_report, split_blocks
+from ntk_scale.linalg.matrixfree import MatrixFreeOperator, precision_report
 
 SPEC = FullyConnected(depth=3, activation="relu", W_std=2**0.5, b_std=0.0)
 
@@ -69,12 +69,10 @@ def teacher_student(
 
 
 def predict(X: np.ndarray, alpha: np.ndarray, x_test: np.ndarray, tile: int) -> np.ndarray:
-    """K(x_test, X) @ alpha, (m, C) float64, tile by tile (fused tile @ alpha, padded shapes)."""
-    fn = tile_matmul_function(SPEC, "ntk", "float32")
-    xs, al = split_blocks(X, tile, np.float32), split_blocks(alpha, tile, np.float64)
-    xt = split_blocks(x_test, tile, np.float32)
-    out = [sum(np.asarray(fn(x1, x2, a2)) for x2, a2 in zip(xs, al, strict=True)) for x1 in xt]
-    return np.concatenate(out)[: len(x_test)]
+    """K(x_test, X) @ alpha, (m, C) float64: predict's own fused path, in this process."""
+    worker = ProductWorker(SPEC, X, "ntk", "float32", tile, P=alpha)
+    rows = [x_test[i : i + tile] for i in range(0, len(x_test), tile)]
+    return np.concatenate([worker.product(r, alpha.shape[1]) for r in rows])
 
 
 def product_seconds(X: np.ndarray, c: int, tile: int) -> float:

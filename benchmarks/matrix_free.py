@@ -67,12 +67,13 @@ def time_products(op, P: np.ndarray, single_above: float, max_reps: int) -> tupl
 
 def stored_product(x: np.ndarray, P: np.ndarray, tile: int, directory: Path, reps: int) -> dict:
     """Compute the float32 store of K(x, x), then time StoredOperator products on it."""
-    from ntk_scale.scheduler import RunOptions, compute_gram
+    from ntk_scale import stages
+    from ntk_scale.options import GramOptions, RunOptions
 
     url = directory / f"gram-{x.shape[0]}-{x.shape[1]}.zarr"
     opts = RunOptions(workers=2, threads_per_worker=1, progress=False, wait_seconds=0.5)
     start = time.perf_counter()
-    compute_gram(x, SPEC, str(url), dtype="float32", tile=tile, options=opts)
+    stages.gram(x, SPEC, str(url), GramOptions(dtype="float32", tile=tile), opts)
     build = time.perf_counter() - start
     op = StoredOperator(str(url))
     times = []

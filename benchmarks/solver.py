@@ -5,7 +5,7 @@ embedded in d dimensions (A: k orthonormal rows scaled so E||x||² = d), targets
 two-layer ReLU teacher with ``--rhs`` outputs plus 10% noise; a held-out set of ``--n-test``
 points. Real inputs (images) have a low intrinsic dimension, which makes the NTK Gram
 ill-conditioned; isotropic Gaussians (``--latent`` = d) give an easy, well-conditioned system.
-The training Gram is built with ``compute_gram`` (float32 store by default) and reused when it
+The training Gram is built with ``stages.gram`` (float32 store by default) and reused when it
 already exists.
 
 For each ridge λ = r · mean(diag K), r in ``--ridges``, it reports the iterations and seconds to
@@ -53,11 +53,11 @@ import scipy.linalg
 import threadpoolctl
 from results_io import RESULTS, machine, write_json
 
-from ntk_scale import FullyConnected
+from ntk_scale import FullyConnected, stages
 from ntk_scale.linalg import ConvergenceWarning, SolverError
 from ntk_scale.linalg.stored import StoredOperator
-from ntk_scale.planning import drop_page_cache, read_rate
-from ntk_scale.scheduler import RunOptions, compute_gram
+from ntk_scale.options import GramOptions, RunOptions
+from ntk_scale.sizing import drop_page_cache, read_rate
 from ntk_scale.solve import solve_store
 from ntk_scale.store import GramStore
 
@@ -127,7 +127,7 @@ def build_store(args, X) -> tuple[str, float]:
     )
     start = time.perf_counter()
     opts = RunOptions(workers=args.workers, progress=False)
-    report = compute_gram(X, SPEC, url, dtype=args.dtype, tile=tile, options=opts)
+    report = stages.gram(X, SPEC, url, GramOptions(dtype=args.dtype, tile=tile), opts)
     print(f"store {url}: {report.summary()}", flush=True)
     import ray
 

@@ -44,39 +44,3 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
 
 def cluster_gpus(ray: Any) -> int:
     return int(ray.cluster_resources().get("GPU", 0))
-
-
-def cluster_cpus(ray: Any) -> int:
-    return int(ray.cluster_resources().get("CPU", 1))
-
-
-def worker_env(use_gpu: bool, threads: int | None) -> dict[str, str]:
-    """Environment for worker actors: CPU-only JAX where there is no GPU, bounded threads, no GPU
-    memory preallocation (actors may share a GPU), and float32 tiles never in TF32."""
-    env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
-    if not use_gpu:
-        env["JAX_PLATFORMS"] = "cpu"
-    if threads:
-        env["XLA_FLAGS"] = (
-            f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={threads}"
-        )
-        env["OMP_NUM_THREADS"] = env["OPENBLAS_NUM_THREADS"] = str(threads)
-    return env
-
-
-def gather(ray: Any, refs: list[Any], timeout_s: float, who: str, what: str, fix: str) -> list:
-    """ray.get with a timeout, turning Ray's errors into ones that say what to change.
-
-    who: the actors ("panel", "matrix-free"); what: the operation; fix: advice if an actor died.
-    """
-    try:
-        return ray.get(refs, timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        raise TimeoutError(
-            f"{who} actors took over {timeout_s:.0f} s {what}; check `ray status` for free "
-            "CPUs/GPUs (each actor needs one) or raise timeout_s"
-        ) from None
-    except ray.exceptions.RayActorError as err:
-        raise RuntimeError(
-            f"a {who} actor died while {what} ({err}); it may have run out of memory: {fix}"
-        ) from err

@@ -12,6 +12,7 @@ import tomllib
 from typing import Any
 
 from ntk_scale.kernels import FullyConnected
+from ntk_scale.options import GramOptions, RunOptions, SolveOptions
 
 _SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "data": {"x_train": str, "y_train": str, "x_test": str, "y_test": str},
@@ -34,8 +35,15 @@ _SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "operator": str,
         "checkpoint_every": int,
         "seed": int,
+        "pivot_block": int,
+        "memory_budget_bytes": int,
     },
-    "run": {"workers": int, "address": str},
+    "run": {
+        "workers": int,
+        "address": str,
+        "threads_per_worker": int,
+        "placement_timeout_s": (int, float),
+    },
     "output": {"dir": str, "task": str},
 }
 _REQUIRED = {"data": ("x_train", "y_train"), "store": ("path",), "output": ("dir",)}
@@ -44,15 +52,16 @@ TASKS = ("regression", "classification")
 
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
-    """A validated config: paths absolute (or URLs), sections as plain dicts."""
+    """A validated config: paths absolute (or URLs), each stage's options as its frozen record
+    (defaults from :mod:`ntk_scale.options`)."""
 
     source: str
     data: dict[str, str]
     kernel: FullyConnected
-    kind: str
-    store: dict[str, Any]
-    solver: dict[str, Any]
-    run: dict[str, Any]
+    store: str
+    gram: GramOptions
+    solver: SolveOptions
+    run: RunOptions
     output: dict[str, str]
 
 
@@ -69,29 +78,39 @@ def load_config(path: str) -> FitConfig:
     base = os.path.dirname(os.path.abspath(path))
     data = {k: resolve_path(base, v, f"data.{k}") for k, v in raw["data"].items()}
     kern = dict(raw.get("kernel", {}))
-    kind = kern.pop("kind", "ntk")
-    if kind not in ("ntk", "nngp"):
-        raise ValueError(f"{path}: kernel.kind={kind!r}; use 'ntk' or 'nngp'")
-    store = {"tile": 2048, "dtype": "float32", "overwrite": False, **raw["store"]}
-    store["path"] = resolve_path(base, store["path"], "store.path")
+    store = dict(raw["store"])
     output = {"task": "regression", **raw["output"]}
     output["dir"] = resolve_path(base, output["dir"], "output.dir")
     if output["task"] not in TASKS:
         raise ValueError(f"{path}: output.task={output['task']!r}; use one of {TASKS}")
-    try:
-        spec = FullyConnected(**kern)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{path}: [kernel] {err}") from None
+    run = {k: v for k, v in raw.get("run", {}).items() if v != ""}  # address = "": the default
+    _section(path, "kernel", GramOptions, _kind(kern))  # kernel.kind named as such in errors
     return FitConfig(
-        path,
-        data,
-        spec,
-        kind,
-        store,
-        dict(raw.get("solver", {})),
-        dict(raw.get("run", {})),
-        output,
+        source=path,
+        data=data,
+        kernel=_section(path, "kernel", FullyConnected, _without(kern, "kind")),
+        store=resolve_path(base, store.pop("path"), "store.path"),
+        gram=_section(path, "store", GramOptions, {**store, **_kind(kern)}),
+        solver=_section(path, "solver", SolveOptions, dict(raw.get("solver", {}))),
+        run=_section(path, "run", RunOptions, run),
+        output=output,
     )
+
+
+def _without(d: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k != key}
+
+
+def _kind(kern: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": kern["kind"]} if "kind" in kern else {}
+
+
+def _section(path: str, name: str, record: type, values: dict[str, Any]) -> Any:
+    """record(**values), its ValueError prefixed with the file and section."""
+    try:
+        return record(**values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: [{name}] {err}") from None
 
 
 def _check_keys(path: str, raw: dict[str, Any]) -> None:
@@ -133,3 +152,40 @@ def resolve_path(base: str, value: str, name: str) -> str:
             "inside it (or use a URL)"
         )
     return full
+
+
+def run_config(cfg: FitConfig) -> dict[str, Any]:
+    """All stages from a validated config (through :func:`ntk_scale.stages.fit`). Writes
+    OUT/model, OUT/predictions.npy (with x_test) and OUT/metrics.json; returns the metrics."""
+    import numpy as np
+
+    from ntk_scale import stages
+    from ntk_scale.io import load_array, load_targets
+
+    d, task = cfg.data, cfg.output["task"]
+    x_test = load_array(d["x_test"]) if "x_test" in d else None
+    y_test = np.asarray(load_array(d["y_test"])) if "y_test" in d else None
+    classify = task == "classification"
+    y_train = np.asarray(load_array(d["y_train"])) if classify else load_targets(d["y_train"])
+    inputs = stages.prepare_inputs(load_array(d["x_train"]), y_train, x_test, y_test, task)
+    out = cfg.output["dir"]
+    report = stages.fit(
+        inputs, cfg.kernel, cfg.store, cfg.gram, cfg.solver, cfg.run,
+        model_dir=f"{out}/model", extra={"task": task},
+    )  # fmt: skip
+    result: dict[str, Any] = {
+        "gram": report.gram.summary(),
+        "solver": report.solve.meta["solver"],
+        "timings": {f"{k}_s": v for k, v in report.seconds.items()},
+        "plots": report.solve.meta.get("plots", []),
+    }
+    if report.predictions is not None:
+        pred = report.predictions
+        labels = pred if inputs.classes is None else inputs.classes[np.argmax(pred, axis=1)]
+        stages.write_npy(f"{out}/predictions.npy", labels)
+        if classify:
+            stages.write_npy(f"{out}/decision_values.npy", pred)
+    if report.test is not None:
+        result["test"] = report.test
+    stages.write_json(f"{out}/metrics.json", result)
+    return result

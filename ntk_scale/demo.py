@@ -39,8 +39,9 @@ def dense_reference(x_train, y_onehot, x_test, ridge: float) -> np.ndarray:
 
 
 def run_demo(out: str = "demo-output", workers: int | None = None, n: int | None = None) -> int:
-    from ntk_scale.pipeline import metrics, stage_predict, stage_solve, write_json
-    from ntk_scale.scheduler import RunOptions, compute_gram
+    from ntk_scale import stages
+    from ntk_scale.model import Model
+    from ntk_scale.options import GramOptions, RunOptions, SolveOptions
 
     x_train, y_train, x_test, y_test = load_digits_split(n)
     classes = np.arange(10)
@@ -49,17 +50,21 @@ def run_demo(out: str = "demo-output", workers: int | None = None, n: int | None
     store, model = os.path.join(out, "gram.zarr"), os.path.join(out, "model")
     print(f"digits: {len(x_train)} train / {len(x_test)} test, 64 features, 10 classes")
     print(f"kernel: {SPEC.to_json()} (NTK, float32 tiles)")
+    run = RunOptions(workers=workers)
     t0 = time.perf_counter()
-    gram = compute_gram(x_train, SPEC, store, tile=512, options=RunOptions(workers=workers))
+    gram = stages.gram(x_train, SPEC, store, GramOptions(tile=512), run)
     t1 = time.perf_counter()
-    solver = {"ridge": RIDGE, "preconditioner": "rpcholesky", "rank": 300, "tol": 1e-8}
-    meta = stage_solve(store, onehot, model, solver, workers, {"task": "classification"})
+    solver = SolveOptions(ridge=RIDGE, preconditioner="rpcholesky", rank=300, tol=1e-8)
+    solved = stages.solve(
+        store, onehot, solver, run, model_dir=model, extra={"task": "classification"}
+    )
+    meta = solved.meta
     t2 = time.perf_counter()
-    pred = stage_predict(model, x_test, store, workers)
+    pred = stages.predict(Model(solved.alpha, meta), x_test, run, store=store)
     t3 = time.perf_counter()
     dense = dense_reference(x_train, onehot, x_test, RIDGE)
     t4 = time.perf_counter()
-    ours, exact = metrics(pred, y_test, classes), metrics(dense, y_test, classes)
+    ours, exact = stages.metrics(pred, y_test, classes), stages.metrics(dense, y_test, classes)
     s = meta["solver"]
     agree = float(np.mean(np.argmax(pred, 1) == np.argmax(dense, 1)))
     rel = float(np.max(np.abs(pred - dense)) / np.max(np.abs(dense)))
@@ -69,7 +74,7 @@ def run_demo(out: str = "demo-output", workers: int | None = None, n: int | None
         f"rank {s['rank']}, λ = {meta['lam']:.3g} ({RIDGE:g} x mean diag), converged "
         f"{all(s['converged'])}, final ‖r‖/‖y‖ <= {max(s['final_relative_residuals']):.1e}  "
         f"[{t2 - t1:.1f} s]",
-        f"predict: {len(x_test)} rows on Ray  [{t3 - t2:.1f} s]",
+        f"predict: {len(x_test)} rows on Ray (the same worker processes)  [{t3 - t2:.1f} s]",
         "",
         f"test accuracy  ntk_scale (float32 store + PCG): {ours['accuracy']:.4f}",
         f"test accuracy  exact dense solve (float64 Cholesky): {exact['accuracy']:.4f}  "
@@ -81,7 +86,7 @@ def run_demo(out: str = "demo-output", workers: int | None = None, n: int | None
         f"model: {model} (alpha as Zarr + model.json)",
     ] + [f"plot:  {p}" for p in meta.get("plots", [])]
     print("\n".join(lines))
-    write_json(
+    stages.write_json(
         os.path.join(out, "metrics.json"),
         {
             "ntk_scale": ours,

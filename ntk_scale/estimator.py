@@ -16,7 +16,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.utils.validation import check_is_fitted
 
 from ntk_scale.kernels import FullyConnected, check_features
-from ntk_scale.kernels.validate import DTYPES, KINDS, check_choice
+from ntk_scale.options import GramOptions, RunOptions, SolveOptions, default, pick
 
 
 class NTKRegressor(RegressorMixin, BaseEstimator):
@@ -33,20 +33,20 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
     def __init__(
         self,
         kernel: FullyConnected | None = None,
-        kind: str = "ntk",
-        ridge: float = 1e-4,
-        ridge_absolute: bool = False,
+        kind: str = default(GramOptions, "kind"),
+        ridge: float = default(SolveOptions, "ridge"),
+        ridge_absolute: bool = default(SolveOptions, "ridge_absolute"),
         workdir: str | None = None,
-        dtype: str = "float32",
-        tile: int = 2048,
-        preconditioner: str = "rpcholesky",
-        rank: int = 500,
-        tol: float = 1e-6,
-        max_iter: int | None = None,
-        operator: str = "stored",
-        workers: int | None = None,
-        address: str | None = None,
-        seed: int = 0,
+        dtype: str = default(GramOptions, "dtype"),
+        tile: int = default(GramOptions, "tile"),
+        preconditioner: str = default(SolveOptions, "preconditioner"),
+        rank: int = default(SolveOptions, "rank"),
+        tol: float = default(SolveOptions, "tol"),
+        max_iter: int | None = default(SolveOptions, "max_iter"),
+        operator: str = default(SolveOptions, "operator"),
+        workers: int | None = default(RunOptions, "workers"),
+        address: str | None = default(RunOptions, "address"),
+        seed: int = default(SolveOptions, "seed"),
         progress: bool = False,
     ):
         self.kernel = kernel
@@ -66,111 +66,60 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
         self.seed = seed
         self.progress = progress
 
+    # -- options ------------------------------------------------------------------------------
+    def _options(self) -> tuple[GramOptions, SolveOptions, RunOptions]:
+        """The stage options from this estimator's parameters (same names as the fields)."""
+        return pick(GramOptions, self), pick(SolveOptions, self), pick(RunOptions, self)
+
     # -- fit ------------------------------------------------------------------------------------
     def fit(self, X: Any, y: Any) -> NTKRegressor:
         """X: (N, d) features, y: (N,) or (N, C) targets."""
-        X = check_features(X, "X")
-        Y = self._targets(y, X.shape[0])
-        self.n_features_in_ = X.shape[1]
-        self.store_ = self._gram(X)
-        self._solve(Y)
-        return self
-
-    def _targets(self, y: Any, n: int) -> np.ndarray:
+        from ntk_scale import stages
         from ntk_scale.solve import check_targets
 
-        check_targets(y, n)
-        return np.asarray(y, dtype=np.float64)
-
-    def _gram(self, X: np.ndarray) -> str:
-        from ntk_scale.scheduler import RunOptions, run_store
-        from ntk_scale.store import GramStore, fingerprint_rows
-
-        check_choice("kind", self.kind, KINDS)
-        check_choice("dtype", self.dtype, DTYPES)
+        go, so, run = self._options()
+        X = check_features(X, "X")
+        check_targets(y, X.shape[0])
+        self.n_features_in_ = X.shape[1]
         spec = self.kernel if self.kernel is not None else FullyConnected()
+        self.store_ = self._store_path(spec, X, go)
+        inputs = stages.Inputs(X, np.asarray(y, dtype=np.float64), None, None, None)
+        report = stages.fit(inputs, spec, self.store_, go, so, run)
+        self.gram_report_, self.solve_result_ = report.gram, report.solve
+        self.solve_report_ = report.solve.report
+        self.operator_ = report.solve.decision.operator
+        self.operator_choice_ = report.solve.decision.reason
+        self.alpha_ = report.solve.alpha
+        return self
+
+    def _store_path(self, spec: FullyConnected, X: np.ndarray, go: GramOptions) -> str:
+        """The Gram store for these data and kernel settings in workdir (reused by refits)."""
+        from ntk_scale.store import fingerprint_rows
+
         self.workdir_ = (
             self.workdir or getattr(self, "workdir_", None) or tempfile.mkdtemp(prefix="ntk-scale-")
         )
-        fp = fingerprint_rows(X, self.dtype)[:16]
-        name = f"gram-{spec.fingerprint()[:8]}-{self.kind}-{self.dtype}-{self.tile}-{fp}.zarr"
-        store = os.path.join(self.workdir_, name)
-        opts = RunOptions(workers=self.workers, address=self.address, progress=self.progress)
-        gram = GramStore.create(store, spec, X, kind=self.kind, dtype=self.dtype, tile=self.tile)
-        self.operator_ = self._pick_operator(spec, X.shape)
-        if self.operator_ != "matrixfree":
-            self.gram_report_ = run_store(gram, opts)
-        return store
-
-    def _pick_operator(self, spec: FullyConnected, shape: tuple[int, int]) -> str:
-        if self.operator != "auto":
-            self.operator_choice_ = None
-            return self.operator
-        from ntk_scale.planning import choose_operator, measure_read_rate, plan_gram
-
-        workers = self.workers or os.cpu_count() or 1
-        plan = plan_gram(shape[0], shape[1], spec, self.kind, self.dtype, self.tile, workers)
-        self.operator_choice_ = choose_operator(plan, measure_read_rate(self.workdir_))
-        return self.operator_choice_.choice
-
-    def _solve(self, Y: np.ndarray) -> None:
-        from ntk_scale.solve import solve_store
-
-        report = solve_store(
-            self.store_,
-            Y,
-            ridge=self.ridge,
-            ridge_absolute=self.ridge_absolute,
-            preconditioner=self.preconditioner,
-            rank=min(self.rank, Y.shape[0]),
-            tol=self.tol,
-            max_iter=self.max_iter,
-            operator=self.operator_,
-            workers=self.workers or 2,
-            seed=self.seed,
-        )
-        self.solve_report_ = report
-        self.alpha_ = report.result.x
+        fp = fingerprint_rows(X, go.dtype)[:16]
+        name = f"gram-{spec.fingerprint()[:8]}-{go.kind}-{go.dtype}-{go.tile}-{fp}.zarr"
+        return os.path.join(self.workdir_, name)
 
     # -- predict --------------------------------------------------------------------------------
     def predict(self, X: Any) -> np.ndarray:
         """X: (M, d) -> (M,) or (M, C) predictions K(X, X_train) @ alpha."""
-        from ntk_scale.predict import predict_from_store
+        from ntk_scale import stages
+        from ntk_scale.model import Model
 
         check_is_fitted(self, "alpha_")
         X = check_features(X, "X", dim=self.n_features_in_)
-        return predict_from_store(self.store_, self.alpha_, X, self.workers, self.address)
+        model = Model(self.alpha_, self.solve_result_.meta)
+        return stages.predict(model, X, self._options()[2], store=self.store_)
 
     def save(self, path: str, extra: dict[str, Any] | None = None) -> None:
-        """Write the model directory (alpha as Zarr + JSON metadata)."""
+        """Write the model directory (alpha as Zarr + JSON metadata, as `ntk-scale solve`)."""
         from ntk_scale.model import save_model
-        from ntk_scale.store import GramStore
 
         check_is_fitted(self, "alpha_")
-        store = GramStore.open(self.store_)
-        res, rep = self.solve_report_.result, self.solve_report_
-        meta = {
-            "kernel": store.meta.kernel,
-            "kind": self.kind,
-            "dtype": self.dtype,
-            "ridge": self.ridge,
-            "ridge_absolute": self.ridge_absolute,
-            "lam": rep.lam,
-            "store": self.store_,
-            "store_fingerprint": store.fingerprint,
-            "solver": {
-                "preconditioner": rep.preconditioner,
-                "rank": rep.rank,
-                "tol": self.tol,
-                "iterations": int(res.iterations),
-                "converged": np.asarray(res.converged).tolist(),
-                "final_relative_residuals": np.asarray(res.residuals)[-1].tolist(),
-                "setup_seconds": rep.setup_seconds,
-                "iteration_seconds": rep.iteration_seconds,
-            },
-            **(extra or {}),
-        }
-        save_model(path, self.alpha_, meta)
+        save_model(path, self.alpha_, {**self.solve_result_.meta, **(extra or {})})
 
 
 class NTKClassifier(ClassifierMixin, NTKRegressor):

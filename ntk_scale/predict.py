@@ -1,89 +1,80 @@
-"""Predictions K(X*, X) @ A: rectangular tiles computed by Ray actors and multiplied at once.
+"""Predictions K(X*, X) @ A on the pool's hosts: rectangular tiles computed and multiplied at once.
 
-Nothing of K(X*, X) is stored: an actor takes one row block of X* at a time and loops over the
-column blocks of X, holding one tile (fused with its product by A, see
-:func:`ntk_scale.kernels.tile_matmul_function`). Memory per actor: one tile plus X and A.
+Nothing of K(X*, X) is stored: each host holds a :class:`ntk_scale.actors.ProductWorker` (X and
+A, the same fused tile-times-matrix path as the matrix-free operator) and takes one row block of
+X* at a time. Row blocks are queued on the hosts; a block on a host that dies runs again on
+another. Memory per host: X, A and one tile.
 """
 
 from __future__ import annotations
 
-import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from ntk_scale.kernels import check_features, tile_matmul_function
-from ntk_scale.plan import BlockPlan, pad_rows
+from ntk_scale.actors import ProductWorker, pool_for
+from ntk_scale.kernels import check_features
+from ntk_scale.options import RunOptions
+from ntk_scale.plan import BlockPlan
+from ntk_scale.progress import Progress
 from ntk_scale.store import GramStore
-
-
-class PanelProductWorker:
-    """Computes K(x_block, X) @ P for row blocks, X read once from the store's copy."""
-
-    def __init__(self, store_url: str, cpus: list[int] | None = None):
-        if cpus:
-            os.sched_setaffinity(0, {c % os.cpu_count() for c in cpus})
-        store = GramStore.open(store_url)
-        meta = store.meta
-        self.tile, self.plan = meta.tile, store.plan
-        self.x_blocks = [
-            pad_rows(store.x_block("cols", j), self.tile) for j in range(self.plan.col_blocks)
-        ]
-        self.fn = tile_matmul_function(meta.spec, meta.kind, meta.dtype)
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def product(self, x_block: np.ndarray, p: np.ndarray) -> np.ndarray:
-        """x_block: (r <= tile, d), p: (n_cols, c) -> K(x_block, X) @ p, (r, c) float64."""
-        rows = x_block.shape[0]
-        x1 = pad_rows(np.asarray(x_block), self.tile)
-        out = np.zeros((self.tile, p.shape[1]), dtype=np.float64)
-        for j, x2 in enumerate(self.x_blocks):
-            c0, c1 = self.plan.col_range(j)
-            pj = np.zeros((self.tile, p.shape[1]), dtype=np.float64)
-            pj[: c1 - c0] = p[c0:c1]
-            out += np.asarray(self.fn(x1, x2, pj))
-        return out[:rows]
+from ntk_scale.tasks import RoleGroup, run_queue
 
 
 def predict_from_store(
     store_url: str,
     alpha: np.ndarray,
     x_star: Any,
-    workers: int | None = None,
-    address: str | None = None,
-    timeout: float = 3600.0,
+    run: RunOptions | None = None,
+    on_block: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """K(x_star, X) @ alpha with X the store's training inputs.
 
     alpha: (N,) or (N, C); x_star: (M, d) array-like. Returns (M,) or (M, C) float64.
+    on_block: called on the driver with each finished row block's index (tests inject faults).
     """
-    from ntk_scale.cluster import ensure_ray
-    from ntk_scale.scheduler import RunOptions, _cores
-
+    run = run or RunOptions()
     store = GramStore.open(store_url)
-    x_star = check_features(np.asarray(x_star), "x_star", dim=store.meta.d)
+    meta = store.meta
+    x_star = check_features(np.asarray(x_star), "x_star", dim=meta.d)
     a = np.asarray(alpha, dtype=np.float64)
     a2 = a[:, None] if a.ndim == 1 else a
-    if a2.shape[0] != store.meta.n_cols:
-        raise ValueError(f"alpha has {a2.shape[0]} rows, the store's X has {store.meta.n_cols}")
-    plan = BlockPlan(x_star.shape[0], store.meta.n_cols, store.meta.tile, symmetric=False)
-    ray = ensure_ray(address)
-    n = max(1, min(workers or int(ray.cluster_resources().get("CPU", 1)), plan.row_blocks))
-    remote = ray.remote(PanelProductWorker).options(num_cpus=1, max_restarts=2, max_task_retries=2)
-    actors = [
-        remote.remote(store_url, _cores(k, RunOptions().threads_per_worker or 1, ray))
-        for k in range(n)
-    ]
-    try:
-        a_ref = ray.put(a2)
-        refs = [
-            actors[i % n].product.remote(x_star[slice(*plan.row_range(i))], a_ref)
-            for i in range(plan.row_blocks)
-        ]
-        out = np.vstack(ray.get(refs, timeout=timeout))
-    finally:
-        for actor in actors:
-            ray.kill(actor, no_restart=True)
+    if a2.shape[0] != meta.n_cols:
+        raise ValueError(f"alpha has {a2.shape[0]} rows, the store's X has {meta.n_cols}")
+    X = np.vstack([store.x_block("cols", b) for b in range(store.plan.col_blocks)])
+    plan = BlockPlan(x_star.shape[0], meta.n_cols, meta.tile, symmetric=False)
+    pool = pool_for(run)
+    slots = pool.take(run.workers, limit=plan.row_blocks)
+    refs = (pool.ray.put(X), pool.ray.put(a2))
+
+    def args(k: int) -> tuple:
+        return (meta.spec, refs[0], meta.kind, meta.dtype, meta.tile, 0, None, refs[1])
+
+    out = np.empty((x_star.shape[0], a2.shape[1]))
+    with RoleGroup(pool, slots, ProductWorker, args, run, "predict").start() as group:
+        _run_blocks(group, plan, x_star, out, run, on_block)
     return out[:, 0] if a.ndim == 1 else out
+
+
+def _run_blocks(group: RoleGroup, plan: BlockPlan, x_star, out, run, on_block) -> None:
+    """out[rows of block i] = K(x*_i, X) @ A for every row block i, with progress."""
+    start, rows = time.perf_counter(), [0]
+    bar = Progress("predict", x_star.shape[0], "rows", enabled=run.show_progress)
+
+    def block_args(i: int) -> tuple:
+        r0, r1 = plan.row_range(i)
+        return (x_star[r0:r1], out.shape[1])
+
+    def finished(i: int, values: np.ndarray) -> None:
+        r0, r1 = plan.row_range(i)
+        out[r0:r1] = values
+        rows[0] += r1 - r0
+        bar.update(advance=r1 - r0, rate=f"{rows[0] / (time.perf_counter() - start):.3g} rows/s")
+        if on_block is not None:
+            on_block(i)
+
+    with bar:
+        run_queue(group, range(plan.row_blocks), "product", block_args, finished,
+                  name_of=lambda i: f"predict row block {i}")  # fmt: skip

@@ -25,7 +25,6 @@ from ntk_scale.linalg import (
     GramOperator,
     PCGResult,
     PCGState,
-    Preconditioner,
     identity,
     jacobi,
     nystrom,
@@ -33,11 +32,14 @@ from ntk_scale.linalg import (
     solve_pcg,
 )
 from ntk_scale.linalg import checkpoint as ckpt
-from ntk_scale.linalg.stored import StoredOperator, open_symmetric
+from ntk_scale.linalg.distributed import DistributedOperator
+from ntk_scale.linalg.matrixfree import MatrixFreeOperator
+from ntk_scale.linalg.stored import StoredOperator
+from ntk_scale.options import RunOptions, SolveOptions
+from ntk_scale.panels import open_symmetric
+from ntk_scale.progress import SolveProgress
 from ntk_scale.store import GramStore
 
-PRECONDITIONERS = ("rpcholesky", "nystrom", "jacobi", "none")
-OPERATORS = ("stored", "distributed", "dense", "matrixfree")
 CHECKPOINT_NAME = "pcg_state.npz"
 
 
@@ -68,59 +70,41 @@ class SolveReport:
 def solve_store(
     store_url: str,
     Y: Any,
-    ridge: float = 1e-4,
-    ridge_absolute: bool = False,
-    preconditioner: str = "rpcholesky",
-    rank: int = 500,
-    tol: float = 1e-6,
-    max_iter: int | None = None,
-    operator: str = "stored",
-    workers: int = 2,
+    options: SolveOptions | None = None,
+    run: RunOptions | None = None,
+    *,
     out_dir: str | None = None,
-    checkpoint_every: int = 10,
-    seed: int = 0,
     overwrite: bool = False,
-    pivot_block: int = 1,
     callback: Callable[[PCGState], object] | None = None,
+    **overrides: Any,
 ) -> SolveReport:
     """Solve (K + λI) A = Y for the Gram matrix K stored at ``store_url``.
 
-    Y: (N,) or (N, C) finite targets, N = the store's rows. ridge: λ = ridge · mean(diag K), or
-    λ = ridge with ridge_absolute. preconditioner: "rpcholesky" or "nystrom" (uniform pivots) of
-    ``rank`` columns (pivot_block > 1: accelerated RPCholesky, fewer column reads), "jacobi" or
-    "none". operator: "stored" (tiles streamed here), "distributed" (``workers`` Ray actors) or
-    "dense" (the whole matrix loaded here). out_dir: where the PCG state is checkpointed; an
-    existing checkpoint there is resumed, or refused if it belongs to another problem (unless
-    ``overwrite``). callback: called with each new PCGState (e.g. progress).
+    Y: (N,) or (N, C) finite targets, N = the store's rows. options: the solver's settings
+    (SolveOptions; ``overrides`` such as ridge=1e-3 or workers=2 replace fields of it or of
+    ``run``). operator "auto" must be resolved before (:func:`ntk_scale.stages.solve` does).
+    out_dir: where the PCG state is checkpointed; an existing checkpoint there is resumed, or
+    refused if it belongs to another problem (unless ``overwrite``). callback: called with each
+    new PCGState. Progress (iteration, worst residual, columns converged, s/iteration, ETA) is
+    shown unless run.progress is False.
     """
-    _check_choice("preconditioner", preconditioner, PRECONDITIONERS)
-    _check_choice("operator", operator, OPERATORS)
-    if checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every={checkpoint_every} must be >= 1 (iterations)")
+    opts, run = merge_options(options or SolveOptions(), run or RunOptions(), overrides)
+    if opts.operator == "auto":
+        raise ValueError("operator='auto' is resolved by ntk_scale.stages.solve; call that")
     start = time.perf_counter()
-    store = open_symmetric(store_url, complete=operator != "matrixfree")
+    store = open_symmetric(store_url, complete=opts.operator != "matrixfree")
     Y2, vector = check_targets(Y, store.shape[0])
+    opts = opts.with_rank_at_most(store.shape[0])
     with contextlib.ExitStack() as stack:
-        op = _make_operator(store, operator, workers, stack)
-        lam = resolve_ridge(ridge, op, ridge_absolute)
-        used_rank = rank if preconditioner in ("rpcholesky", "nystrom") else 0
-        meta = {
-            "store": store.fingerprint,
-            "targets": targets_fingerprint(Y2),
-            "lam": lam,
-            "tol": float(tol),
-            "preconditioner": preconditioner,
-            "rank": int(used_rank),
-            "seed": int(seed),
-            "pivot_block": int(pivot_block),
-        }
+        op = _make_operator(store, opts, run, stack)
+        lam = resolve_ridge(opts.ridge, op, opts.ridge_absolute)
+        meta = _checkpoint_meta(store, Y2, lam, opts)
         path = None if out_dir is None else os.path.join(out_dir, CHECKPOINT_NAME)
         state = _load_state(path, meta, overwrite)
-        M = _make_preconditioner(op, preconditioner, used_rank, lam, seed, pivot_block)
+        M = _make_preconditioner(op, opts, meta["rank"], lam)
         setup = time.perf_counter() - start
-        result, last = _run(
-            op, Y2, lam, M, tol, max_iter, state, path, meta, checkpoint_every, callback
-        )
+        bar = stack.enter_context(_progress(opts, run))
+        result, last = _run(op, Y2, lam, M, opts, state, path, meta, _both(bar, callback))
         iterating = time.perf_counter() - start - setup
     if path is not None and last is not None:
         ckpt.save_checkpoint(path, last, meta)
@@ -131,19 +115,62 @@ def solve_store(
     return SolveReport(result, lam, M.name, getattr(M, "rank", 0), setup, iterating, resumed, eig)
 
 
-def _run(op, Y, lam, M, tol, max_iter, state, path, meta, every, callback):
+def merge_options(
+    options: SolveOptions, run: RunOptions, overrides: dict[str, Any]
+) -> tuple[SolveOptions, RunOptions]:
+    """Apply keyword overrides to the SolveOptions / RunOptions field of the same name."""
+    names = {f.name for f in dataclasses.fields(SolveOptions)}
+    run_names = {f.name for f in dataclasses.fields(RunOptions)}
+    unknown = sorted(set(overrides) - names - run_names)
+    if unknown:
+        raise TypeError(
+            f"unknown solver options {unknown}; SolveOptions has {sorted(names)} and "
+            f"RunOptions {sorted(run_names)}"
+        )
+    opts = dataclasses.replace(options, **{k: v for k, v in overrides.items() if k in names})
+    run = dataclasses.replace(run, **{k: v for k, v in overrides.items() if k in run_names})
+    return opts, run
+
+
+def _checkpoint_meta(store: GramStore, Y: np.ndarray, lam: float, o: SolveOptions) -> dict:
+    """What identifies a solve: a checkpoint made for anything else is refused."""
+    return {
+        "store": store.fingerprint,
+        "targets": targets_fingerprint(Y),
+        "lam": lam,
+        "tol": float(o.tol),
+        "preconditioner": o.preconditioner,
+        "rank": int(o.rank if o.preconditioner in ("rpcholesky", "nystrom") else 0),
+        "seed": int(o.seed),
+        "pivot_block": int(o.pivot_block),
+    }
+
+
+def _progress(o: SolveOptions, run: RunOptions) -> SolveProgress:
+    return SolveProgress(o.tol, o.max_iter, enabled=run.show_progress)
+
+
+def _both(bar: SolveProgress, callback: Callable | None) -> Callable[[PCGState], None]:
+    def on_state(state: PCGState) -> None:
+        bar(state)
+        if callback is not None:
+            callback(state)
+
+    return on_state
+
+
+def _run(op, Y, lam, M, o: SolveOptions, state, path, meta, callback):
     """solve_pcg with checkpoints; returns (result, the last new state or None)."""
-    saver = None if path is None else ckpt.checkpoint_every(path, meta, every)
+    saver = None if path is None else ckpt.checkpoint_every(path, meta, o.checkpoint_every)
     last: list[PCGState] = []
 
     def on_iteration(st: PCGState) -> None:
         last[:] = [st]
         if saver is not None:
             saver(st)
-        if callback is not None:
-            callback(st)
+        callback(st)
 
-    result = solve_pcg(op, Y, lam, M, tol, max_iter, callback=on_iteration, state=state)
+    result = solve_pcg(op, Y, lam, M, o.tol, o.max_iter, callback=on_iteration, state=state)
     return result, (last[0] if last else None)
 
 
@@ -174,35 +201,30 @@ def targets_fingerprint(Y: np.ndarray) -> str:
 
 
 def _make_operator(
-    store: GramStore, kind: str, workers: int, stack: contextlib.ExitStack
+    store: GramStore, o: SolveOptions, run: RunOptions, stack: contextlib.ExitStack
 ) -> GramOperator:
-    if kind == "stored":
+    if o.operator == "stored":
         return StoredOperator(store)
-    if kind == "matrixfree":
-        from ntk_scale.linalg.matrixfree import MatrixFreeOperator
-
+    if o.operator == "matrixfree":
         x = np.vstack([store.x_block("rows", b) for b in range(store.plan.row_blocks)])
         m = store.meta
-        mf = MatrixFreeOperator(m.spec, x, m.kind, m.dtype, tile=m.tile, n_actors=workers)
+        mf = MatrixFreeOperator(m.spec, x, m.kind, m.dtype, tile=m.tile, run=run)
         return stack.enter_context(mf)
-    if kind == "dense":
+    if o.operator == "dense":
         # Converted to float64 once: the in-memory mode trades memory (8 N² bytes) for products
         # that are one BLAS call, with no per-product conversion of a float32 matrix.
         return DenseOperator(np.asarray(store.to_dask().compute(), dtype=np.float64))
-    from ntk_scale.linalg.distributed import DistributedOperator
+    dist = DistributedOperator(store.url, memory_budget_bytes=o.memory_budget_bytes, run=run)
+    return stack.enter_context(dist)
 
-    return stack.enter_context(DistributedOperator(store.url, n_actors=workers))
 
-
-def _make_preconditioner(
-    op: GramOperator, name: str, rank: int, lam: float, seed: int, block: int
-) -> Preconditioner:
-    if name == "none":
+def _make_preconditioner(op: GramOperator, o: SolveOptions, rank: int, lam: float):
+    if o.preconditioner == "none":
         return identity()
-    if name == "jacobi":
+    if o.preconditioner == "jacobi":
         return jacobi(op, lam)
-    pivots = "rpcholesky" if name == "rpcholesky" else "uniform"
-    return nystrom(op, rank, lam, pivots=pivots, seed=seed, block=block)
+    pivots = "rpcholesky" if o.preconditioner == "rpcholesky" else "uniform"
+    return nystrom(op, rank, lam, pivots=pivots, seed=o.seed, block=o.pivot_block)
 
 
 def _load_state(path: str | None, meta: dict[str, Any], overwrite: bool) -> PCGState | None:
@@ -214,8 +236,3 @@ def _load_state(path: str | None, meta: dict[str, Any], overwrite: bool) -> PCGS
             fs.rm_file(fpath)
         return None
     return ckpt.load_checkpoint(path, meta)
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not supported; use one of {', '.join(choices)}")

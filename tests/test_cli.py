@@ -6,10 +6,18 @@ import sys
 
 import numpy as np
 import pytest
+from oracles import dense_labels, dense_predictions, relative_max_error
 
 from ntk_scale.cli import main
+from ntk_scale.kernels import FullyConnected
 
 KERNEL = ["--depth", "2", "--W-std", "1.4", "--b-std", "0.1", "--dtype", "float64"]
+SPEC = FullyConnected(depth=2, activation="relu", W_std=1.4, b_std=0.1)  # KERNEL, kind ntk
+# float64 stores solved to tol 1e-10: the predictions' error is at most about
+# cond(K + λI) · tol ≈ 1.1e3 · 1e-10 ≈ 1e-7 (measured: 8e-11 predict, 6e-11 fit). A wrong
+# answer is far above it: ridge 2x gives 2.4e-4, an absolute instead of relative ridge 1.9e-3,
+# b_std 0 for 0.1 1.6e-2, nngp for ntk 0.13.
+BOUND = 1e-7
 
 
 @pytest.fixture
@@ -32,9 +40,16 @@ def test_help_on_every_subcommand():
         assert out.returncode == 0 and "usage: ntk-scale" in out.stdout, cmd
 
 
-def test_plan_answers_for_a_million_samples(capsys):
-    assert main(["plan", "--n", "1000000", "--d", "784", "--tile", "512", "--workers", "8"]) == 0
+def test_plan_answers_for_a_million_samples(capsys, tmp_path, monkeypatch):
+    """The rates are measured in --store-dir, and nothing is written in the working directory."""
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "store").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    args = ["plan", "--n", "1000000", "--d", "784", "--tile", "512", "--workers", "8"]
+    assert main([*args, "--store-dir", str(tmp_path / "store")]) == 0
+    assert not list((tmp_path / "cwd").iterdir()) and not list((tmp_path / "store").iterdir())
     out = capsys.readouterr().out
+    assert "bound by" in out
     assert "1,000,000 / 784" in out and "512 / 1,910,035" in out
     assert "2.0 TB" in out  # N(N + tile)/2 float32 entries
     assert "estimated wall time (8 workers)" in out
@@ -72,6 +87,10 @@ def test_gram_solve_predict_verify(ray_local, files, capsys):
     assert main(["predict", "--model-dir", model, "--x", str(t / "xs.npy"), "--out", out]) == 0
     pred = np.load(out)
     assert pred.shape == (30, 2)
+    x = np.loadtxt(t / "x.csv", delimiter=",")  # what `gram` read
+    ref = dense_predictions(SPEC, x, np.load(t / "y.npy"), np.load(t / "xs.npy"), ridge=1e-4)
+    err = relative_max_error(pred, ref)
+    assert err <= BOUND, f"predict vs dense Cholesky: relative max error {err:.2e}"
     assert main(["verify", store]) == 0
     assert "3/3 tiles ok" in capsys.readouterr().out
 
@@ -202,10 +221,31 @@ dir = "out"
 def test_fit_config_end_to_end(ray_local, files, capsys):
     assert main(["fit", _config(files, GOOD)]) == 0
     out = files / "out"
-    assert np.load(out / "predictions.npy").shape == (30, 2)
+    pred = np.load(out / "predictions.npy")
+    assert pred.shape == (30, 2)
+    x, y, xs = (np.load(files / f"{name}.npy") for name in ("x", "y", "xs"))
+    err = relative_max_error(pred, dense_predictions(SPEC, x, y, xs, ridge=1e-3))
+    assert err <= BOUND, f"fit vs dense Cholesky: relative max error {err:.2e}"
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["timings"]) == {"gram_s", "solve_s", "predict_s"}
     assert (out / "model" / "model.json").exists()
+
+
+def test_fit_classification_labels_match_dense_argmax(ray_local, files, capsys):
+    x = np.load(files / "x.npy")
+    np.save(files / "labels.npy", (x[:, 0] > 0).astype(int) + (x[:, 1] > 0.5))  # 3 classes
+    body = GOOD.replace('"y.npy"', '"labels.npy"').replace(
+        'dir = "out"', 'dir = "out"\ntask = "classification"'
+    )
+    assert main(["fit", _config(files, body)]) == 0
+    labels = np.load(files / "out" / "predictions.npy")  # fit writes labels, not scores
+    ref = dense_labels(
+        SPEC, x, np.load(files / "labels.npy"), np.load(files / "xs.npy"), ridge=1e-3
+    )
+    assert labels.shape == ref.shape == (30,)
+    assert len(np.unique(ref)) > 1  # a constant answer would agree by chance
+    agreement = float(np.mean(labels == ref))
+    assert agreement >= 0.99, f"labels agree with the dense argmax on {agreement:.1%}"
 
 
 @pytest.mark.parametrize(

@@ -258,7 +258,7 @@ def test_rayjob_carries_entrypoint_runtime_env_and_config(tmp_path):
     text = config_map["data"][config_path.name]
     (tmp_path / config_path.name).write_text(text)
     cfg = load_config(str(tmp_path / config_path.name))  # ntk_scale's own validation
-    paths = [*cfg.data.values(), cfg.store["path"], cfg.output["dir"]]
+    paths = [*cfg.data.values(), cfg.store, cfg.output["dir"]]
     assert all(p.startswith(("s3://", "gs://")) for p in paths), "everything in the bucket"
     assert tomllib.loads(text)["run"]["workers"] >= 1
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ntk_scale.scheduler import RunOptions, compute_gram
+from ntk_scale import stages
+from ntk_scale.options import GramOptions, RunOptions
 from ntk_scale.store import GramStore
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -77,13 +78,12 @@ def test_killed_driver_then_rerun_computes_only_missing_tiles(ray_local, tmp_pat
     assert 10 <= done_before < total, f"kill came too late to test resume ({done_before} done)"
 
     computed = []
-    report = compute_gram(
+    report = stages.gram(
         data(n),
         SPEC,
         str(path),
-        dtype="float64",
-        tile=tile,
-        options=RunOptions(workers=2, progress=False, wait_seconds=1.0),
+        GramOptions(dtype="float64", tile=tile),
+        RunOptions(workers=2, progress=False, wait_seconds=1.0),
         on_tile=computed.append,
     )
     assert report.reused == done_before
@@ -91,13 +91,12 @@ def test_killed_driver_then_rerun_computes_only_missing_tiles(ray_local, tmp_pat
     assert GramStore.open(str(path)).verify().ok
 
     clean = tmp_path / "clean.zarr"
-    compute_gram(
+    stages.gram(
         data(n),
         SPEC,
         str(clean),
-        dtype="float64",
-        tile=tile,
-        options=RunOptions(workers=2, progress=False),
+        GramOptions(dtype="float64", tile=tile),
+        RunOptions(workers=2, progress=False),
     )
     a = GramStore.open(str(path)).to_dask().compute()
     b = GramStore.open(str(clean)).to_dask().compute()

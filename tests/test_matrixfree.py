@@ -8,16 +8,13 @@ import numpy as np
 import pytest
 from operator_contract import OperatorContract
 
-from ntk_scale import FullyConnected
+from ntk_scale import FullyConnected, stages
+from ntk_scale.actors import ProductWorker
+from ntk_scale.kernels.products import panel_matmul_function
 from ntk_scale.linalg import nystrom, solve_pcg
-from ntk_scale.linalg.matrixfree import (
-    MatrixFreeOperator,
-    TileProductWorker,
-    panel_matmul_function,
-    precision_report,
-)
+from ntk_scale.linalg.matrixfree import MatrixFreeOperator, precision_report
 from ntk_scale.linalg.stored import StoredOperator
-from ntk_scale.scheduler import RunOptions, compute_gram
+from ntk_scale.options import GramOptions, RunOptions
 
 SPEC = FullyConnected(depth=3, activation="relu", W_std=1.4, b_std=0.1)
 #: 3 row blocks of tile 128, the last one short (77 rows): padding is exercised.
@@ -37,7 +34,7 @@ def stored(ray_local, data, tmp_path_factory):
     """A float32 StoredOperator of the same X, made by the Gram engine."""
     url = str(tmp_path_factory.mktemp("matrixfree") / "f32.zarr")
     opts = RunOptions(workers=2, progress=False, wait_seconds=1.0)
-    compute_gram(data[0], SPEC, url, dtype="float32", tile=TILE, options=opts)
+    stages.gram(data[0], SPEC, url, GramOptions(dtype="float32", tile=TILE), opts)
     return StoredOperator(url)
 
 
@@ -91,7 +88,7 @@ class TestMatrixFreeTwoActors(MatrixFreeContract):
 
 def test_closed_operator_refuses(ray_local, data):
     # After the class above has released its two actors (each holds one of the two CPUs).
-    op = MatrixFreeOperator(SPEC, data[0][:50], tile=TILE, n_actors=1, timeout_s=120)
+    op = MatrixFreeOperator(SPEC, data[0][:50], tile=TILE, n_actors=1)
     op.close()
     op.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed; build a new one"):
@@ -147,7 +144,7 @@ def test_float32_error_against_float64_is_small(data):
 @pytest.mark.parametrize("a,b", [(0, 1), (1, 3), (2, 3)])
 def test_worker_rows_without_ray(data, a, b):
     X, K, _ = data
-    w = TileProductWorker(SPEC, X, "ntk", "float32", TILE, a, b)
+    w = ProductWorker(SPEC, X, "ntk", "float32", TILE, a, b)
     r0, r1 = w.stats()["rows"]
     P = np.random.default_rng(a).standard_normal((N, 5))  # 5 columns: padded to 8
     np.testing.assert_allclose(w.matmat(P), K[r0:r1] @ P, rtol=0, atol=1e-6 * np.abs(K @ P).max())
@@ -166,7 +163,7 @@ def test_panel_function_holds_one_shape_per_row_block(data):
     ps.reshape(-1, 1)[:N] = 1.0
     fn = panel_matmul_function(SPEC)
     with jax.enable_x64(True):
-        rows = np.concatenate([np.asarray(fn(i, xs, ps)) for i in range(3)])[:N, 0]
+        rows = np.concatenate([np.asarray(fn(xs[i], i, xs, ps)) for i in range(3)])[:N, 0]
     np.testing.assert_allclose(rows, K.sum(axis=1), rtol=1e-6)
 
 
@@ -195,4 +192,4 @@ def test_estimator_matrixfree_and_auto_match_stored(ray_local, tmp_path):
     np.testing.assert_allclose(free.predict(xs), stored.predict(xs), rtol=1e-4, atol=1e-6)
     auto = NTKRegressor(operator="auto", workdir=str(tmp_path / "a"), **kw).fit(x, y)
     assert auto.operator_ in ("stored", "matrixfree")
-    assert "cheaper" in auto.operator_choice_.reason
+    assert "cheaper" in auto.operator_choice_

@@ -11,12 +11,14 @@ import pytest
 import scipy.linalg
 from operator_contract import OperatorContract
 
-from ntk_scale import FullyConnected
+from ntk_scale import FullyConnected, stages
+from ntk_scale.actors import PanelWorker
 from ntk_scale.linalg import identity, nystrom, solve_pcg
-from ntk_scale.linalg.distributed import DistributedOperator, PanelWorker, partition_blocks
-from ntk_scale.linalg.stored import StoredOperator, tiles_touching
+from ntk_scale.linalg.distributed import DistributedOperator
+from ntk_scale.linalg.stored import StoredOperator
+from ntk_scale.options import GramOptions, RunOptions
+from ntk_scale.panels import partition_blocks, tiles_touching
 from ntk_scale.plan import BlockPlan
-from ntk_scale.scheduler import RunOptions, compute_gram
 from ntk_scale.store import GramStore
 
 SPEC = FullyConnected(depth=3, activation="relu", W_std=1.4, b_std=0.1)
@@ -33,7 +35,7 @@ def stores(ray_local, tmp_path_factory):
     for name, (n, dtype) in STORES.items():
         x = np.random.default_rng(n).standard_normal((n, 6))
         url = str(root / f"{name}.zarr")
-        compute_gram(x, SPEC, url, dtype=dtype, tile=128, options=OPTS)
+        stages.gram(x, SPEC, url, GramOptions(dtype=dtype, tile=128), OPTS)
         out[name] = (url, GramStore.open(url).to_dask().compute().astype(np.float64))
     return out
 
@@ -183,6 +185,6 @@ def test_operators_refuse_a_rectangular_store(tmp_path):
 def test_operators_refuse_an_unfinished_store(tmp_path):
     x = np.random.default_rng(0).standard_normal((40, 3))
     url = str(tmp_path / "partial.zarr")
-    GramStore.create(url, SPEC, x, dtype="float64", tile=32)
-    with pytest.raises(ValueError, match="lacks 3 of 3 tiles.*compute_gram"):
+    GramStore.create(url, SPEC, x, dtype="float64", tile=32, diag=np.ones(40))
+    with pytest.raises(ValueError, match="lacks 3 of 3 tiles.*stages.gram"):
         StoredOperator(url)

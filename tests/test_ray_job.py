@@ -12,7 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from oracles import dense_predictions, relative_max_error
 from processes import stop_group
+
+from ntk_scale.kernels import FullyConnected
 
 BIN = Path(sys.executable).parent
 
@@ -164,7 +167,17 @@ dir = "file://{out}"
     assert f"Job '{sid}' succeeded" in status.stdout + status.stderr, (
         submit.stdout[-3000:] + submit.stderr[-3000:]
     )
-    assert np.load(out / "predictions.npy").shape == (20,)
+    pred = np.load(out / "predictions.npy")
+    assert pred.shape == (20,)
+    # The config's kernel: depth 2, the rest FullyConnected's defaults (relu, W_std √2,
+    # b_std 0, ntk); solver defaults: relative ridge 1e-4.
+    x, y, xs = (np.load(job / f"{name}.npy") for name in ("x", "y", "xs"))
+    ref = dense_predictions(FullyConnected(depth=2), x, y, xs, ridge=1e-4)
+    err = relative_max_error(pred, ref)
+    # float64 store, tol 1e-8: the error tracks tol (measured 8e-9; cond(K + λI) ≈ 3e3 bounds
+    # it by 3e-5 at worst). 1e-6 leaves 100x margin and is far below a wrong answer: ridge 2x
+    # or absolute instead of relative gives ~4e-4, depth 3 3e-2, nngp 0.16.
+    assert err <= 1e-6, f"ray job predictions vs dense Cholesky: relative max error {err:.2e}"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["solver"]["converged"] == [True]
     # Without the token the job API refuses the request.

@@ -51,11 +51,11 @@ os.environ.update(S3_ENV)
 
 from processes import SCRIPTS, kill_solve_driver, stop_group  # noqa: E402
 
-from ntk_scale import FullyConnected  # noqa: E402
+from ntk_scale import FullyConnected, stages  # noqa: E402
 from ntk_scale.cli import main  # noqa: E402
 from ntk_scale.linalg.checkpoint import load_checkpoint  # noqa: E402
 from ntk_scale.model import load_model  # noqa: E402
-from ntk_scale.scheduler import RunOptions, compute_gram  # noqa: E402
+from ntk_scale.options import GramOptions, RunOptions  # noqa: E402
 from ntk_scale.solve import CHECKPOINT_NAME, solve_store  # noqa: E402
 from ntk_scale.store import GramStore, TileCorruptError  # noqa: E402
 
@@ -269,13 +269,12 @@ def test_killed_gram_driver_resumes_from_the_bucket(ray_local, s3, tmp_path):
     assert "resume/gram.zarr/lock.json" in _keys(s3, "resume/"), "the killed driver held no lock"
 
     computed: list[dict] = []
-    report = compute_gram(
+    report = stages.gram(
         data(n),
         DRIVER_SPEC,
         url,
-        dtype="float64",
-        tile=tile,
-        options=RunOptions(workers=2, progress=False, wait_seconds=1.0),
+        GramOptions(dtype="float64", tile=tile),
+        RunOptions(workers=2, progress=False, wait_seconds=1.0),
         on_tile=computed.append,
     )
     assert report.reused == done_before

@@ -128,7 +128,8 @@ def artifacts(tmp_path):
     rng = np.random.default_rng(5)
     x, y = rng.normal(size=(40, 3)), rng.normal(size=(40, 2))
     url = str(tmp_path / "g.zarr")
-    store = GramStore.create(url, SPEC, x, dtype="float64", tile=16)
+    diag = SPEC.diag(x, dtype="float64")
+    store = GramStore.create(url, SPEC, x, dtype="float64", tile=16, diag=diag)
     K = SPEC.kernel(x, dtype="float64")
     for t in store.plan.tiles():
         store.write_tile(t, K[t.rows, t.cols])
@@ -183,7 +184,7 @@ def test_reading_every_artifact_never_unpickles(artifacts, no_pickle):
     assert load_array(str(root / "x.npy")).shape == (40, 3)
     assert load_array(f"{root / 'x.npz'}:x").shape == (40, 3)
     assert load_targets(str(root / "x.npy")).shape == (40, 3)
-    assert load_config(str(root / "fit.toml")).store["path"] == a["store"]
+    assert load_config(str(root / "fit.toml")).store == a["store"]
 
 
 def test_a_checkpoint_carrying_a_pickle_is_refused(artifacts):
@@ -296,7 +297,7 @@ def test_config_paths_inside_or_urls_are_accepted(tmp_path):
     (tmp_path / "data").mkdir()
     cfg = load_config(str(_write_config(tmp_path, store__path="s3://bucket/gram.zarr")))
     assert cfg.data["x_train"] == str((tmp_path / "data" / "x.npy").resolve())
-    assert cfg.store["path"] == "s3://bucket/gram.zarr"
+    assert cfg.store == "s3://bucket/gram.zarr"
     assert resolve_path(str(tmp_path), "a/./b/../c", "k") == str((tmp_path / "a" / "c").resolve())
 
 
@@ -337,9 +338,11 @@ def test_a_directory_that_is_not_a_store_is_never_replaced_silently(tmp_path):
     (target / "notes.txt").write_text("mine")
     x = np.random.default_rng(0).normal(size=(20, 3))
     with pytest.raises(StoreMismatchError, match="--overwrite"):
-        GramStore.create(str(target), SPEC, x, dtype="float64", tile=16)
+        GramStore.create(str(target), SPEC, x, dtype="float64", tile=16, diag=np.ones(20))
     assert (target / "notes.txt").read_text() == "mine"
-    GramStore.create(str(target), SPEC, x, dtype="float64", tile=16, overwrite=True)
+    GramStore.create(
+        str(target), SPEC, x, dtype="float64", tile=16, overwrite=True, diag=np.ones(20)
+    )
     assert not (target / "notes.txt").exists()
 
 

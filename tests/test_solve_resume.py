@@ -10,8 +10,8 @@ import pytest
 import scipy.linalg
 from processes import kill_solve_driver
 
-from ntk_scale import FullyConnected
-from ntk_scale.scheduler import RunOptions, compute_gram
+from ntk_scale import FullyConnected, stages
+from ntk_scale.options import GramOptions, RunOptions
 from ntk_scale.solve import CHECKPOINT_NAME, solve_store
 from ntk_scale.store import GramStore
 
@@ -27,13 +27,12 @@ def problem(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("solve")
     rng = np.random.default_rng(3)
     url = str(root / "gram.zarr")
-    compute_gram(
+    stages.gram(
         rng.standard_normal((500, 4)),
         SPEC,
         url,
-        dtype="float64",
-        tile=128,
-        options=RunOptions(workers=2, progress=False, wait_seconds=1.0),
+        GramOptions(dtype="float64", tile=128),
+        RunOptions(workers=2, progress=False, wait_seconds=1.0),
     )
     Y = rng.standard_normal((500, 2))
     np.save(root / "y.npy", Y)

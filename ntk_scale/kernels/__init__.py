@@ -1,14 +1,17 @@
-"""Analytic infinite-width kernels (pure JAX; no Ray, no I/O)."""
+"""Analytic infinite-width kernels (pure JAX; no Ray, no I/O).
+
+Tile-times-matrix products (the matrix-free operator's and predict's one fused path) live in
+:mod:`ntk_scale.kernels.products`."""
 
 from ntk_scale.kernels.spec import (
     ACTIVATIONS,
     KERNEL_CODE_VERSION,
     FullyConnected,
+    diag_blocks,
     diag_function,
     spec_from_dict,
     spec_from_json,
     tile_function,
-    tile_matmul_function,
 )
 from ntk_scale.kernels.validate import check_features
 
@@ -17,9 +20,9 @@ __all__ = [
     "KERNEL_CODE_VERSION",
     "FullyConnected",
     "check_features",
+    "diag_blocks",
     "diag_function",
     "spec_from_dict",
     "spec_from_json",
     "tile_function",
-    "tile_matmul_function",
 ]

@@ -175,31 +175,31 @@ def diag_function(spec: FullyConnected, kind: str = "ntk", dtype: str = "float32
     return _bind(spec, kind, dtype, "diag")
 
 
-@functools.lru_cache(maxsize=128)
-def _compiled_matmul(static: tuple[int, str], kind: str) -> Callable:
-    """K(x1, x2) @ p fused in one jitted function: the tile never leaves the device."""
+def diag_blocks(
+    spec: FullyConnected, x: Any, kind: str = "ntk", dtype: str = "float32", block: int = 2048
+) -> np.ndarray:
+    """The exact diagonal K(x_i, x_i) of x (n, d) -> (n,) float64, computed in ``dtype``.
 
-    def fused(t, x1, x2, p):
-        tile = fc.fc_tile(fc.FCParams.join(static, t), x1, x2, kind)
-        return jax.numpy.dot(tile.astype(p.dtype), p, precision=jax.lax.Precision.HIGHEST)
-
-    return jax.jit(fused)
-
-
-def tile_matmul_function(
-    spec: FullyConnected, kind: str = "ntk", dtype: str = "float32"
-) -> Callable[..., jax.Array]:
-    """(x1 (n1, d), x2 (n2, d), p (n2, c) float64) -> K(x1, x2) @ p as (n1, c) float64.
-
-    The tile is computed in ``dtype`` (float32: "highest" matmul precision, never TF32) and
-    multiplied by p in float64, so only the small (n1, c) result leaves the device.
+    x may be anything sliceable (numpy, memmap, Zarr, dask): it is read ``block`` rows at a
+    time, and every block is padded with zero rows to ``block`` rows, so one shape compiles
+    (``block`` is clamped to n, as a store clamps its tile). XLA's results can depend on the
+    array shape in the last bit: pass a store's tile as ``block`` and this diagonal is bitwise
+    the one its diagonal tiles hold.
     """
-    static, traced = spec.params.split()
-    fn, np_dtype, hyper = _compiled_matmul(static, kind), np.dtype(dtype), _scalars(traced, dtype)
-
-    def call(x1: Any, x2: Any, p: Any) -> jax.Array:
-        with jax.enable_x64(True):
-            x1, x2 = np.asarray(x1, dtype=np_dtype), np.asarray(x2, dtype=np_dtype)
-            return fn(hyper, x1, x2, np.asarray(p, dtype=np.float64))
-
-    return call
+    if not isinstance(spec, FullyConnected):
+        raise ValueError(f"kernel must be a FullyConnected spec, got {type(spec).__name__}")
+    check_choice("kind", kind, KINDS)
+    check_choice("dtype", dtype, DTYPES)
+    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
+        raise ValueError(f"block={block!r} must be a positive integer (rows per block)")
+    if len(getattr(x, "shape", ())) != 2:
+        x = check_features(x, "x")
+    n, d = x.shape
+    block = min(int(block), max(n, 1))
+    fn, out = diag_function(spec, kind, dtype), np.empty(n, dtype=np.float64)
+    for r0 in range(0, n, block):
+        part = np.asarray(x[r0 : r0 + block], dtype=dtype)
+        padded = np.zeros((block, d), dtype=dtype)
+        padded[: len(part)] = part
+        out[r0 : r0 + len(part)] = np.asarray(fn(padded))[: len(part)]
+    return out

@@ -10,8 +10,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np
 
-from ntk_scale import FullyConnected
-from ntk_scale.scheduler import RunOptions, compute_gram
+from ntk_scale import FullyConnected, stages
+from ntk_scale.options import GramOptions, RunOptions
 
 SPEC = FullyConnected(depth=3, activation="relu", W_std=1.4, b_std=0.1)
 
@@ -22,12 +22,11 @@ def data(n: int) -> np.ndarray:
 
 if __name__ == "__main__":
     store, n, tile = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    report = compute_gram(
+    report = stages.gram(
         data(n),
         SPEC,
         store,
-        dtype="float64",
-        tile=tile,
-        options=RunOptions(workers=2, progress=False, wait_seconds=1.0),
+        GramOptions(dtype="float64", tile=tile),
+        RunOptions(workers=2, progress=False, wait_seconds=1.0),
     )
     print(report.summary(), flush=True)

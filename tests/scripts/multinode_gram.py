@@ -19,8 +19,8 @@ import numpy as np
 import ray
 from ray.cluster_utils import Cluster
 
-from ntk_scale import FullyConnected
-from ntk_scale.scheduler import RunOptions, compute_gram
+from ntk_scale import FullyConnected, stages
+from ntk_scale.options import GramOptions, RunOptions
 from ntk_scale.store import GramStore
 
 
@@ -35,13 +35,12 @@ def main(store: str, out: str) -> None:
     try:
         x = np.random.default_rng(0).normal(size=(600, 12))
         spec = FullyConnected(depth=3, activation="relu", W_std=1.4, b_std=0.1)
-        report = compute_gram(
+        report = stages.gram(
             x,
             spec,
             store,
-            dtype="float64",
-            tile=100,
-            options=RunOptions(workers=2, progress=False, wait_seconds=1.0),
+            GramOptions(dtype="float64", tile=100),
+            RunOptions(workers=2, progress=False, wait_seconds=1.0),
         )
         full = GramStore.open(store).to_dask().compute()
         err = float(np.max(np.abs(full - spec.kernel(x, dtype="float64"))))

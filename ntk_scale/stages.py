@@ -1,0 +1,349 @@
+"""The one path through the system: gram, solve, predict and fit, each with frozen options.
+
+The CLI, the TOML config, the estimators and the demo all call these functions, and nothing else
+orchestrates a run. Every input is validated before the first byte is written. All stages share
+the process's persistent worker pool (:mod:`ntk_scale.actors`): actors start once and serve
+gram, solve and predict, and estimator refits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import fsspec
+import numpy as np
+
+from ntk_scale.kernels import FullyConnected, check_features, diag_blocks
+from ntk_scale.linalg import PCGState
+from ntk_scale.model import Model, load_model, save_model
+from ntk_scale.options import GramOptions, RunOptions, SolveOptions
+from ntk_scale.predict import predict_from_store
+from ntk_scale.scheduler import GramReport, run_store
+from ntk_scale.solve import SolveReport, check_targets, merge_options, solve_store
+from ntk_scale.store import GramStore
+
+__all__ = [
+    "FitReport",
+    "SolveResult",
+    "choose_solver_operator",
+    "fit",
+    "gram",
+    "predict",
+    "solve",
+]
+
+
+# -- gram ---------------------------------------------------------------------------------------
+def gram(
+    x: Any,
+    spec: FullyConnected,
+    store: str,
+    options: GramOptions | None = None,
+    run: RunOptions | None = None,
+    *,
+    x_cols: Any = None,
+    compute_tiles: bool = True,
+    on_tile: Callable[[dict[str, Any]], None] | None = None,
+) -> GramReport:
+    """K(x, x) (or K(x, x_cols)) into the store at ``store``; resumes what is there.
+
+    x: (n, d) array-like (numpy, memmap, Zarr, dask); x_cols: (m, d) or None. compute_tiles:
+    False creates the store (X, fingerprints, diagonal) without computing a tile, for the
+    matrix-free solver. Returns a GramReport (0 computed when nothing was missing).
+    """
+    o, run = options or GramOptions(), run or RunOptions()
+    if len(getattr(x, "shape", ())) != 2:
+        check_features(x, "x")
+    # The diagonal in blocks of the tile: XLA rounds by shape, so it equals the tiles' diagonal.
+    diag = None if x_cols is not None else diag_blocks(spec, x, o.kind, o.dtype, block=o.tile)
+    g = GramStore.create(
+        store, spec, x, x_cols, kind=o.kind, dtype=o.dtype, tile=o.tile,
+        overwrite=o.overwrite, diag=diag,
+    )  # fmt: skip
+    if not compute_tiles:
+        total = g.plan.n_tiles
+        return GramReport(g.url, total, 0, total - len(g.missing()), 0, 0, 0.0, 0)
+    return run_store(g, run, on_tile)
+
+
+# -- operator choice ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class OperatorDecision:
+    """The operator a solve uses; reason: why ("auto" measured it, or it was asked for)."""
+
+    operator: str
+    reason: str
+
+
+def choose_solver_operator(
+    operator: str, spec: FullyConnected, n: int, d: int, o: GramOptions, run: RunOptions,
+    store: str,
+) -> OperatorDecision:  # fmt: skip
+    """The solver operator for ``operator`` (resolving "auto": the cheaper per product of
+    reading the stored Gram from the store's disk, or recomputing its tiles on the workers,
+    from one tile timed here and the read rate measured where the store lives)."""
+    if operator != "auto":
+        return OperatorDecision(operator, "asked for")
+    from ntk_scale.sizing import choose_operator, measure_read_rate, plan_gram
+
+    workers = run.workers or _default_workers(run)
+    plan = plan_gram(n, d, spec, o.kind, o.dtype, o.tile, workers, measure=True)
+    pick = choose_operator(plan, measure_read_rate(_parent(store)))
+    return OperatorDecision(pick.choice, f"auto: {pick.reason}")
+
+
+def _default_workers(run: RunOptions) -> int:
+    from ntk_scale.actors import pool_for
+
+    return pool_for(run).default_workers()
+
+
+def _parent(url: str) -> str:
+    head = url.rstrip("/").rsplit("/", 1)[0] if "/" in url.rstrip("/") else "."
+    if "://" not in url:
+        os.makedirs(head or ".", exist_ok=True)
+    return head or "."
+
+
+# -- solve --------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SolveResult:
+    """report: the solver's SolveReport; meta: what the model directory records (model.json);
+    decision: the operator used and why."""
+
+    report: SolveReport
+    meta: dict[str, Any]
+    decision: OperatorDecision
+
+    @property
+    def alpha(self) -> np.ndarray:
+        return self.report.result.x
+
+
+def solve(
+    store: str,
+    y: Any,
+    options: SolveOptions | None = None,
+    run: RunOptions | None = None,
+    *,
+    model_dir: str | None = None,
+    extra: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    callback: Callable[[PCGState], object] | None = None,
+    **overrides: Any,
+) -> SolveResult:
+    """(K + λI) A = Y on the stored Gram at ``store``. With ``model_dir`` the model (A, model.json,
+    plots) is written there and the PCG state checkpointed under it (a rerun resumes).
+
+    y: (N,) or (N, C) targets. overrides: fields of SolveOptions / RunOptions (ridge=1e-3, ...).
+    extra: more fields for model.json (task, classes).
+    """
+    opts, run = merge_options(options or SolveOptions(), run or RunOptions(), overrides)
+    g = GramStore.open(store)
+    decision = choose_solver_operator(
+        opts.operator, g.meta.spec, g.meta.n_rows, g.meta.d,
+        GramOptions(g.meta.kind, g.meta.dtype, g.meta.tile), run, store,
+    )  # fmt: skip
+    opts = dataclasses.replace(opts, operator=decision.operator)
+    ckpt = None if model_dir is None else f"{model_dir.rstrip('/')}/checkpoint"
+    report = solve_store(store, y, opts, run, out_dir=ckpt, overwrite=overwrite, callback=callback)
+    meta = model_meta(g, report, opts, decision, extra)
+    if model_dir is not None:
+        save_model(model_dir, report.result.x, meta)
+        meta["plots"] = _plots(model_dir, report, opts.tol)
+    return SolveResult(report, meta, decision)
+
+
+def model_meta(
+    g: GramStore, report: SolveReport, o: SolveOptions, decision: OperatorDecision,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """model.json's fields: kernel, store and its fingerprint, the ridge and the solver's report."""
+    res = report.result
+    return {
+        "kernel": g.meta.kernel,
+        "kind": g.meta.kind,
+        "dtype": g.meta.dtype,
+        "ridge": o.ridge,
+        "ridge_absolute": o.ridge_absolute,
+        "lam": report.lam,
+        "store": g.url,
+        "store_fingerprint": g.fingerprint,
+        "solver": {
+            "operator": decision.operator,
+            "operator_reason": decision.reason,
+            "preconditioner": report.preconditioner,
+            "rank": report.rank,
+            "tol": o.tol,
+            "iterations": int(res.iterations),
+            "converged": np.asarray(res.converged).tolist(),
+            "final_relative_residuals": np.asarray(res.residuals)[-1].tolist(),
+            "setup_seconds": report.setup_seconds,
+            "iteration_seconds": report.iteration_seconds,
+            "resumed_from": report.resumed_from,
+        },
+        **(extra or {}),
+    }
+
+
+def _plots(model_dir: str, report: SolveReport, tol: float) -> list[str]:
+    if "://" in model_dir:
+        return []
+    from ntk_scale.plots import plot_residuals, plot_spectrum
+
+    plots = [plot_residuals(report.result.residuals, tol, f"{model_dir}/residuals.png")]
+    if len(report.eigenvalues):
+        plots.append(plot_spectrum(report.eigenvalues, report.lam, f"{model_dir}/spectrum.png"))
+    return plots
+
+
+# -- predict ------------------------------------------------------------------------------------
+def predict(
+    model: str | Model,
+    x_star: Any,
+    run: RunOptions | None = None,
+    *,
+    store: str | None = None,
+) -> np.ndarray:
+    """K(x_star, X) @ A for a model (its directory, or a Model); ``store`` overrides the store
+    recorded in it (its fingerprint must match). x_star: (M, d). Returns (M,) or (M, C)."""
+    m = load_model(model) if isinstance(model, str) else model
+    url = store or m.store_url
+    g = GramStore.open(url)
+    if m.meta.get("store_fingerprint") != g.fingerprint:
+        raise ValueError(
+            f"the model was fitted on store {m.meta.get('store_fingerprint', '?')[:12]}…, but "
+            f"{url} holds {g.fingerprint[:12]}…; use the store the model was fitted on (see "
+            "model.json) or fit again"
+        )
+    return predict_from_store(url, m.alpha, x_star, run)
+
+
+# -- fit ----------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """Validated inputs: y as (N, C) float64 (one-hot for classification)."""
+
+    x_train: Any
+    y_train: np.ndarray
+    classes: np.ndarray | None
+    x_test: Any | None
+    y_test: np.ndarray | None
+
+
+def prepare_inputs(x_train, y_train, x_test=None, y_test=None, task="regression") -> Inputs:
+    """Validate everything up front: shapes, widths, NaN, labels."""
+    if len(getattr(x_train, "shape", ())) != 2:
+        check_features(x_train, "x_train")
+    n, d = x_train.shape
+    classes, y = None, np.asarray(y_train)
+    if task == "classification":
+        if y.ndim != 1:
+            raise ValueError(f"y_train must be 1-D class labels for classification, got {y.shape}")
+        classes, codes = np.unique(y, return_inverse=True)
+        y = np.eye(len(classes))[codes]
+    check_targets(y, n)
+    if x_test is not None and (len(x_test.shape) != 2 or x_test.shape[1] != d):
+        raise ValueError(
+            f"x_test has shape {tuple(x_test.shape)} but the training data has {d} features; "
+            "test features must have the training width"
+        )
+    if y_test is not None and x_test is not None and len(y_test) != x_test.shape[0]:
+        raise ValueError(f"y_test has {len(y_test)} rows but x_test has {x_test.shape[0]}")
+    return Inputs(x_train, np.asarray(y, dtype=np.float64), classes, x_test, y_test)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitReport:
+    """gram: the GramReport; solve: the SolveResult; seconds: per stage; predictions and test
+    metrics when test inputs were given."""
+
+    gram: GramReport
+    solve: SolveResult
+    seconds: dict[str, float]
+    predictions: np.ndarray | None = None
+    test: dict[str, float] | None = None
+
+
+def fit(
+    inputs: Inputs,
+    spec: FullyConnected,
+    store: str,
+    gram_options: GramOptions | None = None,
+    solve_options: SolveOptions | None = None,
+    run: RunOptions | None = None,
+    *,
+    model_dir: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> FitReport:
+    """gram -> solve -> (predict on inputs.x_test): the whole regression, one store.
+
+    The solver operator is chosen first, so a matrix-free fit computes no stored tile.
+    """
+    go, so, run = (
+        gram_options or GramOptions(),
+        solve_options or SolveOptions(),
+        run or RunOptions(),
+    )
+    n, d = inputs.x_train.shape
+    decision = choose_solver_operator(so.operator, spec, n, d, go, run, store)
+    so = dataclasses.replace(so, operator=decision.operator)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    g = gram(inputs.x_train, spec, store, go, run, compute_tiles=so.operator != "matrixfree")
+    seconds["gram"] = time.perf_counter() - t0
+    classes = None if inputs.classes is None else inputs.classes.tolist()
+    more = {"classes": classes, **(extra or {})}
+    s = solve(store, inputs.y_train, so, run, model_dir=model_dir, extra=more)
+    s = dataclasses.replace(s, decision=decision)
+    seconds["solve"] = time.perf_counter() - t0 - seconds["gram"]
+    if inputs.x_test is None:
+        return FitReport(g, s, seconds)
+    t2 = time.perf_counter()
+    pred = predict(Model(s.alpha, s.meta), inputs.x_test, run, store=store)
+    seconds["predict"] = time.perf_counter() - t2
+    test = None if inputs.y_test is None else metrics(pred, inputs.y_test, inputs.classes)
+    return FitReport(g, s, seconds, pred, test)
+
+
+def metrics(pred: np.ndarray, y: np.ndarray, classes: np.ndarray | None) -> dict[str, float]:
+    """Accuracy (classification: argmax of the decision values) or MSE and R²."""
+    if classes is not None:
+        labels = classes[np.argmax(pred, axis=1)]
+        return {"accuracy": float(np.mean(labels == np.asarray(y)))}
+    y = np.asarray(y, dtype=np.float64).reshape(pred.shape)
+    mse = float(np.mean((pred - y) ** 2))
+    return {"mse": mse, "r2": float(1 - mse / np.mean((y - y.mean(axis=0)) ** 2))}
+
+
+def write_npy(path: str, array: np.ndarray) -> None:
+    """array to a .npy file at a path or URL (never pickled)."""
+    fs, root = fsspec.core.url_to_fs(path)
+    fs.makedirs(os.path.dirname(root), exist_ok=True)
+    with fs.open(root, "wb") as f:
+        np.save(f, np.asarray(array), allow_pickle=False)
+
+
+def write_json(path: str, obj: Any) -> None:
+    """obj as indented JSON at a path or URL."""
+    fs, root = fsspec.core.url_to_fs(path)
+    fs.makedirs(os.path.dirname(root), exist_ok=True)
+    with fs.open(root, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+
+
+# -- verify -------------------------------------------------------------------------------------
+def verify(store: str, repair: bool = False, run: RunOptions | None = None) -> tuple[Any, Any]:
+    """Re-read every tile's checksum: (VerifyReport, None), or with ``repair`` the missing and
+    corrupted tiles recomputed: (the VerifyReport before, the GramReport of the repair)."""
+    g = GramStore.open(store, mode="r+" if repair else "r")
+    found = g.verify()
+    if found.ok or not repair:
+        return found, None
+    g.invalidate(found.corrupted)
+    return found, run_store(g, run or RunOptions(progress=False))
