@@ -424,6 +424,8 @@ class Pool:
 
     def _grow(self, want: int) -> None:
         room = self.capacity()
+        if room <= len(self.slots) and self._fits_cluster():
+            room = len(self.slots) + 1  # busy now, not too small: try one, for the timeout
         n_new = max(0, min(want, room) - len(self.slots))
         pending = [self._start(len(self.slots) + k) for k in range(n_new)]
         ready = self._await_ready(pending)
@@ -433,6 +435,12 @@ class Pool:
             if self.slots:
                 warnings.warn(msg, RuntimeWarning, stacklevel=3)
                 print(f"ntk-scale: warning: {msg}", flush=True)
+
+    def _fits_cluster(self) -> bool:
+        """Whether one more host fits the cluster's total resources (ignoring what is in use)."""
+        total = self.ray.cluster_resources()
+        key, per = ("GPU", 1) if self.request.use_gpu else ("CPU", self.request.threads)
+        return total.get(key, 0) >= per * (len(self.slots) + 1)
 
     def _start(self, index: int) -> tuple[int, Any, Any]:
         handle = self._remote.remote(self._cores(index))

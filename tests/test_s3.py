@@ -236,6 +236,17 @@ def _wait_stable(client, prefix: str, seconds: float = 3.0, limit: float = 60.0)
     raise AssertionError(f"objects under {prefix} still changing a minute after the kill")
 
 
+def _free_the_cores(ray) -> None:
+    """Stop this process's workers and wait until Ray has their CPUs back."""
+    import ntk_scale
+
+    ntk_scale.shutdown()
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        assert time.monotonic() < deadline, "Ray did not release the workers' CPUs in 60 s"
+        time.sleep(0.2)
+
+
 def test_killed_gram_driver_resumes_from_the_bucket(ray_local, s3, tmp_path):
     """A driver process on the session's Ray, SIGKILLed mid-run (as when the machine running it
     is lost): its lock stays in the bucket, the rerun takes it over and computes only the tiles
@@ -247,6 +258,7 @@ def test_killed_gram_driver_resumes_from_the_bucket(ray_local, s3, tmp_path):
     url, prefix = f"{ROOT}/resume/gram.zarr", "resume/gram.zarr/tiles/"
     log = open(tmp_path / "driver.log", "w")
     address = ray_local.get_runtime_context().gcs_address
+    _free_the_cores(ray_local)  # this process's worker pool holds the cluster's two CPUs
     proc = subprocess.Popen(
         [sys.executable, str(SCRIPTS / "gram_driver.py"), url, str(n), str(tile)],
         env={**os.environ, "RAY_ADDRESS": address},
