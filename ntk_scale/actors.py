@@ -353,6 +353,7 @@ class Slot:
     index: int
     handle: Any
     info: dict[str, Any]
+    info_ref: Any = None  # a replacement's pending info(), until it is known
 
     @property
     def pid(self) -> int:
@@ -401,6 +402,7 @@ class Pool:
         """``workers`` hosts (None: one per GPU, else per CPU slot), at most ``limit``; starts
         missing ones. Fewer than asked can be placed: warns and goes on with those; none:
         raises PlacementError naming the request and what the cluster has."""
+        self.refresh()
         want = workers or self.default_workers()
         if limit is not None:
             want = max(1, min(want, limit))
@@ -475,7 +477,7 @@ class Pool:
         (info pending) and the ref of its info(), to be waited on with the caller's other work."""
         self.ray.kill(slot.handle, no_restart=True)
         index, handle, ref = self._start(slot.index)
-        new = Slot(index, handle, {})
+        new = Slot(index, handle, {}, ref)
         self.slots[slot.index] = new
         return new, ref
 
@@ -506,7 +508,18 @@ class Pool:
             "threads_per_worker, or join a bigger cluster (--address / RAY_ADDRESS)"
         )
 
+    def refresh(self) -> None:
+        """Fill in the info of replacements started but not yet heard from (dead ones leave)."""
+        for slot in list(self.slots):
+            if not slot.info and slot.info_ref is not None:
+                slot.info = self._info_or_none(slot.info_ref) or {}
+                slot.info_ref = None
+        self.slots = [s for s in self.slots if s.info]
+        for k, slot in enumerate(self.slots):
+            slot.index = k
+
     def pids(self) -> list[int]:
+        self.refresh()
         return [s.pid for s in self.slots]
 
     def shutdown(self) -> None:

@@ -44,6 +44,7 @@ def _chunks(path) -> dict[str, bytes]:
 
 
 def _kill(pid: int) -> None:
+    assert pid > 0, pid  # never os.kill(-1, ...)
     os.kill(pid, signal.SIGKILL)
 
 
@@ -69,7 +70,7 @@ def test_gram_survives_killed_workers(clean, tmp_path, kill_after):
     def on_tile(record):
         done[0] += 1
         if done[0] in kill_after:
-            victim = pool.slots[len(killed) % len(pool.slots)].pid
+            victim = pool.pids()[len(killed) % len(pool.slots)]
             killed.append(victim)
             _kill(victim)
 
@@ -98,7 +99,7 @@ def test_solve_survives_a_killed_worker(clean, operator):
 
     def on_state(state):
         if state.iteration == 3 and not killed:
-            killed.append(pool.slots[0].pid)
+            killed.append(pool.pids()[0])
             _kill(killed[0])
 
     result = stages.solve(clean, y, opts, RUN, callback=on_state)
@@ -116,7 +117,7 @@ def test_predict_survives_a_killed_worker(clean):
 
     def on_block(i):
         if not killed:
-            killed.append(pool.slots[1].pid)
+            killed.append(pool.pids()[1])
             _kill(killed[0])
 
     got = predict_from_store(clean, alpha, xs, RUN, on_block=on_block)
