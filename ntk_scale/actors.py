@@ -371,6 +371,11 @@ class HostRequest:
     def resources(self) -> dict[str, float]:
         return {"num_gpus": 1} if self.use_gpu else {"num_cpus": self.threads}
 
+    @property
+    def unit(self) -> tuple[str, int]:
+        """(cluster resource name, amount of it per host)."""
+        return ("GPU", 1) if self.use_gpu else ("CPU", self.threads)
+
     def describe(self) -> str:
         return "1 GPU" if self.use_gpu else f"{self.threads} CPU{'s' * (self.threads > 1)}"
 
@@ -413,15 +418,13 @@ class Pool:
         return self.slots[:want]
 
     def default_workers(self) -> int:
-        res = self.ray.cluster_resources()
-        if self.request.use_gpu:
-            return max(1, int(res.get("GPU", 0)))
-        return max(1, int(res.get("CPU", 1) // self.request.threads))
+        key, per = self.request.unit
+        return max(1, int(self.ray.cluster_resources().get(key, 0) // per))
 
     def capacity(self) -> int:
         """Hosts the cluster could hold in all: this pool's plus what is free now."""
         free = self.ray.available_resources()
-        key, per = ("GPU", 1) if self.request.use_gpu else ("CPU", self.request.threads)
+        key, per = self.request.unit
         return len(self.slots) + int(free.get(key, 0) // per + 1e-9)
 
     def _grow(self, want: int) -> None:
@@ -440,9 +443,8 @@ class Pool:
 
     def _fits_cluster(self) -> bool:
         """Whether one more host fits the cluster's total resources (ignoring what is in use)."""
-        total = self.ray.cluster_resources()
-        key, per = ("GPU", 1) if self.request.use_gpu else ("CPU", self.request.threads)
-        return total.get(key, 0) >= per * (len(self.slots) + 1)
+        key, per = self.request.unit
+        return self.ray.cluster_resources().get(key, 0) >= per * (len(self.slots) + 1)
 
     def _start(self, index: int) -> tuple[int, Any, Any]:
         handle = self._remote.remote(self._cores(index))
@@ -492,7 +494,7 @@ class Pool:
     def _no_room(self, want: int, got: int) -> str:
         total = self.ray.cluster_resources()
         free = self.ray.available_resources()
-        key = "GPU" if self.request.use_gpu else "CPU"
+        key = self.request.unit[0]
         have = (
             f"the cluster has {total.get(key, 0):g} {key}s, {free.get(key, 0):g} free beyond "
             f"the {got} worker(s) this process holds"
@@ -514,6 +516,8 @@ class Pool:
             if not slot.info and slot.info_ref is not None:
                 slot.info = self._info_or_none(slot.info_ref) or {}
                 slot.info_ref = None
+            if not slot.info:
+                self.ray.kill(slot.handle, no_restart=True)  # never started: give it back
         self.slots = [s for s in self.slots if s.info]
         for k, slot in enumerate(self.slots):
             slot.index = k

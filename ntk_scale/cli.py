@@ -24,10 +24,6 @@ from ntk_scale.options import (
 )
 
 
-class UsageError(ValueError):
-    """Bad usage or input: exit code 2."""
-
-
 def _kernel_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("kernel")
     spec = FullyConnected()

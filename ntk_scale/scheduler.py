@@ -71,6 +71,7 @@ def run_store(
         if not missing:
             return GramReport(gram.url, total, 0, total, 0, 0, time.perf_counter() - start, 0)
         records, stats, group = _compute(gram, missing, run, lock, on_tile)
+        gram.sweep_partial_writes()  # a killed worker (or an earlier killed run) left these
     entries = sum(gram.plan.tile_at(r["i"], r["j"]).shape[0] * _cols(gram, r) for r in records)
     pids = tuple(sorted({int(r["pid"]) for r in records}))
     return GramReport(
@@ -105,7 +106,7 @@ def _compute(gram: GramStore, missing: list[Tile], run: RunOptions, lock: Any, o
         records.append(record)
         rate = sum(r["entries"] for r in records) / max(time.perf_counter() - t0, 1e-9)
         left = (total - done0 - len(records)) * (time.perf_counter() - t0) / len(records)
-        bar.update(advance=1, rate=f"{rate:.3g} entries/s", eta_s=left)
+        bar.update(advance=1, rate=f"{rate:.3g} entries/s", eta_s=left or None)
         if on_tile is not None:
             on_tile(record)
 

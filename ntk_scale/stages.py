@@ -9,6 +9,7 @@ gram, solve and predict, and estimator refits.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -57,13 +58,14 @@ def gram(
     matrix-free solver. Returns a GramReport (0 computed when nothing was missing).
     """
     o, run = options or GramOptions(), run or RunOptions()
-    if len(getattr(x, "shape", ())) != 2:
-        check_features(x, "x")
-    # The diagonal in blocks of the tile: XLA rounds by shape, so it equals the tiles' diagonal.
-    diag = None if x_cols is not None else diag_blocks(spec, x, o.kind, o.dtype, block=o.tile)
+
+    def diag() -> np.ndarray:
+        # In blocks of the tile: XLA rounds by shape, so this equals the tiles' own diagonal.
+        return diag_blocks(spec, x, o.kind, o.dtype, block=o.tile)
+
     g = GramStore.create(
         store, spec, x, x_cols, kind=o.kind, dtype=o.dtype, tile=o.tile,
-        overwrite=o.overwrite, diag=diag,
+        overwrite=o.overwrite, diag=None if x_cols is not None else diag,
     )  # fmt: skip
     if not compute_tiles:
         total = g.plan.n_tiles
@@ -89,11 +91,20 @@ def choose_solver_operator(
     from one tile timed here and the read rate measured where the store lives)."""
     if operator != "auto":
         return OperatorDecision(operator, "asked for")
+    workers = run.workers or _default_workers(run)
+    return _auto_choice(spec, n, d, o, workers, _store_parent(store))
+
+
+@functools.lru_cache(maxsize=32)
+def _auto_choice(
+    spec: FullyConnected, n: int, d: int, o: GramOptions, workers: int, where: str
+) -> OperatorDecision:
+    """Measured once per process and problem: refits (GridSearchCV) do not time a tile and
+    write a read-rate probe again."""
     from ntk_scale.sizing import choose_operator, measure_read_rate, plan_gram
 
-    workers = run.workers or _default_workers(run)
     plan = plan_gram(n, d, spec, o.kind, o.dtype, o.tile, workers, measure=True)
-    pick = choose_operator(plan, measure_read_rate(_parent(store)))
+    pick = choose_operator(plan, measure_read_rate(where))
     return OperatorDecision(pick.choice, f"auto: {pick.reason}")
 
 
@@ -103,7 +114,9 @@ def _default_workers(run: RunOptions) -> int:
     return pool_for(run).default_workers()
 
 
-def _parent(url: str) -> str:
+def _store_parent(url: str) -> str:
+    """The directory (or URL prefix) a store lives in; a local one is created, since "auto"
+    measures its disk before the store exists."""
     head = url.rstrip("/").rsplit("/", 1)[0] if "/" in url.rstrip("/") else "."
     if "://" not in url:
         os.makedirs(head or ".", exist_ok=True)

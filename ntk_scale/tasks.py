@@ -234,7 +234,7 @@ class _Queue:
         self.g, self.method, self.args_of, self.on_done = group, method, args_of, on_done
         self.on_tick, self.name_of, self.opts = on_tick, name_of, group.run
         self.queue = collections.deque(tasks)
-        self.inflight: dict[Any, tuple[Any, _Member]] = {}
+        self.inflight: dict[Any, tuple[Any, _Member, Any]] = {}  # ref -> task, member, handle
         self.attempts: collections.Counter = collections.Counter()
         self.killed: collections.Counter = collections.Counter()
         self.stats = QueueStats()
@@ -261,11 +261,11 @@ class _Queue:
         return self.stats
 
     def _load(self) -> collections.Counter:
-        return collections.Counter(id(m) for _, m in self.inflight.values())
+        return collections.Counter(id(m) for _, m, _ in self.inflight.values())
 
     def _submit(self) -> None:
         load = self._load()
-        suspects_on = {id(m) for t, m in self.inflight.values() if self.killed[t]}
+        suspects_on = {id(m) for t, m, _ in self.inflight.values() if self.killed[t]}
         for m in sorted(self.g.ready_members(), key=lambda m: load[id(m)]):
             while self.queue and id(m) not in suspects_on:
                 if load[id(m)] >= self.opts.tasks_per_worker:
@@ -275,7 +275,7 @@ class _Queue:
                     break  # a task that killed a worker runs alone, so a death is its own
                 self.queue.popleft()
                 ref = self.g.submit(m, self.method, *self.args_of(task))
-                self.inflight[ref] = (task, m)
+                self.inflight[ref] = (task, m, m.slot.handle)
                 load[id(m)] += 1
                 if self.killed[task]:
                     suspects_on.add(id(m))
@@ -284,11 +284,11 @@ class _Queue:
         if ref not in self.inflight:
             self.g.settle(ref)
             return False
-        task, m = self.inflight.pop(ref)
+        task, m, handle = self.inflight.pop(ref)
         try:
             result = self.g.ray.get(ref, timeout=self.opts.call_timeout_s)
         except self.g.ray.exceptions.RayActorError as err:
-            self._lost(task, m, err)
+            self._lost(task, m, handle, err)
             return False
         except self.g.ray.exceptions.RayTaskError as err:
             self._failed(task, err)
@@ -297,11 +297,13 @@ class _Queue:
         self.on_done(task, result)
         return True
 
-    def _lost(self, task: Any, m: _Member, err: Exception) -> None:
+    def _lost(self, task: Any, m: _Member, handle: Any, err: Exception) -> None:
         self.killed[task] += 1
         if self.killed[task] >= self.opts.max_task_deaths:
             raise WorkerLostError(_killer_message(self.g.who, self.name_of(task), err)) from err
-        if m.state == "ready":  # the first of its tasks to report: replace the host once
+        # Replace the host once: the first of its tasks to report does; the others find the
+        # member on its replacement already (attaching, or ready, which must not be killed).
+        if m.state == "ready" and m.slot.handle is handle:
             self.g.replace(m)
         self.stats.retried += 1
         self.queue.appendleft(task)

@@ -23,7 +23,7 @@ from ntk_scale.errors import StoreFormatError, StoreMismatchError, TileCorruptEr
 from ntk_scale.kernels import FullyConnected
 from ntk_scale.plan import DEFAULT_TILE, BlockPlan, Tile
 from ntk_scale.store.codec import check_array_format, chunk_body, decode_chunk
-from ntk_scale.store.fsio import atomic_put, url_fs, zarr_store
+from ntk_scale.store.fsio import atomic_put, sweep_temporaries, url_fs, zarr_store
 from ntk_scale.store.lock import LOCK_STALE_SECONDS, StoreLock
 from ntk_scale.store.markers import Markers
 from ntk_scale.store.meta import (
@@ -97,16 +97,18 @@ class GramStore:
         """Open the store at ``url`` for K(x, x) (or K(x, x_cols)), creating it if absent.
 
         x: (n, d), x_cols: (m, d) or None (symmetric). diag: for a symmetric store the exact
-        diagonal K(x_i, x_i), (n,) finite (:func:`ntk_scale.kernels.diag_blocks`); None for a
-        rectangular one. An existing store made for the same kernel, data and settings is
-        reopened as it is (resume); one made for anything else is refused unless ``overwrite``.
-        Inputs are validated before anything is written.
+        diagonal K(x_i, x_i), (n,) finite (:func:`ntk_scale.kernels.diag_blocks`), or a function
+        returning it, called only when the store is new (a resumed store has its diagonal);
+        None for a rectangular one. An existing store made for the same kernel, data and
+        settings is reopened as it is (resume); one made for anything else is refused unless
+        ``overwrite``. Inputs are validated before anything is written or removed.
         """
         meta = make_meta(spec, x, x_cols, kind, dtype, tile)
-        diag = check_diag(diag, meta)
         found = _reusable(url, meta, overwrite)
         if found is not None:
             return cls(url, found, mode="r+")
+        diag = check_diag(diag() if callable(diag) else diag, meta)
+        remove(url)
         _write_new(url, meta, x, x_cols, diag)
         return cls(url, meta, mode="r+")
 
@@ -279,6 +281,11 @@ class GramStore:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(self._chunk_path(i, j))
 
+    def sweep_partial_writes(self) -> int:
+        """Remove what writers killed mid-write left (temporary chunk and marker files); only
+        while no worker writes, i.e. by the driver holding the lock after a run."""
+        return sweep_temporaries(self.fs, [f"{self.root}/gram/c", self._markers.dir])
+
     # -- the driver's lock ----------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, stale_after: float = LOCK_STALE_SECONDS) -> Iterator[StoreLock]:
@@ -335,10 +342,11 @@ def remove(url: str) -> None:
 
 # -- creation -----------------------------------------------------------------------------------
 def _reusable(url: str, meta: StoreMeta, overwrite: bool) -> StoreMeta | None:
-    """The metadata of a matching store at ``url`` (to resume), or None once ``url`` is clear.
+    """The metadata of a matching store at ``url`` (to resume), or None when ``url`` may be
+    replaced (nothing there, a partial store, or ``overwrite``).
 
     Raises StoreMismatchError for a store of other inputs, or anything that is not a store,
-    unless ``overwrite`` (then it is removed).
+    unless ``overwrite``. Removes nothing.
     """
     if exists(url):
         found = read_meta(url)
@@ -352,7 +360,6 @@ def _reusable(url: str, meta: StoreMeta, overwrite: bool) -> StoreMeta | None:
             raise StoreMismatchError(
                 f"{url} exists and is not an ntk_scale store; use a new path or --overwrite"
             )
-    remove(url)
     return None
 
 
