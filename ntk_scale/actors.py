@@ -439,7 +439,6 @@ class Pool:
             msg = self._no_room(want, len(self.slots))
             if self.slots:
                 warnings.warn(msg, RuntimeWarning, stacklevel=3)
-                print(f"ntk-scale: warning: {msg}", flush=True)
 
     def _fits_cluster(self) -> bool:
         """Whether one more host fits the cluster's total resources (ignoring what is in use)."""

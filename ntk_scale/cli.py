@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from ntk_scale.kernels import ACTIVATIONS, FullyConnected
@@ -240,8 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    warnings.formatwarning = _one_line_warning
     args = build_parser().parse_args(argv)
     return _dispatch(args.func, args)
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the CLI shows it: one line naming the problem and the fix, no source."""
+    return f"ntk-scale: warning: {message}\n"
 
 
 def _dispatch(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

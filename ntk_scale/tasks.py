@@ -15,6 +15,7 @@ import collections
 import dataclasses
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -92,10 +93,11 @@ class RoleGroup:
         for m in self.members:
             if m.state == "attaching":
                 m.state = "dead"
-                print(
-                    f"ntk-scale: warning: a {self.who} worker did not start in "
-                    f"{self.run.placement_timeout_s:.0f} s; going on without it",
-                    flush=True,
+                warnings.warn(
+                    f"a {self.who} worker did not start in {self.run.placement_timeout_s:.0f} s;"
+                    " going on without it",
+                    RuntimeWarning,
+                    stacklevel=4,
                 )
 
     def _dead_parts(self) -> list[int]:
