@@ -29,14 +29,16 @@ STORES = {"f64": (600, "float64"), "f32": (333, "float32")}
 
 @pytest.fixture(scope="module")
 def stores(ray_local, tmp_path_factory):
-    """name -> (url, K (N, N) float64): two small stores made by the Gram engine."""
+    """name -> (url, K (N, N) float64): two small stores made by the Gram engine, and the dense
+    twin computed from X by the kernel in one call."""
     root = tmp_path_factory.mktemp("operator-stores")
     out = {}
     for name, (n, dtype) in STORES.items():
         x = np.random.default_rng(n).standard_normal((n, 6))
         url = str(root / f"{name}.zarr")
         stages.gram(x, SPEC, url, GramOptions(dtype=dtype, tile=128), OPTS)
-        out[name] = (url, GramStore.open(url).to_dask().compute().astype(np.float64))
+        # The twin is the kernel of X in one call, not the store's own chunks read back.
+        out[name] = (url, SPEC.kernel(x, dtype=dtype).astype(np.float64))
     return out
 
 
@@ -46,6 +48,8 @@ def tile_bytes(store: GramStore, tiles) -> int:
 
 class StoreOperatorContract(OperatorContract):
     """The operator contract plus PCG against a dense Cholesky solve."""
+
+    pcg_rtol = 1e-8
 
     @pytest.mark.parametrize("name", ["rpcholesky", "none"])
     def test_pcg_matches_cholesky(self, pair, name):
@@ -57,7 +61,7 @@ class StoreOperatorContract(OperatorContract):
         M = nystrom(op, 60, lam, pivots="rpcholesky", seed=0) if name != "none" else identity()
         res = solve_pcg(op, Y, lam, M, tol=1e-10)
         assert res.converged.all()
-        assert np.linalg.norm(res.x - ref) / np.linalg.norm(ref) <= 1e-8
+        assert np.linalg.norm(res.x - ref) / np.linalg.norm(ref) <= self.pcg_rtol
 
 
 class TestStoredOperator(StoreOperatorContract):
@@ -91,8 +95,12 @@ class TestStoredOperator(StoreOperatorContract):
 
 
 class TestStoredOperatorFloat32(StoreOperatorContract):
-    rtol = 1e-12  # float32 entries, float64 products: exact against the upcast twin
+    # The twin is the float32 kernel of X in one call; the store's tiles were computed tile by
+    # tile, so entries differ by float32 rounding (~1e-7 relative). Measured here: products
+    # 7e-8 of their scale, PCG 1.9e-6 relative (cond(K + λI) = 2.5e3); bounds ~10x above.
+    rtol = 1e-6
     columns_rtol = 1e-6
+    pcg_rtol = 2e-5
 
     @pytest.fixture
     def pair(self, stores):
@@ -157,7 +165,8 @@ def test_panel_worker_without_ray(stores, budget):
         worker = PanelWorker(url, a, b, budget)
         r0, r1 = worker.stats()["rows"]
         assert worker.stats()["in_memory"] == (budget > 0)
-        np.testing.assert_allclose(worker.matmat(P), K[r0:r1] @ P, rtol=0, atol=1e-12 * K.max())
+        want = K[r0:r1] @ P  # float32 tiles vs the one-call twin: float32 rounding (see above)
+        np.testing.assert_allclose(worker.matmat(P), want, rtol=0, atol=1e-6 * np.abs(want).max())
 
 
 @pytest.mark.parametrize(
