@@ -1,19 +1,26 @@
 """`ntk-scale plan`: tiles, bytes, FLOPs, memory and a measured wall-time estimate for a Gram job.
 
-A Gram job is bound by whichever is slower: computing the tiles on the workers, or writing the
-stored upper triangle to the store (every worker writes to the same store). The estimate is
-``max(seconds_per_tile * tiles / workers, bytes_on_disk / write_bytes_per_s)``; both rates are
-measured on this machine, the write rate in the store itself (a local directory or any fsspec
-URL). Probes live in a temporary directory under the store URL and are always removed.
+A Gram job is bound by whichever is slower: the workers computing and writing their tiles, or
+the store's disk taking the stored upper triangle (every worker writes to the same store). The
+estimate is ``max(seconds_per_tile * tiles / workers, bytes_on_disk / write_bytes_per_s)``.
+``seconds_per_tile`` is measured as a worker spends it: in a child process pinned to the
+worker's cores with the worker's thread settings, computing one tile and encoding and writing
+its chunk into the store (timed on the driver, with all its cores, a tile took 2.4-2.8x less
+than on a one-core worker here, and the write's checksum and copy share the worker's core).
+The disk's rate is measured in the store itself (a local directory or any fsspec URL). Probes
+live in a temporary directory under the store URL and are always removed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -30,6 +37,9 @@ from ntk_scale.plan import BlockPlan
 _FLOPS_PER_ENTRY_LAYER = 40
 _PROBE_PREFIX = ".ntk-probe-"
 _PROBE_FILE_BYTES = 16 << 20
+#: The disk's write rate is probed with the store's bytes up to this much: a small probe sees
+#: the disk's cache, a store of several GB its sustained rate.
+_MAX_WRITE_PROBE = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +68,16 @@ class GramPlan:
     write_seconds: float | None
     bound: str | None  # "compute", "write", or None (write rate or compute time unknown)
     estimated_seconds: float | None
+    #: The part of seconds_per_tile spent encoding and writing the tile's chunk (None: unknown).
+    tile_write_seconds: float | None = None
+    #: One off-diagonal tile's compute alone (what the matrix-free operator recomputes).
+    tile_compute_seconds: float | None = None
 
     def rows(self) -> list[tuple[str, str]]:
         """(label, value) pairs for `ntk-scale plan`."""
         per = "-" if self.seconds_per_tile is None else f"{self.seconds_per_tile:.3f} s"
+        if self.seconds_per_tile is not None and self.tile_write_seconds is not None:
+            per += f" (of which writing its chunk {self.tile_write_seconds:.3f} s)"
         rate = "not measured" if self.write_bytes_per_s is None else _rate(self.write_bytes_per_s)
         return [
             ("samples N / features d", f"{self.n:,} / {self.d:,}"),
@@ -70,7 +86,7 @@ class GramPlan:
             ("bytes on disk", _bytes(self.bytes_on_disk)),
             ("FLOPs", f"{self.flops:.3e}"),
             ("memory per worker", _bytes(self.worker_memory_bytes)),
-            ("measured time per tile", per),
+            ("time per stored tile, one worker (mean)", per),
             (f"compute estimate ({self.workers} workers)", _maybe(self.compute_seconds)),
             ("store write rate", rate),
             ("write time (bytes on disk / write rate)", _maybe(self.write_seconds)),
@@ -103,17 +119,26 @@ def plan_gram(
     store_url: str | None = None,
     write_bytes_per_s: float | None = None,
     seconds_per_tile: float | None = None,
+    threads: int = 1,
 ) -> GramPlan:
     """Size a K(X, X) job for X (n, d). With ``measure``, one (tile, tile) tile is timed on this
-    machine (synthetic data) unless ``seconds_per_tile`` is given, and the write rate (bytes/s)
-    is measured under ``store_url`` unless ``write_bytes_per_s`` is given."""
+    machine as a worker pinned to ``threads`` cores spends it (synthetic data; with
+    ``store_url`` its chunk is also written there) unless ``seconds_per_tile`` is given, and the
+    disk's write rate (bytes/s) is measured under ``store_url`` unless ``write_bytes_per_s`` is
+    given (with a probe of the store's size, at most ``_MAX_WRITE_PROBE`` bytes)."""
     _check_sizes(n, d, workers, seconds_per_tile, write_bytes_per_s)
     plan = BlockPlan.square(n, min(tile, n))
     t, item, entries = plan.tile, np.dtype(dtype).itemsize, plan.entries()
+    tile_write = compute = None
     if measure and seconds_per_tile is None:
-        seconds_per_tile = _time_tile(spec, kind, dtype, t, d)
+        timed = time_worker_tile(spec, kind, dtype, t, d, threads, store_url)
+        compute, diagonal, tile_write = timed
+        b = plan.row_blocks  # b of the tiles are diagonal (their own, exactly symmetric path)
+        mean = (b * diagonal + (plan.n_tiles - b) * compute) / plan.n_tiles
+        seconds_per_tile = mean + (tile_write or 0.0)
     if measure and write_bytes_per_s is None and store_url is not None:
-        write_bytes_per_s = measure_write_rate(store_url)
+        probe = max(256 << 20, min(entries * item, _MAX_WRITE_PROBE))
+        write_bytes_per_s = measure_write_rate(store_url, nbytes=probe)
     return GramPlan(
         n=n,
         d=d,
@@ -126,6 +151,8 @@ def plan_gram(
         flops=float(entries) * (2 * d + _FLOPS_PER_ENTRY_LAYER * spec.depth),
         worker_memory_bytes=item * (2 * t * d + 6 * t * t),  # inputs + the recursion's live tiles
         **_timing(plan.n_tiles, entries * item, workers, seconds_per_tile, write_bytes_per_s),
+        tile_write_seconds=tile_write,
+        tile_compute_seconds=compute,
     )
 
 
@@ -166,16 +193,72 @@ def _bound(compute: float | None, write: float | None) -> tuple[str | None, floa
     return ("write", write) if write > compute else ("compute", compute)
 
 
-def _time_tile(spec: FullyConnected, kind: str, dtype: str, t: int, d: int) -> float:
-    """Seconds for one (t, t) tile from (t, d) inputs, after a warm-up call (compilation)."""
+def time_worker_tile(
+    spec: FullyConnected,
+    kind: str,
+    dtype: str,
+    t: int,
+    d: int,
+    threads: int = 1,
+    store_url: str | None = None,
+) -> tuple[float, float, float | None]:
+    """(off-diagonal, diagonal, write) seconds of one (t, t) tile from (t, d) inputs as a worker
+    spends them: in a child process pinned to ``threads`` cores with a worker's environment,
+    after a warm-up call (compilation); diagonal: a diagonal tile (the exactly symmetric path);
+    write: encoding its chunk and writing it atomically into a probe under a local
+    ``store_url`` (None for no store or an object store, whose puts are network-bound)."""
+    from ntk_scale.actors import worker_env
+
+    with contextlib.ExitStack() as stack:
+        where = None
+        if store_url is not None and _store_root(store_url)[2]:
+            where = stack.enter_context(_probe(store_url))[1]
+        args = [spec.to_json(), kind, dtype, str(t), str(d), where or ""]
+        cores = set(sorted(os.sched_getaffinity(0))[: max(1, threads)])
+        proc = subprocess.run(
+            [sys.executable, "-m", "ntk_scale.sizing", *args],
+            env={**os.environ, **worker_env(False, threads)},
+            preexec_fn=lambda: os.sched_setaffinity(0, cores),
+            capture_output=True, text=True, timeout=1800, check=False,
+        )  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"timing a tile failed: {proc.stderr[-2000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out["compute"], out["diagonal"], out["write"]
+
+
+def _worker_tile_main(argv: list[str]) -> None:
+    """The child of :func:`time_worker_tile`: prints {"compute", "diagonal", "write"} seconds."""
+    from ntk_scale.kernels import spec_from_json
+    from ntk_scale.store import atomic_put, chunk_body, url_fs
+
+    spec, kind, dtype, t, d, where = (
+        spec_from_json(argv[0]),
+        *argv[1:3],
+        *map(int, argv[3:5]),
+        argv[5],
+    )
     rng = np.random.default_rng(0)
-    x1 = rng.normal(size=(t, d)).astype(dtype)
-    x2 = rng.normal(size=(t, d)).astype(dtype)
-    fn = tile_function(spec, kind, dtype)
+    x1, x2 = (rng.normal(size=(t, d)).astype(dtype) for _ in range(2))
+    fn, sym = tile_function(spec, kind, dtype), tile_function(spec, kind, dtype, symmetric=True)
     fn(x1, x2).block_until_ready()
+    sym(x1, x1).block_until_ready()
     start = time.perf_counter()
-    fn(x1, x2).block_until_ready()
-    return time.perf_counter() - start
+    values = np.asarray(fn(x1, x2))
+    compute, write = time.perf_counter() - start, None
+    start = time.perf_counter()
+    np.asarray(sym(x1, x1))
+    diagonal = time.perf_counter() - start
+    if where:
+        fs = url_fs(where)[0]
+        times = []
+        for k in range(3):
+            start = time.perf_counter()
+            body, crc = chunk_body(values, t, np.dtype(dtype))
+            atomic_put(fs, f"{where}/chunk-{k}", body, crc.to_bytes(4, "little"))
+            times.append(time.perf_counter() - start)
+        write = float(np.median(times))
+    print(json.dumps({"compute": compute, "diagonal": diagonal, "write": write}), flush=True)
 
 
 def _bytes(n: float) -> str:
@@ -363,12 +446,19 @@ def choose_operator(plan: GramPlan, read_bytes_per_s: float) -> OperatorChoice:
         raise ValueError("choose_operator needs a measured plan (plan_gram(..., measure=True))")
     blocks = math.ceil(plan.n / plan.tile)
     stored = plan.bytes_on_disk / read_bytes_per_s
-    recompute = blocks * blocks * plan.seconds_per_tile / plan.workers
+    per_tile = plan.tile_compute_seconds  # every block recomputed, nothing written
+    if per_tile is None:
+        per_tile = plan.seconds_per_tile
+    recompute = blocks * blocks * per_tile / plan.workers
     choice = "matrixfree" if recompute < stored else "stored"
     reason = (
         f"a product reads {_bytes(plan.bytes_on_disk)} at {_rate(read_bytes_per_s)} = "
         f"{_duration(stored)}, or recomputes {blocks * blocks:,} tiles at "
-        f"{plan.seconds_per_tile:.3f} s on {plan.workers} workers = {_duration(recompute)}: "
+        f"{per_tile:.3f} s on {plan.workers} workers = {_duration(recompute)}: "
         f"{'recomputing' if choice == 'matrixfree' else 'reading'} is cheaper"
     )
     return OperatorChoice(choice, stored, recompute, read_bytes_per_s, reason)
+
+
+if __name__ == "__main__":
+    _worker_tile_main(sys.argv[1:])

@@ -58,7 +58,9 @@ def test_no_probe_in_cwd_and_none_left_in_store(tmp_path, monkeypatch):
     monkeypatch.chdir(cwd)
     small_write = sizing.measure_write_rate
     monkeypatch.setattr(
-        sizing, "measure_write_rate", lambda url: small_write(url, nbytes=SMALL, file_bytes=1 << 20)
+        sizing,
+        "measure_write_rate",
+        lambda url, **_: small_write(url, nbytes=SMALL, file_bytes=1 << 20),
     )
     made = _record_writes(monkeypatch)
     plan = plan_gram(64, 3, SPEC, tile=32, workers=2, measure=True, store_url=str(store))
