@@ -31,7 +31,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from ntk_scale.kernels import FullyConnected, tile_function
-from ntk_scale.plan import BlockPlan
+from ntk_scale.plan import DEFAULT_TILE, BlockPlan
 
 # Elementwise work per entry and hidden layer of the recursion (arccos polynomial, sqrt, ...).
 _FLOPS_PER_ENTRY_LAYER = 40
@@ -113,7 +113,7 @@ def plan_gram(
     spec: FullyConnected,
     kind: str = "ntk",
     dtype: str = "float32",
-    tile: int = 2048,
+    tile: int = DEFAULT_TILE,
     workers: int = 1,
     measure: bool = True,
     store_url: str | None = None,
