@@ -241,9 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    warnings.formatwarning = _one_line_warning
     args = build_parser().parse_args(argv)
-    return _dispatch(args.func, args)
+    shown, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    try:
+        return _dispatch(args.func, args)
+    finally:
+        warnings.formatwarning = shown
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

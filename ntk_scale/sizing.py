@@ -213,12 +213,11 @@ def time_worker_tile(
         where = None
         if store_url is not None and _store_root(store_url)[2]:
             where = stack.enter_context(_probe(store_url))[1]
-        args = [spec.to_json(), kind, dtype, str(t), str(d), where or ""]
-        cores = set(sorted(os.sched_getaffinity(0))[: max(1, threads)])
+        cores = sorted(os.sched_getaffinity(0))[: max(1, threads)]
+        args = [spec.to_json(), kind, dtype, str(t), str(d), where or "", ",".join(map(str, cores))]
         proc = subprocess.run(
             [sys.executable, "-m", "ntk_scale.sizing", *args],
             env={**os.environ, **worker_env(False, threads)},
-            preexec_fn=lambda: os.sched_setaffinity(0, cores),
             capture_output=True, text=True, timeout=1800, check=False,
         )  # fmt: skip
     if proc.returncode != 0:
@@ -229,6 +228,9 @@ def time_worker_tile(
 
 def _worker_tile_main(argv: list[str]) -> None:
     """The child of :func:`time_worker_tile`: prints {"compute", "diagonal", "write"} seconds."""
+    # Pinned first, as a worker is, before the first computation starts XLA's thread pool (no
+    # preexec_fn in the parent: forking a multithreaded driver is unsafe).
+    os.sched_setaffinity(0, {int(c) for c in argv[6].split(",")})
     from ntk_scale.kernels import spec_from_json
     from ntk_scale.store import atomic_put, chunk_body, url_fs
 
