@@ -14,7 +14,7 @@ from ntk_scale.errors import (
     WorkerLostError,
 )
 from ntk_scale.estimator import NTKClassifier, NTKRegressor
-from ntk_scale.kernels import FullyConnected, spec_from_json
+from ntk_scale.kernels import FullyConnected, Myrtle, spec_from_json, stax
 from ntk_scale.linalg import ConvergenceWarning, SolverError
 from ntk_scale.options import GramOptions, RunOptions, SolveOptions
 from ntk_scale.stages import fit, gram, predict, solve, verify
@@ -37,6 +37,7 @@ __all__ = [
     "GramOptions",
     "GramRunError",
     "GramStore",
+    "Myrtle",
     "NTKClassifier",
     "NTKRegressor",
     "PlacementError",
@@ -55,5 +56,6 @@ __all__ = [
     "shutdown",
     "solve",
     "spec_from_json",
+    "stax",
     "verify",
 ]

@@ -3,6 +3,7 @@
 Tile-times-matrix products (the matrix-free operator's and predict's one fused path) live in
 :mod:`ntk_scale.kernels.products`."""
 
+from ntk_scale.kernels import stax
 from ntk_scale.kernels.spec import (
     ACTIVATIONS,
     KERNEL_CODE_VERSION,
@@ -13,16 +14,20 @@ from ntk_scale.kernels.spec import (
     spec_from_json,
     tile_function,
 )
+from ntk_scale.kernels.stax import Layer, Myrtle
 from ntk_scale.kernels.validate import check_features
 
 __all__ = [
     "ACTIVATIONS",
     "KERNEL_CODE_VERSION",
     "FullyConnected",
+    "Layer",
+    "Myrtle",
     "check_features",
     "diag_blocks",
     "diag_function",
     "spec_from_dict",
     "spec_from_json",
+    "stax",
     "tile_function",
 ]

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from ntk_scale.kernels import fc
+from ntk_scale.kernels.stax import Layer, layer_from_dict
 from ntk_scale.kernels.validate import DTYPES, KINDS, check_choice, check_features
 
 #: Bumped whenever a change to the kernel code could change a computed value: stores made by
@@ -112,12 +113,17 @@ def _check_float(name: str, value: Any, ok: Callable[[float], bool], fix: str) -
         raise ValueError(f"{name}={value!r} {fix}")
 
 
-def spec_from_dict(d: dict[str, Any]) -> FullyConnected:
-    """Inverse of ``spec.to_dict()``; unknown types or keys raise ValueError."""
+def spec_from_dict(d: dict[str, Any]) -> FullyConnected | Layer:
+    """Inverse of ``spec.to_dict()`` (a FullyConnected or a stax network); unknown types or
+    keys raise ValueError."""
     d = dict(d)
     kind = d.pop("type", None)
+    if kind == "stax":
+        if set(d) != {"network"}:
+            raise ValueError(f"a stax spec is {{'type': 'stax', 'network': ...}}, got {sorted(d)}")
+        return layer_from_dict(d["network"])
     if kind != "FullyConnected":
-        raise ValueError(f"unknown kernel type {kind!r}; supported: 'FullyConnected'")
+        raise ValueError(f"unknown kernel type {kind!r}; supported: 'FullyConnected', 'stax'")
     known = {f.name for f in dataclasses.fields(FullyConnected)}
     extra = sorted(set(d) - known)
     if extra:
@@ -125,7 +131,7 @@ def spec_from_dict(d: dict[str, Any]) -> FullyConnected:
     return FullyConnected(**d)
 
 
-def spec_from_json(text: str) -> FullyConnected:
+def spec_from_json(text: str) -> FullyConnected | Layer:
     return spec_from_dict(json.loads(text))
 
 
