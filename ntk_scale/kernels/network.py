@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -35,6 +35,7 @@ DEFAULT_KERNEL_MEMORY = 1 << 30
 _LIVE_TENSORS = {"ntk": 8, "nngp": 5}
 _HIGHEST = jax.lax.Precision.HIGHEST
 _POOLING = ("AvgPool", "GlobalAvgPool")
+_ACTIVATIONS = ("Relu", "LeakyRelu", "Abs", "ABRelu", "Erf")
 
 
 # -- static analysis ---------------------------------------------------------------------------
@@ -172,56 +173,33 @@ def chunk_shape(spec: Layer, sample_shape: tuple[int, ...], kind: str, dtype: st
     return c1, c2
 
 
-# -- the interpreter -------------------------------------------------------------------------------
-class State(NamedTuple):
-    """nngp / ntk covariance tensors in ``layout`` (ntk None: zero, or not tracked)."""
-
-    nngp: jax.Array
-    ntk: jax.Array | None
-    layout: str
-    hw: tuple[int, int] | None
-
-
+# -- the traced maps of one segment ----------------------------------------------------------------
+# Covariances travel as one array: real for kind="nngp" (and before the first weighted layer),
+# complex nngp + i·ntk for kind="ntk". Every linear map then acts on both at once, and the
+# activations compute θ once for both outputs; XLA would otherwise split the two outputs into
+# two loops and evaluate the arc-cosine in each.
 class Inputs(NamedTuple):
     """The input layer, not yet materialised: x1 (c1, H, W, C) / (c1, d), x2 likewise."""
 
     x1: jax.Array
     x2: jax.Array
-    layout: str
 
 
-class Context:
-    """Self pass (``stats`` None): records each activation's variance map. Cross pass: reads
-    the recorded maps of both sides in the same (pre-order) sequence."""
+class Op(NamedTuple):
+    """A linear layer with the positions (H, W) of its input (None: a vector)."""
 
-    def __init__(self, ntk: bool, stats: tuple[tuple, tuple] | None = None) -> None:
-        self.ntk = ntk
-        self.stats = None if stats is None else (iter(stats[0]), iter(stats[1]))
-        self.record: list[jax.Array] = []
-
-    def variances(self, state: State) -> tuple[jax.Array, jax.Array]:
-        if self.stats is None:
-            v = spatial.self_variance(state.nngp, state.layout)
-            self.record.append(v)
-            return v, v
-        return next(self.stats[0]), next(self.stats[1])
+    layer: Layer
+    hw: tuple[int, int] | None
 
 
-def _affine(t: jax.Array, w_var: float, b_std: float | None) -> jax.Array:
-    return w_var * t + (0.0 if b_std is None else b_std**2)
-
-
-def _input_cov(inp: Inputs) -> State:
+def _input_cov(inp: Inputs, layout: str) -> jax.Array:
     x1, x2 = inp.x1, inp.x2
-    if inp.layout == "dense":
-        c = jnp.dot(x1, x2.T, precision=_HIGHEST) / x1.shape[1]
-        return State(c, None, "dense", None)
-    hw, ch = x1.shape[1:3], x1.shape[3]
-    if inp.layout == "full":
-        c = jnp.einsum("ahwc,bgvc->ahwbgv", x1, x2, precision=_HIGHEST) / ch
-    else:
-        c = jnp.einsum("ahwc,bhwc->abhw", x1, x2, precision=_HIGHEST) / ch
-    return State(c, None, inp.layout, tuple(hw))
+    if layout == "dense":
+        return jnp.dot(x1, x2.T, precision=_HIGHEST) / x1.shape[1]
+    ch = x1.shape[3]
+    if layout == "full":
+        return jnp.einsum("ahwc,bgvc->ahwbgv", x1, x2, precision=_HIGHEST) / ch
+    return jnp.einsum("ahwc,bhwc->abhw", x1, x2, precision=_HIGHEST) / ch
 
 
 def _patches(x: jax.Array, p: dict[str, Any]) -> jax.Array:
@@ -235,90 +213,165 @@ def _patches(x: jax.Array, p: dict[str, Any]) -> jax.Array:
     return x
 
 
-def _conv_input(inp: Inputs, p: dict[str, Any], ctx: Context) -> State:
-    """The first convolution on the raw input: one matmul of image patches."""
+def _conv_input(inp: Inputs, p: dict[str, Any], layout: str) -> jax.Array:
+    """The first convolution on the raw input, before its weights: one matmul of patches."""
     p1, p2 = _patches(inp.x1, p), _patches(inp.x2, p)
-    k = p1.shape[-1]
-    if inp.layout == "full":
-        c = jnp.einsum("ahwk,bgvk->ahwbgv", p1, p2, precision=_HIGHEST) / k
-    else:
-        c = jnp.einsum("ahwk,bhwk->abhw", p1, p2, precision=_HIGHEST) / k
-    w_var = p["W_std"] ** 2
-    out = _affine(c, w_var, p["b_std"])
-    return State(out, out if ctx.ntk else None, inp.layout, tuple(p1.shape[1:3]))
+    sub = "ahwk,bgvk->ahwbgv" if layout == "full" else "ahwk,bhwk->abhw"
+    return jnp.einsum(sub, p1, p2, precision=_HIGHEST) / p1.shape[-1]
 
 
-def _conv(state: State, p: dict[str, Any], ctx: Context) -> State:
-    axes = spatial.FULL_AXES if state.layout == "full" else spatial.DIAG_AXES
-    (fh, fw), (sh, sw) = p["filter_shape"], p["strides"]
-
-    def lin(t: jax.Array | None) -> tuple[jax.Array | None, tuple[int, int]]:
-        if t is None:
-            return None, (0, 0)
-        t, ho = spatial.conv_axis(t, axes[0], state.hw[0], fh, sh, p["padding"])
-        t, wo = spatial.conv_axis(t, axes[1], state.hw[1], fw, sw, p["padding"])
-        return t / (fh * fw), (ho, wo)
-
-    nngp, hw = lin(state.nngp)
-    ntk = lin(state.ntk)[0] if ctx.ntk else None
-    return _dense_like(State(nngp, ntk, state.layout, hw), p, ctx)
+def _weights(z: jax.Array, p: dict[str, Any], ntk: bool) -> jax.Array:
+    """After the spatial map: nngp' = W²·nngp + b², ntk' = W²·ntk + nngp'."""
+    w_var, b_var = p["W_std"] ** 2, (p["b_std"] or 0.0) ** 2
+    nngp = w_var * jnp.real(z) + b_var
+    if not ntk:
+        return nngp
+    theta = nngp if not jnp.iscomplexobj(z) else w_var * jnp.imag(z) + nngp
+    return jax.lax.complex(nngp, theta)
 
 
-def _dense_like(state: State, p: dict[str, Any], ctx: Context) -> State:
-    w_var = p["W_std"] ** 2
-    out = _affine(state.nngp, w_var, p["b_std"])
-    if not ctx.ntk:
-        return State(out, None, state.layout, state.hw)
-    theta = out if state.ntk is None else w_var * state.ntk + out
-    return State(out, theta, state.layout, state.hw)
+def _linear(z: Any, op: Op, layout: str, ntk: bool) -> jax.Array:
+    name, p = op.layer.name, op.layer.p
+    if isinstance(z, Inputs):
+        if name == "Conv":
+            return _weights(_conv_input(z, p, layout), p, ntk)
+        z = _input_cov(z, layout)
+    if name == "Conv":
+        z = spatial.conv(z, layout, op.hw, p["filter_shape"], p["strides"], p["padding"])[0]
+        return _weights(z, p, ntk)
+    if name == "Dense":
+        return _weights(z, p, ntk)
+    if name == "AvgPool":
+        return spatial.avg_pool(z, op.hw, p["window_shape"], p["strides"], p["padding"],
+                                p["normalize_edges"])[0]  # fmt: skip
+    if op.hw is None or name == "Identity":  # a readout of a vector is the identity
+        return z
+    if name == "GlobalAvgPool":
+        return spatial.global_mean(z)
+    return spatial.flatten(z, layout)
 
 
-def _pool(state: State, p: dict[str, Any]) -> State:
-    (fh, fw), (sh, sw) = p["window_shape"], p["strides"]
-
-    def lin(t: jax.Array | None) -> tuple[jax.Array | None, tuple[int, int]]:
-        if t is None:
-            return None, (0, 0)
-        hw = []
-        for (a1, a2), size, f, s in zip(spatial.FULL_AXES, state.hw, (fh, fw), (sh, sw),
-                                        strict=True):  # fmt: skip
-            for a in (a1, a2):
-                t, out = spatial.pool_axis(t, a, size, f, s, p["padding"], p["normalize_edges"])
-            hw.append(out)
-        return t, tuple(hw)
-
-    nngp, hw = lin(state.nngp)
-    return State(nngp, lin(state.ntk)[0], state.layout, hw)
-
-
-def _activation(state: State, name: str, p: dict[str, Any], ctx: Context) -> State:
-    v1, v2 = ctx.variances(state)
+def _activate(z: jax.Array, layer: Layer, v1: jax.Array, v2: jax.Array, layout: str):
+    name, p = layer.name, layer.p
+    nngp = jnp.real(z)
+    ntk = jnp.imag(z) if jnp.iscomplexobj(z) else None
     if name == "Erf":
-        b2 = p["b"] ** 2
-        prod = spatial.outer(1 + 2 * b2 * v1, 1 + 2 * b2 * v2, state.layout)
-        s, sdot = spatial.erf(b2 * state.nngp, prod, p["a"], p["b"], p["c"])
-        a2 = p["a"] ** 2
-        ntk = None if state.ntk is None else a2 * b2 * state.ntk * sdot
-        return State(a2 * s + p["c"] ** 2, ntk, state.layout, state.hw)
-    a, b = {"Relu": (0.0, 1.0), "Abs": (-1.0, 1.0)}.get(name, (p.get("a"), p.get("b")))
-    if name == "LeakyRelu":
-        a, b = p["alpha"], 1.0
-    s, sdot = spatial.abrelu(state.nngp, spatial.outer(v1, v2, state.layout), a, b)
-    ntk = None if state.ntk is None else state.ntk * sdot
-    return State(s, ntk, state.layout, state.hw)
+        b2, a2 = p["b"] ** 2, p["a"] ** 2
+        prod = spatial.outer(1 + 2 * b2 * v1, 1 + 2 * b2 * v2, layout)
+        s, sdot = spatial.erf(b2 * nngp, prod, p["a"], p["b"], p["c"])
+        s, sdot = a2 * s + p["c"] ** 2, a2 * b2 * sdot
+    else:
+        a, b = {"Relu": (0.0, 1.0), "Abs": (-1.0, 1.0)}.get(name, (p.get("a"), p.get("b")))
+        if name == "LeakyRelu":
+            a, b = p["alpha"], 1.0
+        s, sdot = spatial.abrelu(nngp, v1, v2, layout, a, b)
+    return s if ntk is None else jax.lax.complex(s, ntk * sdot)
 
 
-def _readout(state: State, name: str) -> State:
-    if state.layout == "dense":
-        return state
+@functools.lru_cache(maxsize=512)
+def _segment(ops: tuple[Op, ...], act: Layer | None, layout: str, kind: str, self_pass: bool):
+    """One compiled segment: the pending linear layers, then (optionally) an activation.
 
-    def red(t: jax.Array | None) -> jax.Array | None:
-        if t is None:
-            return None
-        return spatial.global_mean(t) if name == "GlobalAvgPool" else spatial.flatten(
-            t, state.layout)  # fmt: skip
+    Cross pass: f(base, v1, v2) -> z. Self pass (vmapped over images): f(base) -> (z, v), v the
+    variance map the activation used. base: Inputs or the covariance array."""
+    ntk = kind == "ntk"
 
-    return State(red(state.nngp), red(state.ntk), "dense", None)
+    def run(base):
+        z = base
+        for op in ops:
+            z = _linear(z, op, layout, ntk)
+        if isinstance(z, Inputs):
+            z = _input_cov(z, layout)
+        return z
+
+    if self_pass:
+
+        def one(base):
+            z = run(base)
+            if act is None:
+                return z
+            v = spatial.self_variance(jnp.real(z), layout)
+            return _activate(z, act, v, v, layout), v
+
+        if layout == "full":
+            return _self_full(ops, act, kind, jax.jit(run))
+
+        def batched(base):
+            if isinstance(base, Inputs):
+                base = Inputs(base.x1[:, None], base.x2[:, None])
+            else:
+                base = base[:, None]
+            out = jax.vmap(one)(base)
+            return jax.tree_util.tree_map(lambda a: a[:, 0], out)
+
+        return jax.jit(batched)
+
+    def cross(base, v1, v2):
+        z = run(base)
+        return z if act is None else _activate(z, act, v1, v2, layout)
+
+    return jax.jit(cross)
+
+
+def _self_full(ops: tuple[Op, ...], act: Layer | None, kind: str, run: Callable) -> Callable:
+    """The self pass of a full-layout segment, one image per call (vmap made these loops 2x
+    slower). The variance map is a call of its own: XLA then evaluates the linear maps at the
+    same-position entries only, and the activation is the cross pass's own compiled loop,
+    without the pre-activation tensor written out for a diagonal gather."""
+    if act is None:
+        return run
+    cross = _segment(ops, act, "full", kind, False)
+    variance = jax.jit(lambda base: spatial.self_variance(jnp.real(run(base)), "full"))
+
+    def one(base):
+        v = variance(base)
+        return cross(base, v, v), v
+
+    return one
+
+
+# -- the interpreter: the layer tree walked in Python, one compiled segment per activation -----
+class State(NamedTuple):
+    """base: Inputs or a materialised covariance array; pending: linear layers not yet run."""
+
+    base: Any
+    pending: tuple[Op, ...]
+    hw: tuple[int, int] | None
+
+
+class Context:
+    """Self pass (``stats`` None): records each activation's variance map. Cross pass: reads
+    the recorded maps of both sides in the same (pre-order) sequence."""
+
+    def __init__(self, layout: str, kind: str, stats: tuple[tuple, tuple] | None = None) -> None:
+        self.layout, self.kind = layout, kind
+        self.stats = None if stats is None else (iter(stats[0]), iter(stats[1]))
+        self.record: list[jax.Array] = []
+
+    def run(self, state: State, act: Layer | None) -> jax.Array:
+        fn = _segment(state.pending, act, self.layout, self.kind, self.stats is None)
+        if self.stats is None:
+            out = fn(state.base)
+            if act is None:
+                return out
+            z, v = out
+            self.record.append(v)
+            return z
+        v1 = v2 = None
+        if act is not None:
+            v1, v2 = next(self.stats[0]), next(self.stats[1])
+        return fn(state.base, v1, v2)
+
+
+def _out_hw(layer: Layer, hw: tuple[int, int] | None) -> tuple[int, int] | None:
+    name, p = layer.name, layer.p
+    if name in ("Flatten", "GlobalAvgPool"):
+        return None
+    if name in ("Conv", "AvgPool"):
+        window = p["filter_shape"] if name == "Conv" else p["window_shape"]
+        return tuple(spatial.pads(n, f, s, p["padding"]).out
+                     for n, f, s in zip(hw, window, p["strides"], strict=True))  # fmt: skip
+    return hw
 
 
 def _apply(layer: Layer, x: Any, ctx: Context) -> Any:
@@ -332,54 +385,27 @@ def _apply(layer: Layer, x: Any, ctx: Context) -> Any:
     if name == "FanOut":
         return (x,) * p["num"]
     if name == "FanInSum":
-        xs = [_input_cov(xi) if isinstance(xi, Inputs) else xi for xi in x]
-        nngp = sum(s.nngp for s in xs[1:]) + xs[0].nngp
-        ntks = [s.ntk for s in xs if s.ntk is not None]
-        ntk = None if not ntks else sum(ntks[1:]) + ntks[0]
-        return State(nngp, ntk, xs[0].layout, xs[0].hw)
-    if name == "Conv" and isinstance(x, Inputs):
-        return _conv_input(x, p, ctx)
-    if isinstance(x, Inputs):
-        x = _input_cov(x)
-    if name == "Conv":
-        return _conv(x, p, ctx)
-    if name == "Dense":
-        return _dense_like(x, p, ctx)
-    if name == "AvgPool":
-        return _pool(x, p)
-    if name in ("Flatten", "GlobalAvgPool"):
-        return _readout(x, name)
-    if name == "Identity":
-        return x
-    return _activation(x, name, p, ctx)
+        zs = [ctx.run(xi, None) for xi in x]
+        return State(functools.reduce(jnp.add, zs), (), x[0].hw)
+    if name in _ACTIVATIONS:
+        return State(ctx.run(x, layer), (), x.hw)
+    return State(x.base, x.pending + (Op(layer, x.hw),), _out_hw(layer, x.hw))
 
 
-def _result(state: Any, kind: str) -> jax.Array:
-    if isinstance(state, Inputs):
-        state = _input_cov(state)
+def _result(z: jax.Array, kind: str) -> jax.Array:
     if kind == "nngp":
-        return state.nngp
-    return state.ntk if state.ntk is not None else jnp.zeros_like(state.nngp)
+        return jnp.real(z)
+    return jnp.imag(z) if jnp.iscomplexobj(z) else jnp.zeros_like(z)
 
 
-# -- compiled pieces -------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=64)
-def _compiled(spec: Layer, layout: str, kind: str, what: str) -> Callable:
-    ntk = kind == "ntk"
-    if what == "self":
-
-        def one(x):  # x: (*sample_shape): the image paired with itself
-            ctx = Context(ntk)
-            out = _result(_apply(spec, Inputs(x[None], x[None], layout), ctx), kind)
-            return tuple(v[0] for v in ctx.record), out[0, 0]
-
-        return jax.jit(jax.vmap(one))
-
-    def cross(x1, x2, s1, s2):
-        ctx = Context(ntk, (s1, s2))
-        return _result(_apply(spec, Inputs(x1, x2, layout), ctx), kind)
-
-    return jax.jit(cross)
+def run_network(spec: Layer, layout: str, kind: str, base: Inputs, hw: Any,
+                stats: tuple[tuple, tuple] | None = None) -> tuple[jax.Array, list]:  # fmt: skip
+    """The network on ``base``: the cross pass when ``stats`` is given, else the self pass
+    (base: one image with itself for the full layout, else a stack of images, each paired with
+    itself). Returns (the kernel values, the recorded variance maps)."""
+    ctx = Context(layout, kind, stats)
+    out = _apply(spec, State(base, (), hw), ctx)
+    return _result(ctx.run(out, None), kind), ctx.record
 
 
 class Compiled:
@@ -390,8 +416,7 @@ class Compiled:
         check_kind_dtype(kind, dtype)
         self.a = analyse(spec, tuple(sample_shape))
         self.spec, self.kind, self.dtype, self.budget = spec, kind, np.dtype(dtype), budget
-        self._self = _compiled(spec, self.a.layout, kind, "self")
-        self._cross = _compiled(spec, self.a.layout, kind, "cross")
+        self.hw = tuple(sample_shape[:2]) if self.a.layout != "dense" else None
 
     def _shaped(self, x: Any) -> np.ndarray:
         x = np.asarray(x, dtype=self.dtype)
@@ -404,7 +429,7 @@ class Compiled:
         with jax.enable_x64(True):
             for r0 in range(0, n, chunk):
                 part = _pad_rows(x[r0 : r0 + chunk], chunk)
-                vs, d = self._self(part)
+                d, vs = self._self_chunk(part)
                 m = min(chunk, n - r0)
                 if stats is None:
                     stats = [np.empty((n, *v.shape[1:]), dtype=self.dtype) for v in vs]
@@ -412,6 +437,17 @@ class Compiled:
                     out[r0 : r0 + m] = np.asarray(v)[:m]
                 diag[r0 : r0 + m] = np.asarray(d)[:m]
         return tuple(stats or ()), diag
+
+    def _self_chunk(self, part: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Images (c, *S) each paired with itself -> (K(x_i, x_i) (c,), variance maps)."""
+        run = functools.partial(run_network, self.spec, self.a.layout, self.kind, hw=self.hw)
+        if self.a.layout != "full":
+            d, vs = run(Inputs(part, part))
+            return np.asarray(d).reshape(len(part)), vs
+        outs = [run(Inputs(part[k : k + 1], part[k : k + 1])) for k in range(len(part))]
+        d = np.array([float(np.asarray(o[0]).reshape(())) for o in outs])
+        vs = [np.concatenate([np.asarray(o[1][k]) for o in outs]) for k in range(len(outs[0][1]))]
+        return d, vs
 
     def tile(self, x1: Any, x2: Any = None) -> np.ndarray:
         """K(x1, x2) (n1, n2) float64 (computed in dtype); x2=None: the symmetric K(x1, x1)
@@ -431,11 +467,11 @@ class Compiled:
                 for k0 in range(0, n2, c2):
                     if x2 is None and k0 + c2 <= r0:
                         continue
-                    blk = self._cross(
-                        _pad_rows(a[r0 : r0 + c1], c1), _pad_rows(b[k0 : k0 + c2], c2),
-                        tuple(_pad_rows(s[r0 : r0 + c1], c1) for s in s1),
-                        tuple(_pad_rows(s[k0 : k0 + c2], c2) for s in s2),
-                    )  # fmt: skip
+                    stats = (tuple(_pad_rows(s[r0 : r0 + c1], c1) for s in s1),
+                             tuple(_pad_rows(s[k0 : k0 + c2], c2) for s in s2))  # fmt: skip
+                    base = Inputs(_pad_rows(a[r0 : r0 + c1], c1), _pad_rows(b[k0 : k0 + c2], c2))
+                    blk = run_network(self.spec, self.a.layout, self.kind, base, self.hw,
+                                      stats)[0]  # fmt: skip
                     blk = np.asarray(blk)[: min(c1, n1 - r0), : min(c2, n2 - k0)]
                     out[r0 : r0 + blk.shape[0], k0 : k0 + blk.shape[1]] = blk
         if x2 is None:
