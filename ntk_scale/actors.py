@@ -30,6 +30,8 @@ import numpy as np
 
 from ntk_scale.cluster import cluster_gpus, ensure_ray
 from ntk_scale.errors import PlacementError
+from ntk_scale.kernels import Network
+from ntk_scale.kernels.network import chunk_shape
 from ntk_scale.kernels.products import bucket, panel_matmul_function, split_blocks
 from ntk_scale.panels import (
     add_products,
@@ -67,10 +69,18 @@ class GramTileWorker:
         self._sym = tile_function(spec, meta.kind, meta.dtype, symmetric=True)
         self._lock = threading.Lock()
         self._fault = os.environ.get(FAULT_KILL_TILE_ENV)
-        zeros = np.zeros((self.size, meta.d), dtype=meta.dtype)
-        np.asarray(self._fn(zeros, zeros))  # compile now, not inside the first tile's timing
+        self._warm_up(spec, meta)
+
+    def _warm_up(self, spec: Any, meta: Any) -> None:
+        """Compile now, not inside the first tile's timing. A stax network compiles per chunk
+        of pairs: one chunk's worth of rows suffices (its whole tile can take hours)."""
+        rows = (self.size, self.size)
+        if isinstance(spec, Network):
+            rows = chunk_shape(spec.layer, spec.sample_shape, meta.kind, meta.dtype, *rows)
+        zeros = np.zeros((max(rows), meta.d), dtype=meta.dtype)
+        np.asarray(self._fn(zeros[: rows[0]], zeros[: rows[1]]))
         if meta.symmetric:
-            np.asarray(self._sym(zeros, zeros))
+            np.asarray(self._sym(zeros[: min(rows)], zeros[: min(rows)]))
 
     def compute(self, i: int, j: int) -> dict[str, Any]:
         """Compute, write and mark tile (i, j). Returns where and how long it took."""
@@ -191,7 +201,7 @@ class ProductWorker:
         self.x_host = split_blocks(X, tile, self.dtype)
         with jax.enable_x64(True):
             self.xs = jax.device_put(self.x_host)
-        self.panel = panel_matmul_function(spec, kind, dtype)
+        self.panel = panel_matmul_function(spec, kind, dtype, X.shape[0])
         self.spec, self.kind = spec, kind
         self.diag = np.asarray(spec.diag(X[self.r0 : self.r1], kind, dtype), dtype=np.float64)
         self.fixed = None if P is None else self._device_block(np.asarray(P, dtype=np.float64))
@@ -228,7 +238,9 @@ class ProductWorker:
         if self.fixed is None:
             raise ValueError("this ProductWorker has no fixed P; pass P= when creating it")
         rows = x_rows.shape[0]
-        x1 = pad_rows(np.asarray(x_rows, dtype=self.dtype), self.plan.tile)
+        x1 = np.asarray(x_rows, dtype=self.dtype)
+        if not isinstance(self.spec, Network):  # one shape compiles; a network chunks itself
+            x1 = pad_rows(x1, self.plan.tile)
         with self._lock, jax.enable_x64(True):
             out = np.asarray(self.panel(x1, -1, self.xs, self.fixed))
         self.products += 1

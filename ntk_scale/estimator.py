@@ -15,7 +15,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.utils.validation import check_is_fitted
 
-from ntk_scale.kernels import FullyConnected, check_features
+from ntk_scale.kernels import FullyConnected, Layer, Network, bind, check_features
 from ntk_scale.options import GramOptions, RunOptions, SolveOptions, default, pick
 
 
@@ -32,7 +32,7 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
 
     def __init__(
         self,
-        kernel: FullyConnected | None = None,
+        kernel: FullyConnected | Layer | None = None,
         kind: str = default(GramOptions, "kind"),
         ridge: float = default(SolveOptions, "ridge"),
         ridge_absolute: bool = default(SolveOptions, "ridge_absolute"),
@@ -73,17 +73,20 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
 
     # -- fit ------------------------------------------------------------------------------------
     def fit(self, X: Any, y: Any) -> NTKRegressor:
-        """X: (N, d) features, y: (N,) or (N, C) targets."""
+        """X: (N, d) features or (N, H, W, C) images; y: (N,) or (N, C) targets."""
         from ntk_scale import stages
         from ntk_scale.solve import check_targets
 
         go, so, run = self._options()
-        X = check_features(X, "X")
+        X, self.sample_shape_ = _rows(X)
         check_targets(y, X.shape[0])
         self.n_features_in_ = X.shape[1]
-        spec = self.kernel if self.kernel is not None else FullyConnected()
+        spec = bind(
+            self.kernel if self.kernel is not None else FullyConnected(), self.sample_shape_
+        )
         self.store_ = self._store_path(spec, X, go)
-        inputs = stages.Inputs(X, np.asarray(y, dtype=np.float64), None, None, None)
+        y = np.asarray(y, dtype=np.float64)
+        inputs = stages.Inputs(X, y, None, None, None, self.sample_shape_)
         report = stages.fit(inputs, spec, self.store_, go, so, run)
         self.gram_report_, self.solve_result_ = report.gram, report.solve
         self.solve_report_ = report.solve.report
@@ -92,7 +95,7 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
         self.alpha_ = report.solve.alpha
         return self
 
-    def _store_path(self, spec: FullyConnected, X: np.ndarray, go: GramOptions) -> str:
+    def _store_path(self, spec: FullyConnected | Network, X: np.ndarray, go: GramOptions) -> str:
         """The Gram store for these data and kernel settings in workdir (reused by refits)."""
         from ntk_scale.store import fingerprint_rows
 
@@ -105,12 +108,16 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
 
     # -- predict --------------------------------------------------------------------------------
     def predict(self, X: Any) -> np.ndarray:
-        """X: (M, d) -> (M,) or (M, C) predictions K(X, X_train) @ alpha."""
+        """X: (M, d) (or (M, *sample shape) as in fit) -> (M,) or (M, C) predictions
+        K(X, X_train) @ alpha."""
         from ntk_scale import stages
         from ntk_scale.model import Model
 
         check_is_fitted(self, "alpha_")
-        X = check_features(X, "X", dim=self.n_features_in_)
+        X, shape = _rows(X)
+        if shape != self.sample_shape_:
+            raise ValueError(f"X has samples of shape {shape}, the model was fitted on "
+                             f"{self.sample_shape_}; pass inputs shaped as in fit")  # fmt: skip
         model = Model(self.alpha_, self.solve_result_.meta)
         return stages.predict(model, X, self._options()[2], store=self.store_)
 
@@ -140,3 +147,12 @@ class NTKClassifier(ClassifierMixin, NTKRegressor):
 
     def predict(self, X: Any) -> np.ndarray:
         return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+
+
+def _rows(X: Any) -> tuple[np.ndarray, tuple[int, ...]]:
+    """X as validated (N, d) rows and the shape of one sample ((d,) for features)."""
+    arr = np.asarray(X)
+    if arr.ndim > 2:
+        return check_features(arr.reshape(arr.shape[0], -1), "X"), tuple(arr.shape[1:])
+    arr = check_features(arr, "X")
+    return arr, (arr.shape[1],)

@@ -69,3 +69,48 @@ def load_targets(spec: str) -> np.ndarray:
     if y.ndim == 2 and y.shape[1] == 1 and spec.lower().endswith(".csv"):
         y = y[:, 0]
     return y
+
+
+class FlatRows:
+    """A lazy (n, d) view of an (n, *S) array that cannot reshape itself (a Zarr array):
+    slicing rows reads those rows and flattens them."""
+
+    def __init__(self, arr: Any) -> None:
+        self.arr = arr
+        self.shape = (int(arr.shape[0]), int(np.prod(arr.shape[1:])))
+        self.dtype = arr.dtype
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        if isinstance(idx, tuple):
+            rows, cols = idx
+            return self[rows][:, cols]
+        part = np.asarray(self.arr[idx])
+        return part.reshape((-1, self.shape[1])) if part.ndim > 1 else part.reshape(-1)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(self[:], dtype=dtype)
+
+
+def as_rows(x: Any, name: str = "x") -> tuple[Any, tuple[int, ...]]:
+    """(x as an (n, d) matrix, the shape of one sample). Images (n, H, W, C) become rows of
+    H·W·C values without a copy (numpy, memory maps and dask reshape lazily; other arrays, such
+    as Zarr, through :class:`FlatRows`)."""
+    shape = tuple(getattr(x, "shape", ()))
+    if len(shape) < 2:
+        x = np.asarray(x)
+        shape = x.shape
+    if len(shape) < 2:
+        raise ValueError(
+            f"{name} must be (n, d) features or (n, H, W, C) images, got shape {shape}; for one "
+            "sample add a leading axis (x[None])"
+        )
+    if len(shape) == 2:
+        return x, (int(shape[1]),)
+    sample = tuple(int(v) for v in shape[1:])
+    if isinstance(x, np.ndarray) or type(x).__module__.startswith("dask"):
+        return x.reshape((shape[0], -1)), sample
+    return FlatRows(x), sample

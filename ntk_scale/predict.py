@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ntk_scale.actors import ProductWorker, pool_for
-from ntk_scale.kernels import check_features
+from ntk_scale.kernels import Network, check_features
 from ntk_scale.options import RunOptions
 from ntk_scale.plan import BlockPlan
 from ntk_scale.progress import Progress
@@ -38,7 +38,7 @@ def predict_from_store(
     run = run or RunOptions()
     store = GramStore.open(store_url)
     meta = store.meta
-    x_star = check_features(np.asarray(x_star), "x_star", dim=meta.d)
+    x_star = flat_samples(x_star, meta.spec, meta.d)
     a = np.asarray(alpha, dtype=np.float64)
     a2 = a[:, None] if a.ndim == 1 else a
     if a2.shape[0] != meta.n_cols:
@@ -56,6 +56,20 @@ def predict_from_store(
     with RoleGroup(pool, slots, ProductWorker, args, run, "predict").start() as group:
         _run_blocks(group, plan, x_star, out, run, on_block)
     return out[:, 0] if a.ndim == 1 else out
+
+
+def flat_samples(x_star: Any, spec: Any, d: int) -> np.ndarray:
+    """x_star as validated (M, d) rows: (M, d) features, or (M, *S) samples of a network bound
+    to S."""
+    arr = np.asarray(x_star)
+    if isinstance(spec, Network) and arr.ndim > 2:
+        if arr.shape[1:] != spec.sample_shape:
+            raise ValueError(
+                f"x_star has samples of shape {arr.shape[1:]}, the model was fitted "
+                f"on {spec.sample_shape}; reshape them to (M, *{spec.sample_shape})"
+            )
+        arr = arr.reshape(arr.shape[0], -1)
+    return check_features(arr, "x_star", dim=d)
 
 
 def _run_blocks(group: RoleGroup, plan: BlockPlan, x_star, out, run, on_block) -> None:

@@ -25,12 +25,14 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from ntk_scale.kernels import FullyConnected, tile_function
+from ntk_scale.kernels import FullyConnected, Network, tile_function
+from ntk_scale.kernels.network import chunk_shape, pair_bytes, pair_flops
 from ntk_scale.plan import DEFAULT_TILE, BlockPlan
 
 # Elementwise work per entry and hidden layer of the recursion (arccos polynomial, sqrt, ...).
@@ -72,6 +74,8 @@ class GramPlan:
     tile_write_seconds: float | None = None
     #: One off-diagonal tile's compute alone (what the matrix-free operator recomputes).
     tile_compute_seconds: float | None = None
+    #: A stax network's tile is computed this many (rows, cols) pairs at a time (None: FC).
+    chunk_pairs: tuple[int, int] | None = None
 
     def rows(self) -> list[tuple[str, str]]:
         """(label, value) pairs for `ntk-scale plan`."""
@@ -86,12 +90,19 @@ class GramPlan:
             ("bytes on disk", _bytes(self.bytes_on_disk)),
             ("FLOPs", f"{self.flops:.3e}"),
             ("memory per worker", _bytes(self.worker_memory_bytes)),
+            *self._chunk_rows(),
             ("time per stored tile, one worker (mean)", per),
             (f"compute estimate ({self.workers} workers)", _maybe(self.compute_seconds)),
             ("store write rate", rate),
             ("write time (bytes on disk / write rate)", _maybe(self.write_seconds)),
             (f"estimated wall time ({self.workers} workers)", self._estimate_text()),
         ]
+
+    def _chunk_rows(self) -> list[tuple[str, str]]:
+        if self.chunk_pairs is None:
+            return []
+        c1, c2 = self.chunk_pairs
+        return [("pairs per chunk (kernel memory budget)", f"{c1} x {c2}")]
 
     def _estimate_text(self) -> str:
         if self.estimated_seconds is None:
@@ -110,7 +121,7 @@ class GramPlan:
 def plan_gram(
     n: int,
     d: int,
-    spec: FullyConnected,
+    spec: FullyConnected | Network,
     kind: str = "ntk",
     dtype: str = "float32",
     tile: int = DEFAULT_TILE,
@@ -130,6 +141,7 @@ def plan_gram(
     plan = BlockPlan.square(n, min(tile, n))
     t, item, entries = plan.tile, np.dtype(dtype).itemsize, plan.entries()
     tile_write = compute = None
+    flops_entry, memory, chunk = kernel_costs(spec, d, kind, dtype, t)
     if measure and seconds_per_tile is None:
         timed = time_worker_tile(spec, kind, dtype, t, d, threads, store_url)
         compute, diagonal, tile_write = timed
@@ -148,12 +160,28 @@ def plan_gram(
         tiles=plan.n_tiles,
         entries=entries,
         bytes_on_disk=entries * item,
-        flops=float(entries) * (2 * d + _FLOPS_PER_ENTRY_LAYER * spec.depth),
-        worker_memory_bytes=item * (2 * t * d + 6 * t * t),  # inputs + the recursion's live tiles
+        flops=float(entries) * flops_entry,
+        worker_memory_bytes=memory,
+        chunk_pairs=chunk,
         **_timing(plan.n_tiles, entries * item, workers, seconds_per_tile, write_bytes_per_s),
         tile_write_seconds=tile_write,
         tile_compute_seconds=compute,
     )
+
+
+def kernel_costs(spec: Any, d: int, kind: str, dtype: str, t: int) -> tuple[float, int, Any]:
+    """(FLOPs per entry, worker memory in bytes, (c1, c2) pairs per chunk or None) of a tile.
+
+    A fully-connected tile is one matmul and an elementwise chain over the whole tile; a stax
+    network's tile is computed c1 x c2 pairs at a time, its covariance tensors within the
+    worker's kernel memory budget (:data:`ntk_scale.kernels.network.DEFAULT_KERNEL_MEMORY`)."""
+    item = np.dtype(dtype).itemsize
+    if isinstance(spec, Network):
+        c1, c2 = chunk_shape(spec.layer, spec.sample_shape, kind, dtype, t, t)
+        memory = c1 * c2 * pair_bytes(spec.layer, spec.sample_shape, kind, dtype)
+        return pair_flops(spec.layer, spec.sample_shape), memory + 3 * t * d * item, (c1, c2)
+    # inputs + the recursion's live tiles
+    return 2 * d + _FLOPS_PER_ENTRY_LAYER * spec.depth, item * (2 * t * d + 6 * t * t), None
 
 
 def _timing(
@@ -194,7 +222,7 @@ def _bound(compute: float | None, write: float | None) -> tuple[str | None, floa
 
 
 def time_worker_tile(
-    spec: FullyConnected,
+    spec: FullyConnected | Network,
     kind: str,
     dtype: str,
     t: int,
@@ -242,6 +270,10 @@ def _worker_tile_main(argv: list[str]) -> None:
     )
     rng = np.random.default_rng(0)
     x1, x2 = (rng.normal(size=(t, d)).astype(dtype) for _ in range(2))
+    if isinstance(spec, Network):
+        compute, diagonal = _network_tile_seconds(spec, kind, dtype, x1, x2)
+        print(json.dumps({"compute": compute, "diagonal": diagonal, "write": None}), flush=True)
+        return
     fn, sym = tile_function(spec, kind, dtype), tile_function(spec, kind, dtype, symmetric=True)
     fn(x1, x2).block_until_ready()
     sym(x1, x1).block_until_ready()
@@ -261,6 +293,25 @@ def _worker_tile_main(argv: list[str]) -> None:
             times.append(time.perf_counter() - start)
         write = float(np.median(times))
     print(json.dumps({"compute": compute, "diagonal": diagonal, "write": write}), flush=True)
+
+
+def _network_tile_seconds(spec: Network, kind: str, dtype: str, x1, x2) -> tuple[float, float]:
+    """(off-diagonal, diagonal) seconds of a (t, t) tile of a stax network, from one chunk of
+    pairs and the self pass of its images timed here (a tile of a conv kernel can take hours:
+    it is t² pairs at a measured cost per pair plus 2t images at a cost per image)."""
+    t = x1.shape[0]
+    compiled = spec.compiled(kind, dtype)
+    c1, c2 = chunk_shape(spec.layer, spec.sample_shape, kind, dtype, t, t)
+    a, b = spec.rows(x1[:c1]), spec.rows(x2[:c2])
+    compiled.tile(a, b)  # compiles
+    start = time.perf_counter()
+    compiled.self_pass(a, c1)
+    per_image = (time.perf_counter() - start) / c1
+    start = time.perf_counter()
+    compiled.tile(a, b)
+    per_pair = max(time.perf_counter() - start - (c1 + c2) * per_image, 0.0) / (c1 * c2)
+    upper = t * (t + min(c1, c2)) / 2  # a diagonal tile computes its upper chunks only
+    return t * t * per_pair + 2 * t * per_image, upper * per_pair + t * per_image
 
 
 def _bytes(n: float) -> str:

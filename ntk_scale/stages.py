@@ -19,7 +19,8 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from ntk_scale.kernels import FullyConnected, check_features, diag_blocks
+from ntk_scale.io import as_rows
+from ntk_scale.kernels import FullyConnected, Layer, Network, bind, diag_blocks
 from ntk_scale.linalg import PCGState
 from ntk_scale.model import Model, load_model, save_model
 from ntk_scale.options import GramOptions, RunOptions, SolveOptions
@@ -42,7 +43,7 @@ __all__ = [
 # -- gram ---------------------------------------------------------------------------------------
 def gram(
     x: Any,
-    spec: FullyConnected,
+    spec: FullyConnected | Layer | Network,
     store: str,
     options: GramOptions | None = None,
     run: RunOptions | None = None,
@@ -53,11 +54,18 @@ def gram(
 ) -> GramReport:
     """K(x, x) (or K(x, x_cols)) into the store at ``store``; resumes what is there.
 
-    x: (n, d) array-like (numpy, memmap, Zarr, dask); x_cols: (m, d) or None. compute_tiles:
+    x: (n, d) features or (n, H, W, C) images, array-like (numpy, memmap, Zarr, dask); x_cols:
+    (m, ...) like x, or None. spec: FullyConnected or a stax network. compute_tiles:
     False creates the store (X, fingerprints, diagonal) without computing a tile, for the
     matrix-free solver. Returns a GramReport (0 computed when nothing was missing).
     """
     o, run = options or GramOptions(), run or RunOptions()
+    x, shape = as_rows(x, "x")
+    spec = bind(spec, shape)
+    if x_cols is not None:
+        x_cols, shape_cols = as_rows(x_cols, "x_cols")
+        if shape_cols != shape:
+            raise ValueError(f"x_cols has samples of shape {shape_cols}, x has {shape}")
 
     def diag() -> np.ndarray:
         # In blocks of the tile: XLA rounds by shape, so this equals the tiles' own diagonal.
@@ -247,12 +255,12 @@ class Inputs:
     classes: np.ndarray | None
     x_test: Any | None
     y_test: np.ndarray | None
+    sample_shape: tuple[int, ...] = ()
 
 
 def prepare_inputs(x_train, y_train, x_test=None, y_test=None, task="regression") -> Inputs:
     """Validate everything up front: shapes, widths, NaN, labels."""
-    if len(getattr(x_train, "shape", ())) != 2:
-        check_features(x_train, "x_train")
+    x_train, shape = as_rows(x_train, "x_train")
     n, d = x_train.shape
     classes, y = None, np.asarray(y_train)
     if task == "classification":
@@ -261,14 +269,17 @@ def prepare_inputs(x_train, y_train, x_test=None, y_test=None, task="regression"
         classes, codes = np.unique(y, return_inverse=True)
         y = np.eye(len(classes))[codes]
     check_targets(y, n)
-    if x_test is not None and (len(x_test.shape) != 2 or x_test.shape[1] != d):
-        raise ValueError(
-            f"x_test has shape {tuple(x_test.shape)} but the training data has {d} features; "
-            "test features must have the training width"
-        )
+    if x_test is not None:
+        test_shape = tuple(getattr(x_test, "shape", np.shape(x_test)))
+        x_test, t_shape = as_rows(x_test, "x_test")
+        if t_shape != shape:
+            raise ValueError(
+                f"x_test has shape {test_shape} but the training samples have shape {shape}; "
+                "test inputs must have the training shape"
+            )
     if y_test is not None and x_test is not None and len(y_test) != x_test.shape[0]:
         raise ValueError(f"y_test has {len(y_test)} rows but x_test has {x_test.shape[0]}")
-    return Inputs(x_train, np.asarray(y, dtype=np.float64), classes, x_test, y_test)
+    return Inputs(x_train, np.asarray(y, dtype=np.float64), classes, x_test, y_test, shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,7 +296,7 @@ class FitReport:
 
 def fit(
     inputs: Inputs,
-    spec: FullyConnected,
+    spec: FullyConnected | Layer | Network,
     store: str,
     gram_options: GramOptions | None = None,
     solve_options: SolveOptions | None = None,
@@ -304,6 +315,7 @@ def fit(
         run or RunOptions(),
     )
     n, d = inputs.x_train.shape
+    spec = bind(spec, inputs.sample_shape or (d,))
     decision = choose_solver_operator(so.operator, spec, n, d, go, run, store)
     so = dataclasses.replace(so, operator=decision.operator)
     seconds: dict[str, float] = {}

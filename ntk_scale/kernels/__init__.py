@@ -4,10 +4,13 @@ Tile-times-matrix products (the matrix-free operator's and predict's one fused p
 :mod:`ntk_scale.kernels.products`."""
 
 from ntk_scale.kernels import stax
+from ntk_scale.kernels.network import Network
 from ntk_scale.kernels.spec import (
     ACTIVATIONS,
     KERNEL_CODE_VERSION,
     FullyConnected,
+    bind,
+    check_spec,
     diag_blocks,
     diag_function,
     spec_from_dict,
@@ -23,6 +26,9 @@ __all__ = [
     "FullyConnected",
     "Layer",
     "Myrtle",
+    "Network",
+    "bind",
+    "check_spec",
     "check_features",
     "diag_blocks",
     "diag_function",

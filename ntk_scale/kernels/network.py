@@ -17,8 +17,13 @@ inside the chunk. The maps themselves live in :mod:`ntk_scale.kernels.spatial`.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
+import hashlib
+import json
 import math
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -27,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntk_scale.kernels import spatial
-from ntk_scale.kernels.stax import Layer, check_kind_dtype
+from ntk_scale.kernels.stax import STAX_CODE_VERSION, Layer, check_kind_dtype
 
 #: Bytes the covariance tensors of one chunk of pairs may take on a worker (one definition).
 DEFAULT_KERNEL_MEMORY = 1 << 30
@@ -35,6 +40,11 @@ DEFAULT_KERNEL_MEMORY = 1 << 30
 _LIVE_TENSORS = {"ntk": 8, "nngp": 5}
 _HIGHEST = jax.lax.Precision.HIGHEST
 _POOLING = ("AvgPool", "GlobalAvgPool")
+#: Covariance entries per pair from which the self pass takes one image per call (vmapped
+#: loops over large tensors ran 2x slower; over small ones, per-image calls are dispatch-bound).
+_SINGLE_SELF_ENTRIES = 1 << 16
+#: Self passes remembered per compiled network (each a few variance maps per image).
+_SELF_CACHE = 64
 _ACTIVATIONS = ("Relu", "LeakyRelu", "Abs", "ABRelu", "Erf")
 
 
@@ -269,10 +279,11 @@ def _activate(z: jax.Array, layer: Layer, v1: jax.Array, v2: jax.Array, layout: 
 
 
 @functools.lru_cache(maxsize=512)
-def _segment(ops: tuple[Op, ...], act: Layer | None, layout: str, kind: str, self_pass: bool):
+def _segment(ops: tuple[Op, ...], act: Layer | None, layout: str, kind: str, self_pass: str):
     """One compiled segment: the pending linear layers, then (optionally) an activation.
 
-    Cross pass: f(base, v1, v2) -> z. Self pass (vmapped over images): f(base) -> (z, v), v the
+    self_pass "": the cross pass, f(base, v1, v2) -> z. "batched" (vmapped over images) or
+    "single" (one image per call, for large covariance tensors): f(base) -> (z, v), v the
     variance map the activation used. base: Inputs or the covariance array."""
     ntk = kind == "ntk"
 
@@ -293,7 +304,7 @@ def _segment(ops: tuple[Op, ...], act: Layer | None, layout: str, kind: str, sel
             v = spatial.self_variance(jnp.real(z), layout)
             return _activate(z, act, v, v, layout), v
 
-        if layout == "full":
+        if self_pass == "single":
             return _self_full(ops, act, kind, jax.jit(run))
 
         def batched(base):
@@ -320,7 +331,7 @@ def _self_full(ops: tuple[Op, ...], act: Layer | None, kind: str, run: Callable)
     without the pre-activation tensor written out for a diagonal gather."""
     if act is None:
         return run
-    cross = _segment(ops, act, "full", kind, False)
+    cross = _segment(ops, act, "full", kind, "")
     variance = jax.jit(lambda base: spatial.self_variance(jnp.real(run(base)), "full"))
 
     def one(base):
@@ -343,13 +354,15 @@ class Context:
     """Self pass (``stats`` None): records each activation's variance map. Cross pass: reads
     the recorded maps of both sides in the same (pre-order) sequence."""
 
-    def __init__(self, layout: str, kind: str, stats: tuple[tuple, tuple] | None = None) -> None:
-        self.layout, self.kind = layout, kind
+    def __init__(self, layout: str, kind: str, stats: tuple[tuple, tuple] | None = None,
+                 self_mode: str = "batched") -> None:  # fmt: skip
+        self.layout, self.kind, self.self_mode = layout, kind, self_mode
         self.stats = None if stats is None else (iter(stats[0]), iter(stats[1]))
         self.record: list[jax.Array] = []
 
     def run(self, state: State, act: Layer | None) -> jax.Array:
-        fn = _segment(state.pending, act, self.layout, self.kind, self.stats is None)
+        mode = self.self_mode if self.stats is None else ""
+        fn = _segment(state.pending, act, self.layout, self.kind, mode)
         if self.stats is None:
             out = fn(state.base)
             if act is None:
@@ -399,11 +412,12 @@ def _result(z: jax.Array, kind: str) -> jax.Array:
 
 
 def run_network(spec: Layer, layout: str, kind: str, base: Inputs, hw: Any,
-                stats: tuple[tuple, tuple] | None = None) -> tuple[jax.Array, list]:  # fmt: skip
+                stats: tuple[tuple, tuple] | None = None, self_mode: str = "batched",
+                ) -> tuple[jax.Array, list]:  # fmt: skip
     """The network on ``base``: the cross pass when ``stats`` is given, else the self pass
     (base: one image with itself for the full layout, else a stack of images, each paired with
     itself). Returns (the kernel values, the recorded variance maps)."""
-    ctx = Context(layout, kind, stats)
+    ctx = Context(layout, kind, stats, self_mode)
     out = _apply(spec, State(base, (), hw), ctx)
     return _result(ctx.run(out, None), kind), ctx.record
 
@@ -417,13 +431,32 @@ class Compiled:
         self.a = analyse(spec, tuple(sample_shape))
         self.spec, self.kind, self.dtype, self.budget = spec, kind, np.dtype(dtype), budget
         self.hw = tuple(sample_shape[:2]) if self.a.layout != "dense" else None
+        self._seen: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
 
     def _shaped(self, x: Any) -> np.ndarray:
         x = np.asarray(x, dtype=self.dtype)
         return x.reshape((x.shape[0], *self.a.sample_shape))
 
     def self_pass(self, x: np.ndarray, chunk: int) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
-        """x (n, *S) -> (variance maps, each (n, ...), diagonal K(x_i, x_i) (n,))."""
+        """x (n, *S) -> (variance maps, each (n, ...), diagonal K(x_i, x_i) (n,)).
+
+        Remembered for the last few inputs (by content): the preconditioner's columns, the
+        matrix-free products and predict meet the same blocks of X again and again."""
+        key = (hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=16).digest(),
+               x.shape, chunk)  # fmt: skip
+        with self._lock:
+            if key in self._seen:
+                self._seen.move_to_end(key)
+                return self._seen[key]
+        out = self._self_pass(x, chunk)
+        with self._lock:
+            self._seen[key] = out
+            if len(self._seen) > _SELF_CACHE:
+                self._seen.popitem(last=False)
+        return out
+
+    def _self_pass(self, x: np.ndarray, chunk: int) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
         n = x.shape[0]
         stats, diag = None, np.empty(n, dtype=np.float64)
         with jax.enable_x64(True):
@@ -441,17 +474,27 @@ class Compiled:
     def _self_chunk(self, part: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """Images (c, *S) each paired with itself -> (K(x_i, x_i) (c,), variance maps)."""
         run = functools.partial(run_network, self.spec, self.a.layout, self.kind, hw=self.hw)
-        if self.a.layout != "full":
+        if self.a.entries < _SINGLE_SELF_ENTRIES:
             d, vs = run(Inputs(part, part))
             return np.asarray(d).reshape(len(part)), vs
+        run = functools.partial(run, self_mode="single")
         outs = [run(Inputs(part[k : k + 1], part[k : k + 1])) for k in range(len(part))]
         d = np.array([float(np.asarray(o[0]).reshape(())) for o in outs])
         vs = [np.concatenate([np.asarray(o[1][k]) for o in outs]) for k in range(len(outs[0][1]))]
         return d, vs
 
-    def tile(self, x1: Any, x2: Any = None) -> np.ndarray:
+    def self_stats(self, x: Any) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+        """The self pass of x (n, *S) with the tile's chunking: pass it to :meth:`tile` to reuse
+        it across tiles (the matrix-free operator multiplies by the same blocks every step)."""
+        a = self._shaped(x)
+        c1, c2 = chunk_shape(self.spec, self.a.sample_shape, self.kind, str(self.dtype),
+                             len(a), len(a), self.budget)  # fmt: skip
+        return self.self_pass(a, max(c1, c2))
+
+    def tile(self, x1: Any, x2: Any = None, stats1: Any = None, stats2: Any = None) -> np.ndarray:
         """K(x1, x2) (n1, n2) float64 (computed in dtype); x2=None: the symmetric K(x1, x1)
-        from the chunks on and above the diagonal, its diagonal from the self pass."""
+        from the chunks on and above the diagonal, its diagonal from the self pass.
+        stats1 / stats2: :meth:`self_stats` of x1 / x2, when already known."""
         a = self._shaped(x1)
         b = a if x2 is None else self._shaped(x2)
         n1, n2 = a.shape[0], b.shape[0]
@@ -459,8 +502,11 @@ class Compiled:
                              self.budget)  # fmt: skip
         if x2 is None:
             c1 = c2 = min(c1, c2)
-        s1, d1 = self.self_pass(a, max(c1, c2))
-        s2 = s1 if x2 is None else self.self_pass(b, max(c1, c2))[0]
+        s1, d1 = stats1 if stats1 is not None else self.self_pass(a, max(c1, c2))
+        if x2 is None:
+            s2 = s1
+        else:
+            s2 = (stats2 if stats2 is not None else self.self_pass(b, max(c1, c2)))[0]
         out = np.empty((n1, n2), dtype=np.float64)
         with jax.enable_x64(True):
             for r0 in range(0, n1, c1):
@@ -524,3 +570,95 @@ def evaluate_diag(spec: Layer, x: Any, kind: str, dtype: str) -> np.ndarray:
     check_kind_dtype(kind, dtype)
     a = _samples(x, "x")
     return Compiled(spec, a.shape[1:], kind, dtype).diag(a).astype(dtype)
+
+
+# -- a network bound to its input shape: what a store, an operator and a worker hold --------------
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """A stax network bound to the shape of one input: the spec the system carries.
+
+    Stores, operators and workers see inputs as rows of a matrix (n, d), d = prod(sample_shape);
+    a Network reshapes them to (n, *sample_shape) itself, so image data flows through every
+    stage as a feature matrix would. Made by :func:`ntk_scale.kernels.bind`.
+    """
+
+    layer: Layer
+    sample_shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        shape = tuple(int(v) for v in self.sample_shape)
+        object.__setattr__(self, "sample_shape", shape)
+        analyse(self.layer, shape)  # raises ValueError naming the expected input shape
+
+    @property
+    def d(self) -> int:
+        return math.prod(self.sample_shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.layer.to_dict(), "sample_shape": list(self.sample_shape)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def fingerprint(self) -> str:
+        payload = f"{self.to_json()}|stax-code-v{STAX_CODE_VERSION}"
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def compiled(self, kind: str, dtype: str, budget: int | None = None) -> Compiled:
+        return _compiled_network(self.layer, self.sample_shape, kind, dtype, budget)
+
+    def rows(self, x: Any, name: str = "x") -> np.ndarray:
+        """x as (n, *sample_shape): accepts (n, d) rows or (n, *sample_shape) samples."""
+        arr = np.asarray(x)
+        if arr.ndim == 2 and arr.shape[1] == self.d:
+            return arr.reshape((arr.shape[0], *self.sample_shape))
+        return _samples(arr, name, self.sample_shape)
+
+    def kernel(self, x1: Any, x2: Any = None, kind: str = "ntk", dtype: str = "float32"):
+        a = self.rows(x1, "x1")
+        b = None if x2 is None else self.rows(x2, "x2")
+        return self.compiled(kind, dtype).tile(a, b).astype(dtype)
+
+    def diag(self, x: Any, kind: str = "ntk", dtype: str = "float32") -> np.ndarray:
+        return self.compiled(kind, dtype).diag(self.rows(x)).astype(dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_network(layer: Layer, shape: tuple[int, ...], kind: str, dtype: str,
+                      budget: int | None) -> Compiled:  # fmt: skip
+    return Compiled(layer, shape, kind, dtype, budget)
+
+
+#: Floating-point operations per covariance entry, per layer kind (both nngp and ntk; an
+#: activation's arc-cosine polynomial and square root, a tap of a filter or window).
+_FLOPS = {"activation": 60, "tap": 4}
+
+
+def pair_flops(layer: Layer, sample_shape: tuple[int, ...]) -> float:
+    """Approximate floating-point operations one pair of inputs costs (for `plan`)."""
+    a = analyse(layer, tuple(sample_shape))
+    hw0 = tuple(sample_shape[:2]) if a.layout != "dense" else None
+    total = [float(_entries(hw0, a.layout)) * (sample_shape[-1] * 2)]
+
+    def walk(node: Layer, hw: Any) -> Any:
+        if node.name == "serial":
+            for child in node.layers:
+                hw = walk(child, hw)
+            return hw
+        if node.name == "parallel":
+            return [walk(c, h) for c, h in zip(node.layers, hw, strict=True)][0]
+        if node.name == "FanOut":
+            return [hw] * node.p["num"]
+        if isinstance(hw, list):
+            hw = hw[0]
+        out = _out_hw(node, hw)
+        e = float(_entries(out, a.layout if out is not None else "dense"))
+        if node.name in _ACTIVATIONS:
+            total.append(e * _FLOPS["activation"])
+        elif node.name in ("Conv", "AvgPool"):
+            window = node.p["filter_shape"] if node.name == "Conv" else node.p["window_shape"]
+            total.append(e * _FLOPS["tap"] * window[0] * window[1])
+        return out
+
+    walk(layer, hw0)
+    return sum(total)

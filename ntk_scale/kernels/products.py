@@ -43,19 +43,52 @@ def _compiled_panel(static: tuple[int, str], kind: str) -> Callable:
     return jax.jit(panel)
 
 
-def panel_matmul_function(spec: Any, kind: str = "ntk", dtype: str = "float32") -> Callable:
+def panel_matmul_function(
+    spec: Any, kind: str = "ntk", dtype: str = "float32", n_rows: int | None = None
+) -> Callable:
     """(x1 (t, d), i, xs (nb, t, d), ps (nb, t, c) float64) -> K(x1, X) @ P as (t, c) float64.
 
     xs and ps are X and P split into nb blocks of t rows (zero-padded, see :func:`split_blocks`).
     i: the column block equal to x1 in a square K(X, X) (its diagonal then comes from the exact
-    formula), or -1 for a rectangular K(X*, X). Tiles are computed in ``dtype`` ("highest"
+    formula), or -1 for a rectangular K(X*, X). n_rows: X's rows before padding (a stax
+    network's tiles then skip the padding rows). Tiles are computed in ``dtype`` ("highest"
     matmul precision: float32 is never TF32), products and the sum in float64. Call it with
     64-bit types enabled (``jax.enable_x64(True)``).
     """
+    from ntk_scale.kernels.network import Network
+
+    if isinstance(spec, Network):
+        return _network_panel(spec, kind, dtype, n_rows)
     static, traced = spec.params.split()
     fn = _compiled_panel(static, kind)
     hyper = tuple(np.asarray(v, dtype=dtype) for v in traced)
     return lambda x1, i, xs, ps: fn(hyper, x1, np.int32(i), xs, ps)
+
+
+def _network_panel(spec: Any, kind: str, dtype: str, n_rows: int | None) -> Callable:
+    """The same product for a stax network: tile by tile (each tile is itself computed in
+    chunks of pairs; the self pass of a block seen before is reused), the diagonal block i from
+    the symmetric tile, padding rows of X skipped (a conv pair is expensive), in float64."""
+    compiled = spec.compiled(kind, dtype)
+
+    def real(xs: Any, j: int) -> int:
+        t = xs.shape[1]
+        return t if n_rows is None else max(0, min(t, n_rows - j * t))
+
+    def panel(x1, i, xs, ps):
+        rows = x1.shape[0]
+        x1 = spec.rows(np.asarray(x1)[: real(xs, i) if i >= 0 else rows])
+        acc = np.zeros((rows, ps.shape[2]))
+        for j in range(xs.shape[0]):
+            m = real(xs, j)
+            if j == i:
+                tile = compiled.tile(x1)
+            else:
+                tile = compiled.tile(x1, spec.rows(np.asarray(xs[j])[:m]))
+            acc[: len(x1)] += tile.astype(dtype).astype(np.float64) @ np.asarray(ps[j])[:m]
+        return acc
+
+    return panel
 
 
 def split_blocks(a: np.ndarray, tile: int, dtype: Any) -> np.ndarray:

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from ntk_scale.kernels import fc
+from ntk_scale.kernels.network import Network
 from ntk_scale.kernels.stax import Layer, layer_from_dict
 from ntk_scale.kernels.validate import DTYPES, KINDS, check_choice, check_features
 
@@ -113,15 +114,17 @@ def _check_float(name: str, value: Any, ok: Callable[[float], bool], fix: str) -
         raise ValueError(f"{name}={value!r} {fix}")
 
 
-def spec_from_dict(d: dict[str, Any]) -> FullyConnected | Layer:
-    """Inverse of ``spec.to_dict()`` (a FullyConnected or a stax network); unknown types or
-    keys raise ValueError."""
+def spec_from_dict(d: dict[str, Any]) -> FullyConnected | Layer | Network:
+    """Inverse of ``spec.to_dict()``: a FullyConnected, a stax network, or a network bound to
+    its input shape (with "sample_shape"); unknown types or keys raise ValueError."""
     d = dict(d)
     kind = d.pop("type", None)
     if kind == "stax":
+        shape = d.pop("sample_shape", None)
         if set(d) != {"network"}:
             raise ValueError(f"a stax spec is {{'type': 'stax', 'network': ...}}, got {sorted(d)}")
-        return layer_from_dict(d["network"])
+        layer = layer_from_dict(d["network"])
+        return layer if shape is None else Network(layer, tuple(shape))
     if kind != "FullyConnected":
         raise ValueError(f"unknown kernel type {kind!r}; supported: 'FullyConnected', 'stax'")
     known = {f.name for f in dataclasses.fields(FullyConnected)}
@@ -131,7 +134,7 @@ def spec_from_dict(d: dict[str, Any]) -> FullyConnected | Layer:
     return FullyConnected(**d)
 
 
-def spec_from_json(text: str) -> FullyConnected | Layer:
+def spec_from_json(text: str) -> FullyConnected | Layer | Network:
     return spec_from_dict(json.loads(text))
 
 
@@ -173,11 +176,19 @@ def tile_function(
     must be called with x1 == x2 (a diagonal tile): the result is exactly symmetric and its
     diagonal comes from the exact formula.
     """
+    if isinstance(spec, Network):
+        compiled = spec.compiled(kind, dtype)
+        if symmetric:
+            return lambda x1, x2: compiled.tile(spec.rows(x1)).astype(dtype)
+        return lambda x1, x2: compiled.tile(spec.rows(x1), spec.rows(x2)).astype(dtype)
     return _bind(spec, kind, dtype, "symmetric" if symmetric else "tile")
 
 
 def diag_function(spec: FullyConnected, kind: str = "ntk", dtype: str = "float32") -> Callable:
     """A jitted diagonal function x (n, d) -> (n,) in ``dtype``."""
+    if isinstance(spec, Network):
+        compiled = spec.compiled(kind, dtype)
+        return lambda x: compiled.diag(spec.rows(x)).astype(dtype)
     return _bind(spec, kind, dtype, "diag")
 
 
@@ -192,8 +203,7 @@ def diag_blocks(
     array shape in the last bit: pass a store's tile as ``block`` and this diagonal is bitwise
     the one its diagonal tiles hold.
     """
-    if not isinstance(spec, FullyConnected):
-        raise ValueError(f"kernel must be a FullyConnected spec, got {type(spec).__name__}")
+    check_spec(spec)
     check_choice("kind", kind, KINDS)
     check_choice("dtype", dtype, DTYPES)
     if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
@@ -201,6 +211,9 @@ def diag_blocks(
     if len(getattr(x, "shape", ())) != 2:
         x = check_features(x, "x")
     n, d = x.shape
+    if isinstance(spec, Network) and d != spec.d:
+        raise ValueError(f"x has {d} features, the kernel takes samples of shape "
+                         f"{spec.sample_shape} ({spec.d} features)")  # fmt: skip
     block = min(int(block), max(n, 1))
     fn, out = diag_function(spec, kind, dtype), np.empty(n, dtype=np.float64)
     for r0 in range(0, n, block):
@@ -209,3 +222,39 @@ def diag_blocks(
         padded[: len(part)] = part
         out[r0 : r0 + len(part)] = np.asarray(fn(padded))[: len(part)]
     return out
+
+
+def check_spec(spec: Any) -> None:
+    """Raise ValueError unless ``spec`` is a kernel the system computes: FullyConnected, or a
+    stax network bound to its input shape (:func:`bind`)."""
+    if isinstance(spec, Layer):
+        raise ValueError(
+            "a stax network must be bound to its input shape first: ntk_scale.kernels.bind("
+            "spec, x.shape[1:]) (the stages, the estimators and the CLI do this themselves)"
+        )
+    if not isinstance(spec, (FullyConnected, Network)):
+        raise ValueError(
+            f"kernel must be a FullyConnected spec or a stax network, got {type(spec).__name__}"
+        )
+
+
+def bind(spec: Any, sample_shape: tuple[int, ...]) -> FullyConnected | Network:
+    """The spec a stage carries for inputs whose samples have ``sample_shape``.
+
+    FullyConnected takes any sample flattened (it is Dense layers on x.reshape(n, -1)); a stax
+    network is bound to the shape (validated: a Conv network needs (H, W, C)); a bound network
+    must match it."""
+    shape = tuple(int(v) for v in sample_shape)
+    if isinstance(spec, FullyConnected):
+        return spec
+    if isinstance(spec, Layer):
+        return Network(spec, shape)
+    if isinstance(spec, Network):
+        if spec.sample_shape != shape and (len(shape) != 1 or shape[0] != spec.d):
+            raise ValueError(
+                f"inputs have samples of shape {shape}, the kernel was bound to "
+                f"{spec.sample_shape}; reshape them to (n, *{spec.sample_shape})"
+            )
+        return spec
+    check_spec(spec)
+    raise AssertionError("unreachable")
