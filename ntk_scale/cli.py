@@ -11,8 +11,12 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from ntk_scale.kernels import ACTIVATIONS, FullyConnected
+import numpy as np
+
+from ntk_scale.kernels import ACTIVATIONS, FullyConnected, Layer, bind
+from ntk_scale.kernels.stax import PRESETS
 from ntk_scale.kernels.validate import DTYPES, KINDS
 from ntk_scale.options import (
     OPERATORS,
@@ -28,6 +32,10 @@ from ntk_scale.options import (
 def _kernel_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("kernel")
     spec = FullyConnected()
+    g.add_argument("--kernel", default="fc", choices=("fc", *PRESETS),
+                   help="fc (FullyConnected: --depth ...) or a preset stax network")  # fmt: skip
+    g.add_argument("--kernel-spec", default=None, metavar="SPEC.json",
+                   help="a kernel written by spec.to_json() (instead of --kernel)")  # fmt: skip
     g.add_argument("--depth", type=int, default=spec.depth, help="hidden layers (default 3)")
     g.add_argument("--activation", default=spec.activation, choices=ACTIVATIONS)
     g.add_argument("--W-std", dest="W_std", type=float, default=spec.W_std, help="weight std")
@@ -37,7 +45,15 @@ def _kernel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=default(GramOptions, "dtype"), choices=DTYPES)
 
 
-def _spec(a: argparse.Namespace) -> FullyConnected:
+def _spec(a: argparse.Namespace) -> FullyConnected | Layer:
+    if a.kernel_spec is not None:
+        if a.kernel != "fc":
+            raise ValueError(f"--kernel {a.kernel} and --kernel-spec both name a kernel; use one")
+        from ntk_scale.io import load_kernel_spec
+
+        return load_kernel_spec(a.kernel_spec)
+    if a.kernel != "fc":
+        return PRESETS[a.kernel]()
     return FullyConnected(a.depth, a.activation, a.W_std, a.b_std, a.negative_slope)
 
 
@@ -69,8 +85,9 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
     measure = not a.no_measure
     store = a.store_dir if measure else None
+    spec, d = _plan_spec(a)
     plan = plan_gram(
-        a.n, a.d, _spec(a), a.kind, a.dtype, a.tile, a.workers or 1, measure, store_url=store
+        a.n, d, spec, a.kind, a.dtype, a.tile, a.workers or 1, measure, store_url=store
     )
     rows = plan.rows()
     if measure:
@@ -82,6 +99,24 @@ def cmd_plan(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(dataclasses_asdict(plan)))
     return 0
+
+
+def _plan_spec(a: argparse.Namespace) -> tuple[Any, int]:
+    """(the spec bound to the planned inputs, d): --d for features, --sample-shape H,W,C for
+    images (a network with Conv or pooling layers needs it)."""
+    spec = _spec(a)
+    if a.sample_shape is None:
+        if a.d is None:
+            raise ValueError("give --d (features) or --sample-shape H,W,C (images)")
+        shape: tuple[int, ...] = (a.d,)
+    else:
+        try:
+            shape = tuple(int(v) for v in a.sample_shape.split(","))
+        except ValueError:
+            raise ValueError(f"--sample-shape {a.sample_shape!r} must be integers, e.g. "
+                             "32,32,3") from None  # fmt: skip
+    bound = bind(spec, shape)
+    return bound, int(np.prod(shape))
 
 
 def cmd_gram(a: argparse.Namespace) -> int:
@@ -156,7 +191,7 @@ def cmd_fit(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from ntk_scale.demo import run_demo
 
-    return run_demo(a.out, workers=a.workers, n=a.n)
+    return run_demo(a.out, workers=a.workers, n=a.n, kernel=a.kernel)
 
 
 def dataclasses_asdict(obj: object) -> dict:
@@ -174,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="size a Gram job: tiles, bytes, FLOPs, memory, time")
     p.add_argument("--n", type=int, required=True, help="training samples N")
-    p.add_argument("--d", type=int, required=True, help="features d")
+    p.add_argument("--d", type=int, default=None, help="features d")
+    p.add_argument("--sample-shape", default=None, metavar="H,W,C",
+                   help="image shape for a conv kernel (not --d), e.g. 32,32,3")  # fmt: skip
     p.add_argument("--no-measure", action="store_true", help="skip timing a tile here")
     p.add_argument(
         "--store-dir", default=".", help="where the store would live (write and read rates)"
@@ -235,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-output", help="output directory (default demo-output)")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--n", type=int, default=None, help="use only the first n training samples")
+    p.add_argument("--kernel", default="fc", choices=("fc", "conv"),
+                   help="fc on the 64 pixels, or conv on the 8x8x1 images")  # fmt: skip
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -11,7 +11,9 @@ import os
 import tomllib
 from typing import Any
 
-from ntk_scale.kernels import FullyConnected
+from ntk_scale.io import load_kernel_spec
+from ntk_scale.kernels import FullyConnected, Layer, Network
+from ntk_scale.kernels.stax import PRESETS
 from ntk_scale.options import GramOptions, RunOptions, SolveOptions
 
 _SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -23,6 +25,8 @@ _SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "b_std": (int, float),
         "negative_slope": (int, float),
         "kind": str,
+        "preset": str,
+        "spec": str,
     },
     "store": {"path": str, "tile": int, "dtype": str, "overwrite": bool},
     "solver": {
@@ -57,7 +61,7 @@ class FitConfig:
 
     source: str
     data: dict[str, str]
-    kernel: FullyConnected
+    kernel: FullyConnected | Layer | Network
     store: str
     gram: GramOptions
     solver: SolveOptions
@@ -88,13 +92,30 @@ def load_config(path: str) -> FitConfig:
     return FitConfig(
         source=path,
         data=data,
-        kernel=_section(path, "kernel", FullyConnected, _without(kern, "kind")),
+        kernel=_kernel(path, base, _without(kern, "kind")),
         store=resolve_path(base, store.pop("path"), "store.path"),
         gram=_section(path, "store", GramOptions, {**store, **_kind(kern)}),
         solver=_section(path, "solver", SolveOptions, dict(raw.get("solver", {}))),
         run=_section(path, "run", RunOptions, run),
         output=output,
     )
+
+
+def _kernel(path: str, base: str, kern: dict[str, Any]) -> Any:
+    """[kernel]: FullyConnected fields, or ``preset = "myrtle5"``, or ``spec = "spec.json"``
+    (a file written by ``spec.to_json()``, relative to the config)."""
+    named = [k for k in ("preset", "spec") if k in kern]
+    if not named:
+        return _section(path, "kernel", FullyConnected, kern)
+    if len(kern) > 1:
+        raise ValueError(f"{path}: [kernel] {named[0]} = ... names the whole kernel; drop the "
+                         f"other keys {sorted(set(kern) - {named[0]})}")  # fmt: skip
+    if named[0] == "preset":
+        if kern["preset"] not in PRESETS:
+            raise ValueError(f"{path}: [kernel] preset={kern['preset']!r}; use one of "
+                             f"{sorted(PRESETS)} (or FullyConnected fields)")  # fmt: skip
+        return PRESETS[kern["preset"]]()
+    return load_kernel_spec(resolve_path(base, kern["spec"], "kernel.spec"))
 
 
 def _without(d: dict[str, Any], key: str) -> dict[str, Any]:

@@ -28,31 +28,47 @@ def load_digits_split(n: int | None = None):
     return x[:n_train], y[:n_train], x[1500:], y[1500:]
 
 
-def dense_reference(x_train, y_onehot, x_test, ridge: float) -> np.ndarray:
+#: The demo's kernels: "fc" on the 64 pixels, "conv" on the 8x8x1 images.
+KERNELS = ("fc", "conv")
+#: Training rows of the conv demo unless --n says otherwise (a conv pair costs ~1000x an FC
+#: entry: 600 rows keep the demo, with its dense float64 reference, near a minute).
+CONV_DEFAULT_N = 600
+
+
+def dense_reference(x_train, y_onehot, x_test, ridge: float, spec=SPEC) -> np.ndarray:
     """Exact kernel ridge regression in float64 with scipy's Cholesky (the oracle)."""
     from scipy.linalg import cho_factor, cho_solve
 
-    k = SPEC.kernel(x_train, dtype="float64")
+    k = spec.kernel(x_train, dtype="float64")
     lam = ridge * np.mean(np.diag(k))
     alpha = cho_solve(cho_factor(k + lam * np.eye(len(k))), y_onehot)
-    return SPEC.kernel(x_test, x_train, dtype="float64") @ alpha
+    return spec.kernel(x_test, x_train, dtype="float64") @ alpha
 
 
-def run_demo(out: str = "demo-output", workers: int | None = None, n: int | None = None) -> int:
+def run_demo(out: str = "demo-output", workers: int | None = None, n: int | None = None,
+             kernel: str = "fc") -> int:  # fmt: skip
     from ntk_scale import stages
+    from ntk_scale.kernels.stax import SmallConv
     from ntk_scale.model import Model
     from ntk_scale.options import GramOptions, RunOptions, SolveOptions
 
-    x_train, y_train, x_test, y_test = load_digits_split(n)
+    if kernel not in KERNELS:
+        raise ValueError(f"demo kernel={kernel!r}; use one of {', '.join(KERNELS)}")
+    conv = kernel == "conv"
+    x_train, y_train, x_test, y_test = load_digits_split(n or (CONV_DEFAULT_N if conv else None))
+    spec = SmallConv() if conv else SPEC
+    if conv:  # the same pixels as (n, 8, 8, 1) NHWC images
+        x_train, x_test = x_train.reshape(-1, 8, 8, 1), x_test.reshape(-1, 8, 8, 1)
     classes = np.arange(10)
     onehot = np.eye(10)[y_train]
     os.makedirs(out, exist_ok=True)
     store, model = os.path.join(out, "gram.zarr"), os.path.join(out, "model")
-    print(f"digits: {len(x_train)} train / {len(x_test)} test, 64 features, 10 classes")
-    print(f"kernel: {SPEC.to_json()} (NTK, float32 tiles)")
+    shape = "8x8x1 images" if conv else "64 features"
+    print(f"digits: {len(x_train)} train / {len(x_test)} test, {shape}, 10 classes")
+    print(f"kernel: {spec.to_json()} (NTK, float32 tiles)")
     run = RunOptions(workers=workers)
     t0 = time.perf_counter()
-    gram = stages.gram(x_train, SPEC, store, GramOptions(tile=512), run)
+    gram = stages.gram(x_train, spec, store, GramOptions(tile=512, overwrite=True), run)
     t1 = time.perf_counter()
     solver = SolveOptions(ridge=RIDGE, preconditioner="rpcholesky", rank=300, tol=1e-8)
     solved = stages.solve(
@@ -62,7 +78,7 @@ def run_demo(out: str = "demo-output", workers: int | None = None, n: int | None
     t2 = time.perf_counter()
     pred = stages.predict(Model(solved.alpha, meta), x_test, run, store=store)
     t3 = time.perf_counter()
-    dense = dense_reference(x_train, onehot, x_test, RIDGE)
+    dense = dense_reference(x_train, onehot, x_test, RIDGE, spec)
     t4 = time.perf_counter()
     ours, exact = stages.metrics(pred, y_test, classes), stages.metrics(dense, y_test, classes)
     s = meta["solver"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -114,3 +115,21 @@ def as_rows(x: Any, name: str = "x") -> tuple[Any, tuple[int, ...]]:
     if isinstance(x, np.ndarray) or type(x).__module__.startswith("dask"):
         return x.reshape((shape[0], -1)), sample
     return FlatRows(x), sample
+
+
+def load_kernel_spec(path: str) -> Any:
+    """A kernel spec from a JSON file written by ``spec.to_json()`` (FullyConnected or stax)."""
+    from ntk_scale.kernels import spec_from_json
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"kernel spec file {path!r} does not exist; write one with "
+                                "spec.to_json()")  # fmt: skip
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        return spec_from_json(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"kernel spec file {path!r} is not JSON ({err}); write it with "
+                         "spec.to_json()") from None  # fmt: skip
+    except ValueError as err:
+        raise ValueError(f"kernel spec file {path!r}: {err}") from None

@@ -305,8 +305,22 @@ def Myrtle(depth: int = 5, W_std: float = 2**0.5, b_std: float = 0.0) -> Layer:
     return serial(*layers, Flatten(), Dense(10, W_std, b_std))
 
 
-#: Named kernels the CLI and the config take (``--kernel myrtle5``).
-PRESETS = {f"myrtle{d}": functools.partial(Myrtle, d) for d in _MYRTLE_BLOCKS}
+def SmallConv(W_std: float = 1.4, b_std: float = 0.1) -> Layer:
+    """A small convolutional kernel for small images (the digits demo): [3x3 SAME Conv, Relu],
+    AvgPool((2, 2), (2, 2)), [3x3 SAME Conv, Relu], GlobalAvgPool, Dense."""
+
+    def conv() -> Layer:
+        return Conv(32, (3, 3), padding="SAME", W_std=W_std, b_std=b_std)
+
+    return serial(conv(), Relu(), AvgPool((2, 2), strides=(2, 2)), conv(), Relu(),
+                  GlobalAvgPool(), Dense(10, W_std=W_std, b_std=b_std))  # fmt: skip
+
+
+#: Named kernels the CLI and the config take (``--kernel myrtle5``); "fc" is FullyConnected.
+PRESETS = {
+    **{f"myrtle{d}": functools.partial(Myrtle, d) for d in _MYRTLE_BLOCKS},
+    "conv": SmallConv,
+}
 
 
 # -- JSON ------------------------------------------------------------------------------------------
