@@ -115,7 +115,9 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
 
         check_is_fitted(self, "alpha_")
         X, shape = _rows(X)
-        if shape != self.sample_shape_:
+        if len(shape) == len(self.sample_shape_) == 1:
+            check_features(X, "X", dim=self.n_features_in_)
+        elif shape != self.sample_shape_:
             raise ValueError(f"X has samples of shape {shape}, the model was fitted on "
                              f"{self.sample_shape_}; pass inputs shaped as in fit")  # fmt: skip
         model = Model(self.alpha_, self.solve_result_.meta)
