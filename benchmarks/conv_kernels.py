@@ -7,6 +7,8 @@ memory, ``ru_maxrss``, is the memory of a worker computing these kernels):
 * Neural Tangents 0.6.5 (``kernel_fn(x1, x2, ("nngp", "ntk"))``, through the oracle venv
   ``../shared/tools/nt-oracle.sh``), at blocks of b x b images for each b in --nt-blocks; the
   fastest per entry is its figure, as the brief asks. One warm-up call (compilation) first.
+* ntk_scale's whole Gram engine (``stages.gram``, one pinned Ray worker per core, the Zarr
+  store) on N = --gram-n images: seconds per distinct entry of a warm run.
 * ntk_scale (``Compiled.tile``) on the same b x b blocks, NTK and NNGP (one call each: its
   NTK pass carries the NNGP along in the same complex array, and the NNGP call is the cheap
   real half), and per pair at tile scale (the images' self passes already done, as in a
@@ -86,8 +88,8 @@ def child_ours(data: str, depth: int, dtype: str, block: int) -> dict:
     out = {"chunk": chunk_shape(spec, (32, 32, 3), "ntk", dtype, block, block)}
     for kind in ("ntk", "nngp"):
         c = Compiled(spec, (32, 32, 3), kind, dtype)
-        c.tile(x1[:1], x2[:1])  # compiles every segment
-        c._seen.clear()
+        c.tile(x1, x2)  # compiles every segment for these chunk shapes
+        c._seen.clear()  # the timed call computes the images' self passes again
         start = time.perf_counter()
         k = c.tile(x1, x2)
         out[f"{kind}_seconds"] = time.perf_counter() - start
@@ -98,6 +100,27 @@ def child_ours(data: str, depth: int, dtype: str, block: int) -> dict:
         out[f"{kind}_pair_seconds"] = (time.perf_counter() - start) / block**2
     out.update(entries=block * block, peak_mb=_peak_mb())
     return out
+
+
+def system_gram(depth: int, dtype: str, n: int, tile: int, workers: int) -> dict:
+    """A Myrtle Gram through the whole system (stages.gram: tiles on pinned Ray workers, the
+    store): seconds per distinct kernel entry, the pool warm and every tile shape compiled by a
+    first run, so the timed run is what a long Gram pays per entry."""
+    import numpy as np
+
+    from ntk_scale import Myrtle, stages
+    from ntk_scale.options import GramOptions, RunOptions
+
+    x = np.random.default_rng(depth).standard_normal((n, 32, 32, 3))
+    run, where = RunOptions(workers=workers, progress=False), tempfile.mkdtemp(prefix="myrtle-")
+    opts = GramOptions(dtype=dtype, tile=tile)
+    stages.gram(x[: tile + 1], Myrtle(depth), f"{where}/warm.zarr", opts, run)
+    start = time.perf_counter()
+    report = stages.gram(x, Myrtle(depth), f"{where}/gram.zarr", opts, run)
+    seconds = time.perf_counter() - start
+    pairs = n * (n + 1) // 2
+    return {"n": n, "tile": tile, "workers": workers, "tiles": report.tiles_total,
+            "seconds": seconds, "seconds_per_entry": seconds / pairs}  # fmt: skip
 
 
 def _run(cmd: list[str], pin: str | None = None) -> dict:
@@ -129,6 +152,8 @@ def main() -> None:
     ap.add_argument("--nt-blocks", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--block", type=int, default=4, help="ntk_scale's block of b x b images")
     ap.add_argument("--out", default=str(RESULTS / "conv_kernels.json"))
+    ap.add_argument("--gram-n", type=int, default=64, help="images of the system Gram (0: skip)")
+    ap.add_argument("--gram-tile", type=int, default=32)
     a = ap.parse_args()
     rng = np.random.default_rng(20261201)
     n = max([a.block, *a.nt_blocks])
@@ -154,6 +179,9 @@ def main() -> None:
             if ref64 is not None:
                 err = max(_rel(np.asarray(ours[k])[:m, :m], np.asarray(ref64[k])[:m, :m])
                           for k in ("ntk", "nngp"))  # fmt: skip
+            gram = None
+            if a.gram_n:
+                gram = system_gram(depth, dtype, a.gram_n, a.gram_tile, len(cores))
             rows.append({
                 "kernel": f"myrtle{depth}", "dtype": dtype,
                 "nt_seconds_per_entry": nt_entry, "nt_best_block": best_b,
@@ -169,6 +197,8 @@ def main() -> None:
                 "speedup": nt_entry / ours_entry,
                 "speedup_tile_scale": nt_entry / ours["ntk_pair_seconds"],
                 "max_rel_err_vs_nt_float64": err, "bound": BOUND[dtype],
+                "system_gram": gram,
+                "speedup_system": None if gram is None else nt_entry / gram["seconds_per_entry"],
             })  # fmt: skip
             _print(rows[-1])
     write_json(a.out, {"machine": machine(), "block": a.block, "rows": rows})
@@ -183,6 +213,11 @@ def _print(r: dict) -> None:
           f"{r['ours_one_core_pair_seconds_tile_scale'] * 1e3:5.1f} ({r['ours_peak_mb']:.0f} MB) | "
           f"x{r['speedup']:.1f} (x{r['speedup_tile_scale']:.1f} at tile scale) | err {err}",
           flush=True)  # fmt: skip
+    if r["system_gram"] is not None:
+        g = r["system_gram"]
+        print(f"{'':19s}system Gram N={g['n']} tile={g['tile']} on {g['workers']} workers: "
+              f"{g['seconds_per_entry'] * 1e3:.1f} ms/entry, x{r['speedup_system']:.1f} vs NT",
+              flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

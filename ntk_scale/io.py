@@ -124,11 +124,11 @@ def load_kernel_spec(path: str) -> Any:
     if not os.path.exists(path):
         raise FileNotFoundError(f"kernel spec file {path!r} does not exist; write one with "
                                 "spec.to_json()")  # fmt: skip
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
-        return spec_from_json(text)
-    except json.JSONDecodeError as err:
+        return spec_from_json(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"kernel spec file {path!r} is not JSON ({err}); write it with "
                          "spec.to_json()") from None  # fmt: skip
     except ValueError as err:

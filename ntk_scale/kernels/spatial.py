@@ -115,6 +115,15 @@ def avg_pool(t: jax.Array, hw: tuple[int, int], window: tuple[int, int],
              ) -> tuple[jax.Array, tuple[int, int]]:  # fmt: skip
     """AvgPool's covariance map (full layout): each image is pooled on its own, so the window
     runs over each of the four position axes independently."""
+    if padding == "VALID" and window == strides and all(
+        n % w == 0 for n, w in zip(hw, window, strict=True)
+    ):
+        # Non-overlapping windows tiling the image (Myrtle's pools): one contiguous reduction
+        # over a reshape, where strided slices measured 2-3x slower inside a segment.
+        (h, w), (fh, fw) = hw, window
+        c1, c2 = t.shape[0], t.shape[3]
+        t = t.reshape(c1, h // fh, fh, w // fw, fw, c2, h // fh, fh, w // fw, fw)
+        return t.sum(axis=(2, 4, 7, 9)) / (fh * fw) ** 2, (h // fh, w // fw)
     out = list(hw)
     for dim, (a1, a2) in enumerate(FULL_AXES):
         for ax in (a1, a2):

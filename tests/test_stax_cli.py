@@ -1,0 +1,104 @@
+"""The CLI and the fit config with stax kernels: presets, spec files, 4-D inputs, plan."""
+
+import json
+
+import numpy as np
+import pytest
+from oracles import dense_predictions, relative_max_error
+
+from ntk_scale import Myrtle, stax
+from ntk_scale.cli import main
+from ntk_scale.store import GramStore
+
+NET = stax.serial(
+    stax.Conv(8, (3, 3), padding="SAME", W_std=1.4, b_std=0.1), stax.Relu(),
+    stax.AvgPool((2, 2), strides=(2, 2)), stax.Flatten(), stax.Dense(1, W_std=1.2),
+)  # fmt: skip
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.default_rng(3)
+    x, xs = rng.normal(size=(48, 6, 6, 2)), rng.normal(size=(10, 6, 6, 2))
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "xs.npy", xs)
+    np.save(tmp_path / "y.npy", np.sin(x[:, 0, 0, :]))
+    (tmp_path / "spec.json").write_text(NET.to_json())
+    return tmp_path
+
+
+def test_kernel_spec_file_gram_solve_predict(ray_local, images, capsys):
+    t = images
+    common = ["--kernel-spec", str(t / "spec.json"), "--dtype", "float64", "--tile", "32"]
+    assert main(["gram", "--x", str(t / "x.npy"), "--store", str(t / "g.zarr"), *common]) == 0
+    meta = GramStore.open(str(t / "g.zarr")).meta
+    assert meta.kernel["sample_shape"] == [6, 6, 2] and meta.d == 72
+    assert main(["solve", "--store", str(t / "g.zarr"), "--y", str(t / "y.npy"), "--model-dir",
+                 str(t / "m"), "--ridge", "1e-3", "--tol", "1e-11"]) == 0  # fmt: skip
+    assert main(["predict", "--model-dir", str(t / "m"), "--x", str(t / "xs.npy"), "--out",
+                 str(t / "p.npy")]) == 0  # fmt: skip
+    x, y, xs = (np.load(t / f"{n}.npy") for n in ("x", "y", "xs"))
+    ref = dense_predictions(NET, x, y, xs, ridge=1e-3)
+    assert relative_max_error(np.load(t / "p.npy"), ref) <= 1e-7
+
+
+def test_fit_config_with_a_spec_file(ray_local, images, capsys):
+    t = images
+    (t / "cfg.toml").write_text("""
+[data]
+x_train = "x.npy"
+y_train = "y.npy"
+x_test = "xs.npy"
+[kernel]
+spec = "spec.json"
+[store]
+path = "gram.zarr"
+tile = 32
+dtype = "float64"
+[solver]
+ridge = 1e-3
+tol = 1e-11
+[output]
+dir = "out"
+""")
+    assert main(["fit", str(t / "cfg.toml")]) == 0
+    x, y, xs = (np.load(t / f"{n}.npy") for n in ("x", "y", "xs"))
+    ref = dense_predictions(NET, x, y, xs, ridge=1e-3)
+    assert relative_max_error(np.load(t / "out" / "predictions.npy"), ref) <= 1e-7
+
+
+def test_plan_measures_a_myrtle_tile(capsys, tmp_path):
+    argv = ["plan", "--n", "50000", "--sample-shape", "32,32,3", "--kernel", "myrtle5",
+            "--tile", "256", "--store-dir", str(tmp_path), "--json"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "pairs per chunk (kernel memory budget)  1 x 1" in out
+    plan = json.loads(out.strip().splitlines()[-1])
+    assert plan["d"] == 3072 and plan["chunk_pairs"] == [1, 1]
+    assert plan["seconds_per_tile"] > 256 * 256 / 2 * 1e-3  # at least a millisecond a pair
+    assert plan["flops"] > 1e8 * plan["entries"]  # ~1e8 operations per Myrtle-5 pair
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--kernel", "myrtle5"], "(n, H, W, C)"),  # 2-D features for a conv kernel
+        (["--kernel", "conv", "--kernel-spec", "spec.json"], "use one"),
+        (["--kernel-spec", "missing.json"], "does not exist"),
+        (["--kernel-spec", "y.npy"], "is not JSON"),
+    ],
+)
+def test_bad_kernel_arguments_exit_2_and_write_nothing(images, capsys, monkeypatch, argv,
+                                                       fragment):  # fmt: skip
+    monkeypatch.chdir(images)
+    np.save(images / "flat.npy", np.zeros((8, 12)))
+    assert main(["gram", "--x", "flat.npy", "--store", "g.zarr", *argv]) == 2
+    assert fragment in capsys.readouterr().err
+    assert not (images / "g.zarr").exists()
+
+
+def test_myrtle_preset_is_the_notebook_network():
+    from ntk_scale.kernels.stax import PRESETS
+
+    assert PRESETS["myrtle7"]() == Myrtle(7)
+    assert PRESETS["conv"]().layers[0].name == "Conv"
