@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 from ntk_scale.kernels.validate import DTYPES, KINDS, check_choice
 from ntk_scale.plan import DEFAULT_TILE
 
@@ -80,7 +82,10 @@ class GramOptions:
 class SolveOptions:
     """(K + λI) A = Y by preconditioned CG.
 
-    ridge: λ / mean(diag K) (Neural Tangents' diag_reg), or λ itself with ridge_absolute.
+    ridge: λ / mean(diag K) (Neural Tangents' diag_reg), or λ itself with ridge_absolute; a
+    sequence of ridges solves them all in one PCG run (one product per iteration for all).
+    cv: folds to choose among several ridges on held-out rows of the same store (or holdout:
+    the fraction of rows held out once); the model is then refitted at the chosen ridge.
     preconditioner: rpcholesky | nystrom | jacobi | none, of ``rank`` pivots (pivot_block > 1:
     accelerated RPCholesky). tol: ||r|| / ||y|| per column. operator: stored (tiles streamed
     here) | distributed (row panels on the actors) | dense (all in memory here) | matrixfree
@@ -88,8 +93,10 @@ class SolveOptions:
     between saved PCG states (resume). memory_budget_bytes: per distributed actor.
     """
 
-    ridge: float = 1e-4
+    ridge: float | tuple[float, ...] = 1e-4
     ridge_absolute: bool = False
+    cv: int | None = None
+    holdout: float | None = None
     preconditioner: str = "rpcholesky"
     rank: int = 500
     tol: float = 1e-6
@@ -108,10 +115,48 @@ class SolveOptions:
         _positive_int_or_none("max_iter", self.max_iter, "or None for the solver's default")
         if not (isinstance(self.tol, (int, float)) and 0 < self.tol < 1):
             raise ValueError(f"tol={self.tol!r} must lie in (0, 1), e.g. 1e-6")
+        object.__setattr__(self, "ridge", _ridges(self.ridge))
+        if self.cv is not None and (isinstance(self.cv, bool) or not isinstance(self.cv, int)
+                                    or self.cv < 2):  # fmt: skip
+            raise ValueError(f"cv={self.cv!r} must be an integer >= 2 (folds), or None")
+        if self.holdout is not None and not (isinstance(self.holdout, (int, float))
+                                             and 0 < self.holdout < 1):  # fmt: skip
+            raise ValueError(f"holdout={self.holdout!r} must be a fraction in (0, 1), e.g. 0.1")
+        if self.cv is not None and self.holdout is not None:
+            raise ValueError("give cv= (k folds) or holdout= (one held-out fraction), not both")
+
+    @property
+    def ridges(self) -> tuple[float, ...]:
+        """The ridges as a tuple (one for a single ridge)."""
+        return self.ridge if isinstance(self.ridge, tuple) else (self.ridge,)
+
+    @property
+    def selects(self) -> bool:
+        """Whether the ridge is chosen on held-out rows (cv or holdout given)."""
+        return self.cv is not None or self.holdout is not None
 
     def with_rank_at_most(self, n: int) -> SolveOptions:
         """The same options with rank capped at n (a preconditioner cannot pick more pivots)."""
         return dataclasses.replace(self, rank=min(self.rank, n))
+
+
+def _ridges(value: Any) -> float | tuple[float, ...]:
+    """A ridge (a float) or several (a tuple of distinct floats), each finite and >= 0."""
+    many = isinstance(value, (list, tuple)) or (hasattr(value, "__len__")
+                                                and not isinstance(value, str))  # fmt: skip
+    values = list(value) if many else [value]
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
+            raise ValueError(f"ridge={v!r} is not a number; give a float, e.g. 1e-4, or a list")
+        if not np.isfinite(v) or v < 0:
+            raise ValueError(f"ridge={v!r} must be a finite number >= 0, e.g. 1e-4")
+        out.append(float(v))
+    if many and not out:
+        raise ValueError("ridge=[] holds no ridge; give at least one, e.g. [1e-6, 1e-4]")
+    if len(set(out)) != len(out):
+        raise ValueError(f"ridge={out} repeats a value; give each ridge once")
+    return tuple(out) if many else out[0]
 
 
 def default(record: type, name: str) -> Any:

@@ -49,3 +49,26 @@ def plot_spectrum(eigenvalues: np.ndarray, lam: float, path: str) -> str:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_ridge_path(ridges, scores: np.ndarray, metric: str, best: int, path: str) -> str:
+    """Validation score vs ridge (log x): the mean over folds, each fold faint, the chosen
+    ridge marked. scores: (folds, ridges)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    r = np.asarray(ridges, dtype=np.float64)
+    order = np.argsort(r)
+    for fold in scores:
+        ax.plot(r[order], fold[order], color="0.8", lw=1)
+    ax.plot(r[order], scores.mean(axis=0)[order], "o-", label=f"mean validation {metric}")
+    ax.axvline(r[best], color="C3", ls="--", label=f"chosen ridge {r[best]:g}")
+    ax.set_xscale("log")
+    if metric == "mse":
+        ax.set_yscale("log")
+    ax.set_xlabel("ridge")
+    ax.set_ylabel(f"validation {metric}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -60,6 +60,22 @@ class SolveReport:
     #: The Nyström sketch's estimates of K's top eigenvalues (descending), for the spectrum plot;
     #: empty for identity / Jacobi.
     eigenvalues: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    #: Every absolute ridge of a regularization path (result.x then holds (N, R·C) columns,
+    #: ridge k's in columns k·C .. k·C + C - 1: :meth:`alpha`); targets: C; vector: y was (N,).
+    lams: tuple[float, ...] = ()
+    targets: int = 1
+    vector: bool = False
+
+    def alpha(self, k: int = 0) -> np.ndarray:
+        """The solution at ridge k: (N,) for vector targets, else (N, C)."""
+        if len(self.lams) <= 1:
+            return self.result.x
+        x = self.result.x[:, k * self.targets : (k + 1) * self.targets]
+        return x[:, 0] if self.vector else x
+
+    def iterations_per_ridge(self, tol: float) -> list[int]:
+        """The iterations each ridge's slowest column took to reach tol."""
+        return column_iterations(self.result.residuals, tol, len(self.lams) or 1)
 
     @property
     def seconds(self) -> tuple[float, float]:
@@ -97,22 +113,31 @@ def solve_store(
     opts = opts.with_rank_at_most(store.shape[0])
     with contextlib.ExitStack() as stack:
         op = _make_operator(store, opts, run, stack)
-        lam = resolve_ridge(opts.ridge, op, opts.ridge_absolute)
-        meta = _checkpoint_meta(store, Y2, lam, opts)
+        lams = tuple(resolve_ridge(r, op, opts.ridge_absolute) for r in opts.ridges)
+        meta = _checkpoint_meta(store, Y2, lams[0] if len(lams) == 1 else list(lams), opts)
         path = None if out_dir is None else os.path.join(out_dir, CHECKPOINT_NAME)
         state = _load_state(path, meta, overwrite)
-        M = _make_preconditioner(op, opts, meta["rank"], lam)
+        # One sketch for every ridge (it reads K only); each ridge gets its own core.
+        M = _make_preconditioner(op, opts, meta["rank"], min(lams))
         setup = time.perf_counter() - start
         bar = stack.enter_context(_progress(opts, run))
-        result, last = _run(op, Y2, lam, M, opts, state, path, meta, _both(bar, callback))
+        Yp, lam_cols = path_columns(Y2, lams)
+        result, last = _run(op, Yp, lam_cols, M, opts, state, path, meta, _both(bar, callback))
         iterating = time.perf_counter() - start - setup
     if path is not None and last is not None:
         ckpt.save_checkpoint(path, last, meta)
-    if vector:
+    if vector and len(lams) == 1:
         result = result._replace(x=result.x[:, 0])
     resumed = None if state is None else state.iteration
     eig = np.asarray(getattr(M, "eigenvalues", np.zeros(0)), dtype=np.float64)
-    return SolveReport(result, lam, M.name, getattr(M, "rank", 0), setup, iterating, resumed, eig)
+    return SolveReport(result, lams[0], M.name, getattr(M, "rank", 0), setup, iterating, resumed,
+                       eig, lams, Y2.shape[1], vector)  # fmt: skip
+
+
+def path_columns(Y: np.ndarray, lams: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Y (N, C) repeated once per ridge -> ((N, R·C) targets, (R·C,) ridges): column
+    k·C + j is target j at ridge k."""
+    return np.tile(Y, (1, len(lams))), np.repeat(np.asarray(lams, dtype=np.float64), Y.shape[1])
 
 
 def merge_options(
@@ -132,7 +157,7 @@ def merge_options(
     return opts, run
 
 
-def _checkpoint_meta(store: GramStore, Y: np.ndarray, lam: float, o: SolveOptions) -> dict:
+def _checkpoint_meta(store: GramStore, Y: np.ndarray, lam: Any, o: SolveOptions) -> dict:
     """What identifies a solve: a checkpoint made for anything else is refused."""
     return {
         "store": store.fingerprint,
@@ -159,7 +184,7 @@ def _both(bar: SolveProgress, callback: Callable | None) -> Callable[[PCGState],
     return on_state
 
 
-def _run(op, Y, lam, M, o: SolveOptions, state, path, meta, callback):
+def _run(op, Y, lam, M, o: SolveOptions, state, path, meta, callback, mask=None):
     """solve_pcg with checkpoints; returns (result, the last new state or None)."""
     saver = None if path is None else ckpt.checkpoint_every(path, meta, o.checkpoint_every)
     last: list[PCGState] = []
@@ -170,8 +195,16 @@ def _run(op, Y, lam, M, o: SolveOptions, state, path, meta, callback):
             saver(st)
         callback(st)
 
-    result = solve_pcg(op, Y, lam, M, o.tol, o.max_iter, callback=on_iteration, state=state)
+    result = solve_pcg(op, Y, lam, M, o.tol, o.max_iter, callback=on_iteration, state=state,
+                       mask=mask)  # fmt: skip
     return result, (last[0] if last else None)
+
+
+def column_iterations(residuals: np.ndarray, tol: float, groups: int) -> list[int]:
+    """Iterations until each group of columns (consecutive, equal sizes) was within tol."""
+    reached = residuals <= tol
+    first = np.where(reached.any(axis=0), reached.argmax(axis=0), residuals.shape[0] - 1)
+    return [int(g.max()) for g in np.split(first, groups)]
 
 
 def check_targets(Y: Any, n: int) -> tuple[np.ndarray, bool]:
@@ -236,3 +269,133 @@ def _load_state(path: str | None, meta: dict[str, Any], overwrite: bool) -> PCGS
             fs.rm_file(fpath)
         return None
     return ckpt.load_checkpoint(path, meta)
+
+
+# -- choosing the ridge on held-out rows -----------------------------------------------------------
+METRICS = ("mse", "accuracy")
+CV_CHECKPOINT_NAME = "cv_state.npz"
+
+
+@dataclasses.dataclass(frozen=True)
+class RidgeSelection:
+    """Every ridge scored on held-out rows of one store, in one PCG run.
+
+    ridges: as given (relative, or absolute with ridge_absolute); metric: "mse" (lower is
+    better) or "accuracy" (higher); scores: (folds, ridges) validation score of each fold;
+    iterations: per ridge, its slowest column's PCG iterations; best: the chosen ridge's index
+    (the best mean score; the larger ridge on a tie); seconds: the whole selection.
+    """
+
+    ridges: tuple[float, ...]
+    metric: str
+    scores: np.ndarray
+    iterations: list[int]
+    best: int
+    seconds: float
+    folds: int
+
+    @property
+    def mean_scores(self) -> np.ndarray:
+        return self.scores.mean(axis=0)
+
+    @property
+    def ridge(self) -> float:
+        return self.ridges[self.best]
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per ridge: ridge, mean and per-fold scores, iterations, chosen."""
+        return [
+            {"ridge": r, f"mean_{self.metric}": float(self.mean_scores[k]),
+             f"fold_{self.metric}": self.scores[:, k].tolist(),
+             "iterations": self.iterations[k], "chosen": k == self.best}
+            for k, r in enumerate(self.ridges)
+        ]  # fmt: skip
+
+
+Folds = list[tuple[np.ndarray, np.ndarray]]
+
+
+def make_folds(n: int, cv: int | None = None, holdout: float | None = None, seed: int = 0,
+               splitter: Any = None, y: Any = None) -> Folds:  # fmt: skip
+    """(train rows, validation rows) per fold: k shuffled folds, one held-out fraction, or a
+    scikit-learn splitter's ``split(range(n), y)``."""
+    if splitter is not None:
+        return [(np.asarray(a), np.asarray(b)) for a, b in splitter.split(np.zeros((n, 1)), y)]
+    order = np.random.default_rng(seed).permutation(n)
+    if holdout is not None:
+        k = max(1, int(round(holdout * n)))
+        if k >= n:
+            raise ValueError(f"holdout={holdout} leaves no training rows of {n}")
+        return [(np.sort(order[k:]), np.sort(order[:k]))]
+    if cv is None or not 2 <= cv <= n:
+        raise ValueError(f"cv={cv!r} must be an integer in [2, N={n}] (folds)")
+    parts = np.array_split(order, cv)
+    return [(np.sort(np.concatenate(parts[:f] + parts[f + 1:])), np.sort(parts[f]))
+            for f in range(cv)]  # fmt: skip
+
+
+def score(pred: np.ndarray, y: np.ndarray, metric: str) -> float:
+    """MSE over every target, or accuracy of the argmax (one-hot targets)."""
+    if metric == "accuracy":
+        return float(np.mean(np.argmax(pred, axis=1) == np.argmax(y, axis=1)))
+    return float(np.mean((pred - y) ** 2))
+
+
+def select_ridge(
+    store_url: str,
+    Y: Any,
+    options: SolveOptions,
+    run: RunOptions | None = None,
+    *,
+    folds: Folds,
+    metric: str = "mse",
+    out_dir: str | None = None,
+    overwrite: bool = False,
+    callback: Callable[[PCGState], object] | None = None,
+) -> RidgeSelection:
+    """Score every ridge of ``options.ridges`` on held-out rows of the Gram stored at
+    ``store_url``, without computing a tile: every (fold, ridge, target) is a column of one
+    PCG run on the training rows of its fold (one product with the stored K per iteration for
+    all), and the validation predictions K[val, train]·A come from one more product.
+
+    A relative ridge is relative to the mean diagonal of the fold's training rows, as a fit on
+    those rows alone would take it. With ``out_dir`` the run is checkpointed there and resumed.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r}; use one of {', '.join(METRICS)}")
+    run, start = run or RunOptions(), time.perf_counter()
+    store = open_symmetric(store_url, complete=options.operator != "matrixfree")
+    Y2, _ = check_targets(Y, store.shape[0])
+    opts = options.with_rank_at_most(store.shape[0])
+    ridges, c = opts.ridges, Y2.shape[1]
+    with contextlib.ExitStack() as stack:
+        op = _make_operator(store, opts, run, stack)
+        diag = op.diag()
+        lam = np.array([[r if opts.ridge_absolute else r * float(np.mean(diag[tr])) for r in ridges]
+                        for tr, _ in folds])  # fmt: skip
+        Yp = np.concatenate([np.tile(Y2, (1, len(ridges))) for _ in folds], axis=1)
+        mask = np.zeros(Yp.shape, dtype=bool)
+        for f, (tr, _) in enumerate(folds):
+            mask[tr, f * len(ridges) * c : (f + 1) * len(ridges) * c] = True
+        meta = {**_checkpoint_meta(store, Y2, lam.tolist(), opts),
+                "folds": targets_fingerprint(mask.astype(np.float64))}  # fmt: skip
+        path = None if out_dir is None else os.path.join(out_dir, CV_CHECKPOINT_NAME)
+        state = _load_state(path, meta, overwrite)
+        M = _make_preconditioner(op, opts, meta["rank"], float(lam.min()))
+        bar = stack.enter_context(_progress(opts, run))
+        result, last = _run(op, Yp, np.repeat(lam.reshape(-1), c), M, opts, state, path, meta,
+                            _both(bar, callback), mask=mask)  # fmt: skip
+        pred = op.matmat(result.x)  # every column's K·A: its validation rows are K[val, train]·A
+    if path is not None and last is not None:
+        ckpt.save_checkpoint(path, last, meta)
+    scores = np.empty((len(folds), len(ridges)))
+    for f, (_, val) in enumerate(folds):
+        for k in range(len(ridges)):
+            col = (f * len(ridges) + k) * c
+            scores[f, k] = score(pred[val, col : col + c], Y2[val], metric)
+    per = np.array(column_iterations(result.residuals, opts.tol, len(folds) * len(ridges)))
+    iterations = per.reshape(len(folds), len(ridges)).max(axis=0).tolist()
+    means = scores.mean(axis=0) * (1 if metric == "mse" else -1)
+    best = int(np.flatnonzero(means == means.min()).max())  # a tie goes to the larger ridge
+    return RidgeSelection(tuple(ridges), metric, scores, iterations, best,
+                          time.perf_counter() - start, len(folds))  # fmt: skip

@@ -26,7 +26,16 @@ from ntk_scale.model import Model, load_model, save_model
 from ntk_scale.options import GramOptions, RunOptions, SolveOptions
 from ntk_scale.predict import predict_from_store
 from ntk_scale.scheduler import GramReport, run_store
-from ntk_scale.solve import SolveReport, check_targets, merge_options, solve_store
+from ntk_scale.solve import (
+    Folds,
+    RidgeSelection,
+    SolveReport,
+    check_targets,
+    make_folds,
+    merge_options,
+    select_ridge,
+    solve_store,
+)
 from ntk_scale.store import GramStore
 
 __all__ = [
@@ -140,6 +149,8 @@ class SolveResult:
     report: SolveReport
     meta: dict[str, Any]
     decision: OperatorDecision
+    #: The ridge path scored on held-out rows, when the ridge was chosen there (else None).
+    selection: RidgeSelection | None = None
 
     @property
     def alpha(self) -> np.ndarray:
@@ -156,13 +167,17 @@ def solve(
     extra: dict[str, Any] | None = None,
     overwrite: bool = False,
     callback: Callable[[PCGState], object] | None = None,
+    folds: Folds | None = None,
     **overrides: Any,
 ) -> SolveResult:
     """(K + λI) A = Y on the stored Gram at ``store``. With ``model_dir`` the model (A, model.json,
     plots) is written there and the PCG state checkpointed under it (a rerun resumes).
 
     y: (N,) or (N, C) targets. overrides: fields of SolveOptions / RunOptions (ridge=1e-3, ...).
-    extra: more fields for model.json (task, classes).
+    extra: more fields for model.json (task, classes). Several ridges with cv (or holdout, or
+    explicit ``folds``): every ridge is scored on held-out rows of this store in one PCG run
+    (MSE, or accuracy for task "classification"), and the model is the refit on all rows at
+    the best one; model.json records the whole path and the plot validation.png shows it.
     """
     opts, run = merge_options(options or SolveOptions(), run or RunOptions(), overrides)
     g = GramStore.open(store)
@@ -172,12 +187,44 @@ def solve(
     )  # fmt: skip
     opts = dataclasses.replace(opts, operator=decision.operator)
     ckpt = None if model_dir is None else f"{model_dir.rstrip('/')}/checkpoint"
+    selection = None
+    if opts.selects or folds is not None:
+        selection = _select(store, y, opts, run, folds, extra, ckpt, overwrite, g.meta.n_rows)
+        opts = dataclasses.replace(opts, ridge=selection.ridge, cv=None, holdout=None)
+    elif len(opts.ridges) > 1:
+        raise ValueError(
+            f"ridge={list(opts.ridges)}: several ridges need cv= (folds) or holdout= (a "
+            "fraction of rows) to choose one on held-out data; ntk_scale.solve.solve_store "
+            "returns the whole path"
+        )
     report = solve_store(store, y, opts, run, out_dir=ckpt, overwrite=overwrite, callback=callback)
     meta = model_meta(g, report, opts, decision, extra)
+    if selection is not None:
+        meta["ridge_path"] = {
+            "metric": selection.metric,
+            "folds": selection.folds,
+            "seconds": selection.seconds,
+            "ridges": selection.table(),
+        }
     if model_dir is not None:
         save_model(model_dir, report.result.x, meta)
         meta["plots"] = _plots(model_dir, report, opts.tol)
-    return SolveResult(report, meta, decision)
+        if selection is not None and "://" not in model_dir:
+            from ntk_scale.plots import plot_ridge_path
+
+            meta["plots"].append(plot_ridge_path(selection.ridges, selection.scores,
+                                                 selection.metric, selection.best,
+                                                 f"{model_dir}/validation.png"))  # fmt: skip
+    return SolveResult(report, meta, decision, selection)
+
+
+def _select(store, y, opts, run, folds, extra, ckpt, overwrite, n) -> RidgeSelection:
+    """Every ridge scored on held-out rows (MSE, or accuracy for classification)."""
+    if folds is None:
+        folds = make_folds(n, opts.cv, opts.holdout, opts.seed)
+    metric = "accuracy" if (extra or {}).get("task") == "classification" else "mse"
+    return select_ridge(store, y, opts, run, folds=folds, metric=metric, out_dir=ckpt,
+                        overwrite=overwrite)  # fmt: skip
 
 
 def model_meta(

@@ -115,8 +115,10 @@ def avg_pool(t: jax.Array, hw: tuple[int, int], window: tuple[int, int],
              ) -> tuple[jax.Array, tuple[int, int]]:  # fmt: skip
     """AvgPool's covariance map (full layout): each image is pooled on its own, so the window
     runs over each of the four position axes independently."""
-    if padding == "VALID" and window == strides and all(
-        n % w == 0 for n, w in zip(hw, window, strict=True)
+    if (
+        padding == "VALID"
+        and window == strides
+        and all(n % w == 0 for n, w in zip(hw, window, strict=True))
     ):
         # Non-overlapping windows tiling the image (Myrtle's pools): one contiguous reduction
         # over a reshape, where strided slices measured 2-3x slower inside a segment.

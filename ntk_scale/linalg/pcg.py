@@ -82,26 +82,35 @@ def resolve_ridge(ridge: float, op: GramOperator, absolute: bool = False) -> flo
 def solve_pcg(
     op: GramOperator,
     Y: np.ndarray,
-    lam: float,
+    lam: float | np.ndarray,
     preconditioner: Preconditioner | None = None,
     tol: float = 1e-6,
     max_iter: int | None = None,
     x0: np.ndarray | None = None,
     callback: Callable[[PCGState], object] | None = None,
     state: PCGState | None = None,
+    mask: np.ndarray | None = None,
 ) -> PCGResult:
     """Solve (K + λI) A = Y column by column to ||r_j|| / ||y_j|| <= tol.
 
-    op: an (N, N) GramOperator. Y: (N, C) targets. lam: the absolute ridge (see resolve_ridge).
-    preconditioner: ``apply(R)`` ≈ (K + λI)⁻¹ R, default identity. max_iter: default 2N.
-    x0: (N, C) starting guess (columns already within tol are never touched). callback: called
-    with the new PCGState after every iteration. state: a saved PCGState to resume from.
-    Warns (ConvergenceWarning) and returns converged=False columns when max_iter is reached;
-    raises SolverError on non-positive curvature or NaN/Inf.
+    op: an (N, N) GramOperator. Y: (N, C) targets. lam: the absolute ridge (see resolve_ridge),
+    one for all columns or (C,) one per column: many ridges share each ``op.matmat`` (a
+    regularization path in one solve); the preconditioner then gets each column's ridge.
+    preconditioner: ``apply(R[, lam])`` ≈ (K + λI)⁻¹ R, default identity. max_iter: default
+    2N. x0: (N, C) starting guess (columns already within tol are never touched). callback:
+    called with the new PCGState after every iteration. state: a saved PCGState to resume from.
+    mask: (N, C) bool, column j solves on the rows mask[:, j] only, (K[S, S] + λI) a_S = y_S
+    with a zero elsewhere (a cross-validation fold's training rows: every fold shares the
+    product with the full K). Warns (ConvergenceWarning) and returns converged=False columns
+    when max_iter is reached; raises SolverError on non-positive curvature or NaN/Inf.
     """
     Y = _check_targets(Y, op.shape[0])
-    lam, tol = _check_positive("lam", lam, allow_zero=True), _check_positive("tol", tol)
+    lam, tol = _check_lams(lam, Y.shape[1]), _check_positive("tol", tol)
     M = identity() if preconditioner is None else preconditioner
+    if mask is not None:
+        mask = _check_mask(mask, Y.shape)
+        M = _Masked(M, mask)
+        Y = Y * mask
     max_iter = 2 * op.shape[0] if max_iter is None else int(max_iter)
     ynorm = np.linalg.norm(Y, axis=0)
     if state is not None and x0 is not None:
@@ -109,9 +118,9 @@ def solve_pcg(
     if state is not None:
         st = _resume(state, Y.shape, tol)
     else:
-        st = _initial_state(op, Y, lam, M, x0, ynorm, tol)
+        st = _initial_state(op, Y, lam, M, x0, ynorm, tol, mask)
     while st.active.any() and st.iteration < max_iter:
-        st = _step(op, lam, M, st, ynorm, tol)
+        st = _step(op, lam, M, st, ynorm, tol, mask)
         if callback is not None:
             callback(st)
     converged = ~st.active
@@ -120,15 +129,36 @@ def solve_pcg(
     return PCGResult(st.x, st.iteration, st.residuals, converged)
 
 
+def _product(op: GramOperator, p: np.ndarray, lam: np.ndarray, idx: np.ndarray,
+             mask: np.ndarray | None) -> np.ndarray:  # fmt: skip
+    """(K + λ_j I) p_j for the columns idx (restricted to each column's rows with a mask)."""
+    Kp = op.matmat(p)
+    if mask is not None:
+        Kp *= mask[:, idx]
+    return Kp + lam[idx] * p
+
+
+def _apply(M: Preconditioner, R: np.ndarray, lam: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """M applied to the columns idx, each with its own ridge when the ridges differ, and
+    restricted to each column's rows when masked."""
+    mask = None
+    if isinstance(M, _Masked):
+        M, mask = M.M, M.mask[:, idx]
+        R = R * mask
+    out = M.apply(R) if np.all(lam == lam[0]) else M.apply(R, lam=lam[idx])
+    return out if mask is None else out * mask
+
+
 def _step(
-    op: GramOperator, lam: float, M: Preconditioner, st: PCGState, ynorm: np.ndarray, tol: float
-) -> PCGState:
+    op: GramOperator, lam: np.ndarray, M: Preconditioner, st: PCGState, ynorm: np.ndarray,
+    tol: float, mask: np.ndarray | None = None,
+) -> PCGState:  # fmt: skip
     """One PCG iteration over the active columns; returns a new state (``st`` is untouched)."""
     idx = np.flatnonzero(st.active)
     p = st.p[:, idx]
-    Ap = op.matmat(p) + lam * p
+    Ap = _product(op, p, lam, idx, mask)
     pAp = _colsum(p, Ap)
-    _check_curvature(pAp, Ap, idx, st.iteration, lam)
+    _check_curvature(pAp, Ap, idx, st.iteration, lam[idx])
     alpha = st.rz[idx] / pAp
     x, r = st.x.copy(), st.r.copy()
     x[:, idx] += alpha * p
@@ -139,7 +169,7 @@ def _step(
     z, p_new, rz = st.z.copy(), st.p.copy(), st.rz.copy()
     still = np.flatnonzero(active)
     if still.size:
-        z[:, still] = M.apply(r[:, still])
+        z[:, still] = _apply(M, r[:, still], lam, still)
         rz_new = _colsum(r[:, still], z[:, still])
         _check_rz(rz_new, still, st.iteration + 1)
         p_new[:, still] = z[:, still] + (rz_new / rz[still]) * st.p[:, still]
@@ -151,11 +181,12 @@ def _step(
 def _initial_state(
     op: GramOperator,
     Y: np.ndarray,
-    lam: float,
+    lam: np.ndarray,
     M: Preconditioner,
     x0: np.ndarray | None,
     ynorm: np.ndarray,
     tol: float,
+    mask: np.ndarray | None = None,
 ) -> PCGState:
     """x0 (default 0), r = Y − (K + λI) x0, z = M r, p = z. Zero targets get x = 0."""
     if x0 is None:
@@ -163,14 +194,16 @@ def _initial_state(
     else:
         x = _check_targets(x0, Y.shape[0], name="x0", shape=Y.shape).copy()
         x[:, ynorm == 0] = 0.0
-        r = Y - (op.matmat(x) + lam * x)
+        if mask is not None:
+            x *= mask
+        r = Y - _product(op, x, lam, np.arange(Y.shape[1]), mask)
         _check_finite(r, "the initial residual Y − (K + λI) x0", 0)
     rel = np.linalg.norm(r, axis=0) / np.where(ynorm > 0, ynorm, 1.0)
     active = rel > tol
     z = np.zeros_like(Y)
     idx = np.flatnonzero(active)
     if idx.size:
-        z[:, idx] = M.apply(r[:, idx])
+        z[:, idx] = _apply(M, r[:, idx], lam, idx)
     rz = _colsum(r, z)
     _check_rz(rz[idx], idx, 0)
     return PCGState(x, r, z, z.copy(), rz, 0, active, rel[None, :])
@@ -200,14 +233,43 @@ def _colsum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->j", a, b)
 
 
-def _check_curvature(pAp: np.ndarray, Ap: np.ndarray, idx: np.ndarray, it: int, lam: float):
+class _Masked(NamedTuple):
+    """A preconditioner restricted to each column's rows, mask ⊙ M(mask ⊙ R) (see _apply):
+    SPD on the subspace whenever M is SPD."""
+
+    M: Preconditioner
+    mask: np.ndarray
+
+
+def _check_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.shape != shape or mask.dtype != bool:
+        raise ValueError(f"mask must be a bool array of shape {shape} (rows x columns), got "
+                         f"{mask.dtype} {mask.shape}")  # fmt: skip
+    return mask
+
+
+def _check_lams(lam: float | np.ndarray, c: int) -> np.ndarray:
+    """The ridges as (C,) float64, each finite and >= 0."""
+    arr = np.asarray(lam, dtype=np.float64)
+    if arr.ndim == 0:
+        arr = np.full(c, float(_check_positive("lam", float(arr), allow_zero=True)))
+    if arr.shape != (c,):
+        raise ValueError(f"lam must be one ridge or one per column ({c},), got shape {arr.shape}")
+    for v in arr:
+        _check_positive("lam", v, allow_zero=True)
+    return arr
+
+
+def _check_curvature(pAp: np.ndarray, Ap: np.ndarray, idx: np.ndarray, it: int,
+                     lam: np.ndarray):  # fmt: skip
     _check_finite(Ap, "the operator product (K + λI) p", it)
     bad = ~(pAp > 0)
     if bad.any():
         j = int(np.argmax(bad))
         raise SolverError(
             f"non-positive curvature pᵀ(K + λI)p = {pAp[j]:.3e} in column {int(idx[j])} at "
-            f"iteration {it}: K + λI is not positive definite at λ={lam:.3e}; use a larger "
+            f"iteration {it}: K + λI is not positive definite at λ={lam[j]:.3e}; use a larger "
             "ridge (or check that the Gram matrix is a valid kernel matrix)"
         )
 

@@ -27,23 +27,28 @@ class Identity:
     rank: int = 0
     pivots: np.ndarray = dataclasses.field(default_factory=lambda: _EMPTY_INT)
 
-    def apply(self, R: np.ndarray) -> np.ndarray:
+    def apply(self, R: np.ndarray, lam: np.ndarray | None = None) -> np.ndarray:
         """R: (N, C) -> (N, C) float64 (a copy, so callers may update either freely)."""
         return np.array(R, dtype=np.float64)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Jacobi:
-    """Diagonal preconditioner: apply(R) = R / (diag(K) + λ). inv_diag: (N,) float64."""
+    """Diagonal preconditioner: apply(R) = R / (diag(K) + λ). inv_diag: (N,) float64;
+    diag: (N,) diag(K), for other ridges (``apply(R, lam)``)."""
 
     inv_diag: np.ndarray
     name: str = "jacobi"
     rank: int = 0
     pivots: np.ndarray = dataclasses.field(default_factory=lambda: _EMPTY_INT)
+    diag: np.ndarray | None = None
 
-    def apply(self, R: np.ndarray) -> np.ndarray:
-        """R: (N, C) -> (N, C) float64."""
-        return np.asarray(R, dtype=np.float64) * self.inv_diag[:, None]
+    def apply(self, R: np.ndarray, lam: np.ndarray | None = None) -> np.ndarray:
+        """R: (N, C) -> (N, C) float64; lam: (C,) a ridge per column (default: its own)."""
+        R = np.asarray(R, dtype=np.float64)
+        if lam is None:
+            return R * self.inv_diag[:, None]
+        return R / (self.diag[:, None] + np.asarray(lam, dtype=np.float64)[None, :])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -82,21 +87,27 @@ class Nystrom:
         """σ_r² + λ: what P is on the complement of the sketched directions."""
         return float(self.eigenvalues[-1]) + self.lam
 
-    def apply(self, R: np.ndarray) -> np.ndarray:
-        """R: (N, C) -> (N, C) float64."""
+    def apply(self, R: np.ndarray, lam: np.ndarray | None = None) -> np.ndarray:
+        """R: (N, C) -> (N, C) float64. lam: (C,) a ridge per column: the sketch does not
+        depend on λ, only this core does, so one sketch serves a whole regularization path."""
         R = np.asarray(R, dtype=np.float64)
         UtR = self.U.T @ R
-        inner = UtR / (self.eigenvalues + self.lam)[:, None]
-        return self.U @ inner + (R - self.U @ UtR) / self.tail
+        if lam is None:
+            inner = UtR / (self.eigenvalues + self.lam)[:, None]
+            return self.U @ inner + (R - self.U @ UtR) / self.tail
+        lam = np.asarray(lam, dtype=np.float64)[None, :]
+        inner = UtR / (self.eigenvalues[:, None] + lam)
+        return self.U @ inner + (R - self.U @ UtR) / (float(self.eigenvalues[-1]) + lam)
 
 
 @runtime_checkable
 class Preconditioner(Protocol):
-    """What solve_pcg needs: apply(R (N, C) float64) -> (N, C) float64 ≈ (K + λI)⁻¹ R."""
+    """What solve_pcg needs: apply(R (N, C) float64) -> (N, C) float64 ≈ (K + λI)⁻¹ R, and
+    for a regularization path apply(R, lam=(C,) ridges) ≈ (K + λ_j I)⁻¹ r_j per column."""
 
     name: str
 
-    def apply(self, R: np.ndarray) -> np.ndarray: ...
+    def apply(self, R: np.ndarray, lam: np.ndarray | None = None) -> np.ndarray: ...
 
 
 def identity() -> Identity:
@@ -112,7 +123,7 @@ def jacobi(op: GramOperator, lam: float) -> Jacobi:
             f"diag(K) + λ has {int(np.sum(~(d > 0)))} non-positive or NaN entries; K is not a "
             "valid Gram matrix there (check the store) or use a larger ridge"
         )
-    return Jacobi(inv_diag=1.0 / d)
+    return Jacobi(inv_diag=1.0 / d, diag=d - lam)
 
 
 def nystrom(
