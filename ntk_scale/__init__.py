@@ -13,7 +13,7 @@ from ntk_scale.errors import (
     TileCorruptError,
     WorkerLostError,
 )
-from ntk_scale.estimator import NTKClassifier, NTKRegressor
+from ntk_scale.estimator import NTKClassifier, NTKClassifierCV, NTKRegressor, NTKRegressorCV
 from ntk_scale.kernels import FullyConnected, Myrtle, spec_from_json, stax
 from ntk_scale.linalg import ConvergenceWarning, SolverError
 from ntk_scale.options import GramOptions, RunOptions, SolveOptions
@@ -39,7 +39,9 @@ __all__ = [
     "GramStore",
     "Myrtle",
     "NTKClassifier",
+    "NTKClassifierCV",
     "NTKRegressor",
+    "NTKRegressorCV",
     "PlacementError",
     "RunOptions",
     "SolveOptions",

@@ -144,6 +144,18 @@ def cmd_verify(a: argparse.Namespace) -> int:
     return 0 if stages.verify(a.store)[0].ok else 1
 
 
+def _ridge_arg(text: str) -> float | tuple[float, ...]:
+    """--ridge 1e-4 or --ridge 1e-6,1e-5,1e-4."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a ridge or a comma-separated list "
+            "of ridges, e.g. 1e-4 or 1e-6,1e-5,1e-4"
+        ) from None
+    return values if len(values) > 1 else values[0]
+
+
 def _solve_options(a: argparse.Namespace) -> SolveOptions:
     return pick(SolveOptions, a)
 
@@ -164,6 +176,16 @@ def cmd_solve(a: argparse.Namespace) -> int:
         f"preconditioner {s['preconditioner']} (rank {s['rank']}), operator {s['operator']}; "
         f"model in {a.model_dir}"
     )
+    if result.selection is not None:
+        sel = result.selection
+        for row in sel.table():
+            mark = "  <- chosen" if row["chosen"] else ""
+            print(
+                f"ridge {row['ridge']:<10g} validation {sel.metric} "
+                f"{row[f'mean_{sel.metric}']:.6g} ({row['iterations']} iterations){mark}"
+            )
+        print(f"chosen ridge {sel.ridge:g} ({sel.folds} fold(s) in {sel.seconds:.1f} s); "
+              "the model is its refit on all rows")  # fmt: skip
     for plot in result.meta.get("plots", []):
         print(f"plot: {plot}")
     return 0 if all(s["converged"]) else 1
@@ -236,7 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", required=True, help="output: A (Zarr) + model.json + plots")
     g = p.add_argument_group("solver")
     ridge = default(SolveOptions, "ridge")
-    g.add_argument("--ridge", type=float, default=ridge, help=f"λ / mean(diag K) ({ridge:g})")
+    g.add_argument(
+        "--ridge",
+        type=_ridge_arg,
+        default=ridge,
+        metavar="R[,R...]",
+        help=f"λ / mean(diag K) ({ridge:g}); several: chosen by --cv / --holdout",
+    )
+    g.add_argument(
+        "--cv",
+        type=int,
+        default=default(SolveOptions, "cv"),
+        help="choose among the ridges by k-fold validation on the store's rows",
+    )
+    g.add_argument("--holdout", type=float, default=default(SolveOptions, "holdout"),
+                   help="... or on one held-out fraction of the rows (e.g. 0.1)")  # fmt: skip
     g.add_argument("--ridge-absolute", action="store_true", help="take --ridge as λ itself")
     g.add_argument(
         "--preconditioner", default=default(SolveOptions, "preconditioner"), choices=PRECONDITIONERS

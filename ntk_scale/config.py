@@ -30,8 +30,10 @@ _SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     },
     "store": {"path": str, "tile": int, "dtype": str, "overwrite": bool},
     "solver": {
-        "ridge": (int, float),
+        "ridge": (int, float, list),
         "ridge_absolute": bool,
+        "cv": int,
+        "holdout": (int, float),
         "preconditioner": str,
         "rank": int,
         "tol": (int, float),

@@ -158,3 +158,135 @@ def _rows(X: Any) -> tuple[np.ndarray, tuple[int, ...]]:
         return check_features(arr.reshape(arr.shape[0], -1), "X"), tuple(arr.shape[1:])
     arr = check_features(arr, "X")
     return arr, (arr.shape[1],)
+
+
+#: The ridges a CV estimator tries unless told: relative to mean(diag K), as Neural Tangents'
+#: diag_reg (Google Research's Myrtle notebook sweeps logspace(-8, 2)).
+DEFAULT_RIDGES = tuple(float(r) for r in np.logspace(-8, 0, 9))
+
+
+class NTKRegressorCV(NTKRegressor):
+    """NTKRegressor with the ridge chosen on held-out rows, in the manner of ``RidgeCV``.
+
+    One Gram store serves every fold and every ridge: each (fold, ridge, target) is a column of
+    one PCG run on the fold's training rows (one product with K per iteration for all of them),
+    the validation predictions come from the same store, and the model is refitted on all rows
+    at the best ridge. ridges: relative to mean(diag K) (absolute with ridge_absolute). cv: k
+    folds (an int), one held-out fraction (a float in (0, 1)) or a scikit-learn splitter.
+    Fitted: ``ridge_``, ``cv_results_`` (per ridge: mean and per-fold validation scores,
+    iterations), ``best_score_`` (higher is better: −MSE, or accuracy for the classifier).
+    """
+
+    _metric = "mse"
+
+    def __init__(
+        self,
+        kernel: FullyConnected | Layer | None = None,
+        ridges: Any = DEFAULT_RIDGES,
+        cv: Any = 5,
+        kind: str = default(GramOptions, "kind"),
+        ridge_absolute: bool = default(SolveOptions, "ridge_absolute"),
+        workdir: str | None = None,
+        dtype: str = default(GramOptions, "dtype"),
+        tile: int = default(GramOptions, "tile"),
+        preconditioner: str = default(SolveOptions, "preconditioner"),
+        rank: int = default(SolveOptions, "rank"),
+        tol: float = default(SolveOptions, "tol"),
+        max_iter: int | None = default(SolveOptions, "max_iter"),
+        operator: str = default(SolveOptions, "operator"),
+        workers: int | None = default(RunOptions, "workers"),
+        address: str | None = default(RunOptions, "address"),
+        seed: int = default(SolveOptions, "seed"),
+        progress: bool = False,
+    ):
+        self.kernel = kernel
+        self.ridges = ridges
+        self.cv = cv
+        self.kind = kind
+        self.ridge_absolute = ridge_absolute
+        self.workdir = workdir
+        self.dtype = dtype
+        self.tile = tile
+        self.preconditioner = preconditioner
+        self.rank = rank
+        self.tol = tol
+        self.max_iter = max_iter
+        self.operator = operator
+        self.workers = workers
+        self.address = address
+        self.seed = seed
+        self.progress = progress
+
+    def _options(self) -> tuple[GramOptions, SolveOptions, RunOptions]:
+        so = pick(SolveOptions, self, ridge=tuple(np.atleast_1d(self.ridges).tolist()),
+                  cv=None, holdout=None)  # fmt: skip
+        return pick(GramOptions, self), so, pick(RunOptions, self)
+
+    def _folds(self, n: int, labels: Any) -> Any:
+        from ntk_scale.solve import make_folds
+
+        cv = self.cv
+        if hasattr(cv, "split"):
+            return make_folds(n, splitter=cv, y=labels)
+        if isinstance(cv, float) and 0 < cv < 1:
+            return make_folds(n, holdout=cv, seed=self.seed)
+        if isinstance(cv, (int, np.integer)) and not isinstance(cv, bool):
+            return make_folds(n, cv=int(cv), seed=self.seed)
+        raise ValueError(f"cv={cv!r}: give k folds (an int >= 2), a held-out fraction (a float "
+                         "in (0, 1)) or a scikit-learn splitter (KFold(5), ...)")  # fmt: skip
+
+    def fit(self, X: Any, y: Any, labels: Any = None) -> NTKRegressorCV:
+        """X: (N, d) or (N, H, W, C); y: (N,) or (N, C). labels: what a splitter stratifies."""
+        from ntk_scale import stages
+        from ntk_scale.solve import check_targets
+
+        go, so, run = self._options()
+        X, self.sample_shape_ = _rows(X)
+        check_targets(y, X.shape[0])
+        self.n_features_in_ = X.shape[1]
+        folds = self._folds(X.shape[0], y if labels is None else labels)
+        spec = bind(
+            self.kernel if self.kernel is not None else FullyConnected(), self.sample_shape_
+        )
+        self.store_ = self._store_path(spec, X, go)
+        self.gram_report_ = stages.gram(X, spec, self.store_, go, run)
+        task = "classification" if self._metric == "accuracy" else "regression"
+        res = stages.solve(self.store_, np.asarray(y, dtype=np.float64), so, run, folds=folds,
+                           extra={"task": task})  # fmt: skip
+        sel = res.selection
+        self.ridge_ = sel.ridge
+        sign = -1.0 if sel.metric == "mse" else 1.0
+        self.best_score_ = sign * float(sel.mean_scores[sel.best])
+        self.cv_results_ = {
+            "ridge": np.asarray(sel.ridges),
+            "mean_test_score": sign * sel.mean_scores,
+            **{f"split{f}_test_score": sign * sel.scores[f] for f in range(sel.folds)},
+            "iterations": np.asarray(sel.iterations),
+            "rank_test_score": (np.argsort(np.argsort(-sign * sel.mean_scores)) + 1),
+        }
+        self.selection_ = sel
+        self.solve_result_, self.solve_report_ = res, res.report
+        self.operator_, self.operator_choice_ = res.decision.operator, res.decision.reason
+        self.alpha_ = res.alpha
+        return self
+
+
+class NTKClassifierCV(ClassifierMixin, NTKRegressorCV):
+    """NTKClassifier with the ridge chosen by held-out accuracy (see NTKRegressorCV)."""
+
+    _metric = "accuracy"
+
+    def fit(self, X: Any, y: Any) -> NTKClassifierCV:
+        y = np.asarray(y)
+        if y.ndim != 1:
+            raise ValueError(f"y must be a 1-D array of class labels, got shape {y.shape}")
+        self.classes_, codes = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(f"y has a single class {self.classes_}; classification needs two")
+        return super().fit(X, np.eye(len(self.classes_))[codes], labels=codes)
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        return NTKRegressor.predict(self, X)
+
+    def predict(self, X: Any) -> np.ndarray:
+        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
