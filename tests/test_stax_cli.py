@@ -106,3 +106,50 @@ def test_myrtle_preset_is_the_notebook_network():
 
     assert PRESETS["myrtle7"]() == Myrtle(7)
     assert PRESETS["conv"]().layers[0].name == "Conv"
+
+
+def test_zarr_images_and_a_config_preset(ray_local, images, capsys):
+    """4-D inputs from a Zarr array (read lazily, row block by row block) and [kernel] preset."""
+    import zarr
+
+    from ntk_scale import stages
+    from ntk_scale.kernels.stax import PRESETS
+
+    t = images
+    x = np.load(t / "x.npy")
+    z = zarr.open_array(str(t / "x.zarr"), mode="w", shape=x.shape, chunks=(16, 6, 6, 2),
+                        dtype="float64")  # fmt: skip
+    z[:] = x
+    (t / "cfg.toml").write_text("""
+[data]
+x_train = "x.zarr"
+y_train = "y.npy"
+[kernel]
+preset = "conv"
+[store]
+path = "gram.zarr"
+tile = 32
+dtype = "float64"
+[solver]
+ridge = 1e-3
+tol = 1e-11
+[output]
+dir = "out"
+""")
+    assert main(["fit", str(t / "cfg.toml")]) == 0
+    store = GramStore.open(str(t / "gram.zarr"))
+    assert store.meta.kernel["sample_shape"] == [6, 6, 2]
+    k = PRESETS["conv"]().kernel(x, dtype="float64")
+    np.testing.assert_allclose(store.to_dask().compute(), k, rtol=1e-12)
+    lazy = zarr.open_array(str(t / "x.zarr"), mode="r")
+    opts = stages.GramOptions(dtype="float64", tile=32)
+    report = stages.gram(lazy, PRESETS["conv"](), str(t / "gram.zarr"), opts)
+    assert report.computed == 0  # the same X (by fingerprint) and kernel: the store is reused
+
+
+def test_demo_with_the_conv_kernel(ray_local, tmp_path, capsys):
+    assert main(["demo", "--kernel", "conv", "--n", "60", "--out", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "8x8x1 images" in out and "exact dense solve" in out
+    metrics = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    assert metrics["max_rel_diff"] <= 1e-3 and metrics["agreement"] >= 0.99
