@@ -49,22 +49,7 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
         seed: int = default(SolveOptions, "seed"),
         progress: bool = False,
     ):
-        self.kernel = kernel
-        self.kind = kind
-        self.ridge = ridge
-        self.ridge_absolute = ridge_absolute
-        self.workdir = workdir
-        self.dtype = dtype
-        self.tile = tile
-        self.preconditioner = preconditioner
-        self.rank = rank
-        self.tol = tol
-        self.max_iter = max_iter
-        self.operator = operator
-        self.workers = workers
-        self.address = address
-        self.seed = seed
-        self.progress = progress
+        _keep(self, locals())
 
     # -- options ------------------------------------------------------------------------------
     def _options(self) -> tuple[GramOptions, SolveOptions, RunOptions]:
@@ -151,6 +136,14 @@ class NTKClassifier(ClassifierMixin, NTKRegressor):
         return self.classes_[np.argmax(self.decision_function(X), axis=1)]
 
 
+def _keep(est: BaseEstimator, params: dict[str, Any]) -> None:
+    """Store every __init__ argument unchanged under its own name (scikit-learn's contract:
+    get_params / clone read them back)."""
+    for name, value in params.items():
+        if name not in ("self", "__class__"):
+            setattr(est, name, value)
+
+
 def _rows(X: Any) -> tuple[np.ndarray, tuple[int, ...]]:
     """X as validated (N, d) rows and the shape of one sample ((d,) for features)."""
     arr = np.asarray(X)
@@ -199,23 +192,7 @@ class NTKRegressorCV(NTKRegressor):
         seed: int = default(SolveOptions, "seed"),
         progress: bool = False,
     ):
-        self.kernel = kernel
-        self.ridges = ridges
-        self.cv = cv
-        self.kind = kind
-        self.ridge_absolute = ridge_absolute
-        self.workdir = workdir
-        self.dtype = dtype
-        self.tile = tile
-        self.preconditioner = preconditioner
-        self.rank = rank
-        self.tol = tol
-        self.max_iter = max_iter
-        self.operator = operator
-        self.workers = workers
-        self.address = address
-        self.seed = seed
-        self.progress = progress
+        _keep(self, locals())
 
     def _options(self) -> tuple[GramOptions, SolveOptions, RunOptions]:
         so = pick(SolveOptions, self, ridge=tuple(np.atleast_1d(self.ridges).tolist()),

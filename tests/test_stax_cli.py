@@ -44,15 +44,15 @@ def test_kernel_spec_file_gram_solve_predict(ray_local, images, capsys):
     assert relative_max_error(np.load(t / "p.npy"), ref) <= 1e-7
 
 
-def test_fit_config_with_a_spec_file(ray_local, images, capsys):
-    t = images
-    (t / "cfg.toml").write_text("""
+def _config(x_train: str, kernel: str, test: bool = True) -> str:
+    """A fit config over the fixture's files with the given [kernel] line."""
+    return f"""
 [data]
-x_train = "x.npy"
+x_train = "{x_train}"
 y_train = "y.npy"
-x_test = "xs.npy"
+{'x_test = "xs.npy"' if test else ""}
 [kernel]
-spec = "spec.json"
+{kernel}
 [store]
 path = "gram.zarr"
 tile = 32
@@ -62,7 +62,12 @@ ridge = 1e-3
 tol = 1e-11
 [output]
 dir = "out"
-""")
+"""
+
+
+def test_fit_config_with_a_spec_file(ray_local, images, capsys):
+    t = images
+    (t / "cfg.toml").write_text(_config("x.npy", 'spec = "spec.json"'))
     assert main(["fit", str(t / "cfg.toml")]) == 0
     x, y, xs = (np.load(t / f"{n}.npy") for n in ("x", "y", "xs"))
     ref = dense_predictions(NET, x, y, xs, ridge=1e-3)
@@ -120,22 +125,7 @@ def test_zarr_images_and_a_config_preset(ray_local, images, capsys):
     z = zarr.open_array(str(t / "x.zarr"), mode="w", shape=x.shape, chunks=(16, 6, 6, 2),
                         dtype="float64")  # fmt: skip
     z[:] = x
-    (t / "cfg.toml").write_text("""
-[data]
-x_train = "x.zarr"
-y_train = "y.npy"
-[kernel]
-preset = "conv"
-[store]
-path = "gram.zarr"
-tile = 32
-dtype = "float64"
-[solver]
-ridge = 1e-3
-tol = 1e-11
-[output]
-dir = "out"
-""")
+    (t / "cfg.toml").write_text(_config("x.zarr", 'preset = "conv"', test=False))
     assert main(["fit", str(t / "cfg.toml")]) == 0
     store = GramStore.open(str(t / "gram.zarr"))
     assert store.meta.kernel["sample_shape"] == [6, 6, 2]
