@@ -191,12 +191,8 @@ def solve(
     if opts.selects or folds is not None:
         selection = _select(store, y, opts, run, folds, extra, ckpt, overwrite, g.meta.n_rows)
         opts = dataclasses.replace(opts, ridge=selection.ridge, cv=None, holdout=None)
-    elif len(opts.ridges) > 1:
-        raise ValueError(
-            f"ridge={list(opts.ridges)}: several ridges need cv= (folds) or holdout= (a "
-            "fraction of rows) to choose one on held-out data; ntk_scale.solve.solve_store "
-            "returns the whole path"
-        )
+    else:
+        _check_ridges(opts)
     report = solve_store(store, y, opts, run, out_dir=ckpt, overwrite=overwrite, callback=callback)
     meta = model_meta(g, report, opts, decision, extra)
     if selection is not None:
@@ -216,6 +212,15 @@ def solve(
                                                  selection.metric, selection.best,
                                                  f"{model_dir}/validation.png"))  # fmt: skip
     return SolveResult(report, meta, decision, selection)
+
+
+def _check_ridges(opts: SolveOptions) -> None:
+    if len(opts.ridges) > 1 and not opts.selects:
+        raise ValueError(
+            f"ridge={list(opts.ridges)}: several ridges need cv= (folds) or holdout= (a "
+            "fraction of rows) to choose one on held-out data; ntk_scale.solve.solve_store "
+            "returns the whole path"
+        )
 
 
 def _select(store, y, opts, run, folds, extra, ckpt, overwrite, n) -> RidgeSelection:
@@ -363,6 +368,7 @@ def fit(
     )
     n, d = inputs.x_train.shape
     spec = bind(spec, inputs.sample_shape or (d,))
+    _check_ridges(so)  # before the Gram is computed
     decision = choose_solver_operator(so.operator, spec, n, d, go, run, store)
     so = dataclasses.replace(so, operator=decision.operator)
     seconds: dict[str, float] = {}

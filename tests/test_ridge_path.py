@@ -218,3 +218,12 @@ dir = "out"
     meta = json.loads((tmp_path / "out" / "model" / "model.json").read_text())
     chosen = [r["ridge"] for r in meta["ridge_path"]["ridges"] if r["chosen"]]
     assert chosen == [meta["ridge"]] and meta["ridge_path"]["folds"] == 3
+
+
+def test_fit_with_several_ridges_and_no_cv_writes_nothing(data, tmp_path):
+    x, y = data
+    inputs = stages.prepare_inputs(x, y)
+    with pytest.raises(ValueError, match="several ridges need cv="):
+        stages.fit(inputs, SPEC, str(tmp_path / "g.zarr"), solve_options=SolveOptions(
+            ridge=(1e-4, 1e-2)))  # fmt: skip
+    assert not (tmp_path / "g.zarr").exists()
