@@ -62,7 +62,9 @@ def run_demo(out: str = "demo-output", workers: int | None = None, n: int | None
     classes = np.arange(10)
     onehot = np.eye(10)[y_train]
     os.makedirs(out, exist_ok=True)
-    store, model = os.path.join(out, "gram.zarr"), os.path.join(out, "model")
+    # One store per kernel (each reused by a rerun); another --n replaces it.
+    name, model = "gram-conv.zarr" if conv else "gram.zarr", os.path.join(out, "model")
+    store = os.path.join(out, name)
     shape = "8x8x1 images" if conv else "64 features"
     print(f"digits: {len(x_train)} train / {len(x_test)} test, {shape}, 10 classes")
     print(f"kernel: {spec.to_json()} (NTK, float32 tiles)")
