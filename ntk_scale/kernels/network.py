@@ -11,7 +11,7 @@ A tile K(x1, x2) of n1 x n2 pairs is computed as
 
 The per-pair work is the minimum the layers need: the first convolution is one matmul of image
 patches; a network without pooling keeps only same-position entries (``diag`` layout, O(HW)
-per pair); the filter sums are separable (one pass per spatial dimension); readouts reduce
+per pair); all taps of a filter are summed in one pass over the padded tensor; readouts reduce
 inside the chunk. The maps themselves live in :mod:`ntk_scale.kernels.spatial`.
 """
 
@@ -97,11 +97,9 @@ def _walk(layer: Layer, shape: Any, layout: str, seen: list[int]) -> Any:
         if shape.hw is None:
             raise ValueError(f"stax.{name} needs images (n, H, W, C), but its input is a "
                              "vector; remove the Flatten / GlobalAvgPool before it")  # fmt: skip
-        window = p["filter_shape"] if name == "Conv" else p["window_shape"]
-        hw = tuple(spatial.pads(n, f, s, p["padding"]).out
-                   for n, f, s in zip(shape.hw, window, p["strides"], strict=True))  # fmt: skip
+        hw = _out_hw(layer, shape.hw)
         seen.append(_entries(hw, layout))
-        return Shape(hw)  # type: ignore[arg-type]
+        return Shape(hw)
     if name in ("GlobalAvgPool", "Flatten"):
         if name == "GlobalAvgPool" and shape.hw is None:
             raise ValueError("stax.GlobalAvgPool needs images (n, H, W, C); its input is a "
@@ -121,24 +119,20 @@ def _entries(hw: tuple[int, int] | None, layout: str) -> int:
     return n * n if layout == "full" else n
 
 
+def _names(layer: Layer) -> Iterator[str]:
+    """Every layer name in the tree, combinators included."""
+    yield layer.name
+    for child in layer.layers:
+        yield from _names(child)
+
+
 def _layout(spec: Layer) -> str:
     """'full' when any layer mixes positions (pooling), else 'diag'."""
-
-    def names(layer: Layer) -> Iterator[str]:
-        yield layer.name
-        for child in layer.layers:
-            yield from names(child)
-
-    return "full" if any(n in _POOLING for n in names(spec)) else "diag"
+    return "full" if any(n in _POOLING for n in _names(spec)) else "diag"
 
 
 def _has_spatial(spec: Layer) -> bool:
-    def names(layer: Layer) -> Iterator[str]:
-        yield layer.name
-        for child in layer.layers:
-            yield from names(child)
-
-    return any(n in ("Conv", "AvgPool", "GlobalAvgPool") for n in names(spec))
+    return any(n in ("Conv", "AvgPool", "GlobalAvgPool") for n in _names(spec))
 
 
 @functools.lru_cache(maxsize=256)
@@ -271,7 +265,7 @@ def _activate(z: jax.Array, layer: Layer, v1: jax.Array, v2: jax.Array, layout: 
     if name == "Erf":
         b2, a2 = p["b"] ** 2, p["a"] ** 2
         prod = spatial.outer(1 + 2 * b2 * v1, 1 + 2 * b2 * v2, layout)
-        s, sdot = spatial.erf(b2 * nngp, prod, p["a"], p["b"], p["c"])
+        s, sdot = spatial.erf(b2 * nngp, prod)
         s, sdot = a2 * s + p["c"] ** 2, a2 * b2 * sdot
     else:
         a, b = {"Relu": (0.0, 1.0), "Abs": (-1.0, 1.0)}.get(name, (p.get("a"), p.get("b")))
@@ -566,13 +560,13 @@ def evaluate(spec: Layer, x1: Any, x2: Any, kind: str, dtype: str,
     check_kind_dtype(kind, dtype)
     a = _samples(x1, "x1")
     b = None if x2 is None else _samples(x2, "x2", a.shape[1:])
-    return Compiled(spec, a.shape[1:], kind, dtype, budget).tile(a, b).astype(dtype)
+    return _compiled_network(spec, a.shape[1:], kind, dtype, budget).tile(a, b).astype(dtype)
 
 
 def evaluate_diag(spec: Layer, x: Any, kind: str, dtype: str) -> np.ndarray:
     check_kind_dtype(kind, dtype)
     a = _samples(x, "x")
-    return Compiled(spec, a.shape[1:], kind, dtype).diag(a).astype(dtype)
+    return _compiled_network(spec, a.shape[1:], kind, dtype, None).diag(a).astype(dtype)
 
 
 # -- a network bound to its input shape: what a store, an operator and a worker hold --------------

@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 
 _SNAP_F32 = 8 * float(jnp.finfo(jnp.float32).eps)
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 # Axes of the two positions of each spatial dimension, per layout: ((h1, h2), (w1, w2)).
 FULL_AXES = ((1, 4), (2, 5))
@@ -172,9 +171,7 @@ def outer(v1: jax.Array, v2: jax.Array, layout: str) -> jax.Array:
     """v1 (c1, *S), v2 (c2, *S) -> the product broadcast to the layout's tensor shape."""
     if layout == "full":
         return v1[:, :, :, None, None, None] * v2[None, None, None, :, :, :]
-    if layout == "diag":
-        return v1[:, None] * v2[None, :]
-    return v1[:, None] * v2[None, :]
+    return v1[:, None] * v2[None, :]  # diag (c1, c2, H, W) and dense (c1, c2)
 
 
 def self_variance(t: jax.Array, layout: str) -> jax.Array:
@@ -249,18 +246,18 @@ def abrelu(c: jax.Array, v1: jax.Array, v2: jax.Array, layout: str, a: float, b:
     u = jnp.minimum(y, w)
     asin_u = u * estrin(_ASIN_F32 if m.dtype == jnp.float32 else _ASIN_F64, 4.0 * u * u - 1.0)
     half = jnp.where(y >= w, asin_u, math.pi / 2 - asin_u)  # arccos(|cos θ|)
-    # Materialise θ: XLA counts the polynomial as cheap and would otherwise repeat it inside
-    # every consumer (each tap of the next convolution), several times per entry.
-    theta = jax.lax.optimization_barrier(jnp.where(m >= 0, half, math.pi - half))
+    # The caller keeps this in one compiled segment that ends here and carries (s, ṡ·ntk) as
+    # one complex array, so θ is evaluated once per entry (an optimization_barrier does not
+    # survive XLA's CPU pipeline).
+    theta = jnp.where(m >= 0, half, math.pi - half)
     f = (a - b) ** 2 / (2 * math.pi)
     sdot = (a * a + b * b) / 2 - f * theta
     return (f * root + sdot * m).reshape(shape), sdot.reshape(shape)
 
 
-def erf(c: jax.Array, prod: jax.Array, a: float, b: float, cc: float):
-    """Neural Tangents' Erf(a, b, c): a·erf(b·x) + c, with prod = (1 + 2b²v1)(1 + 2b²v2).
-
-    c must already be scaled by b². Returns (s, ṡ) before the a² (and c²) output scaling."""
+def erf(c: jax.Array, prod: jax.Array):
+    """Neural Tangents' Erf(a, b, c) = a·erf(b·x) + c before its output scaling: c scaled by b²
+    and prod = (1 + 2b²v1)(1 + 2b²v2) -> (s, ṡ); the caller applies a² (and c²)."""
     root = jnp.sqrt(jnp.maximum(prod - 4 * c * c, 0.0))
     s = (2 / math.pi) * jnp.arctan2(2 * c, root)
     sdot = (4 / math.pi) / jnp.where(root > 0, root, jnp.finfo(c.dtype).tiny)
