@@ -30,7 +30,7 @@ import numpy as np
 
 from ntk_scale.cluster import cluster_gpus, ensure_ray
 from ntk_scale.errors import PlacementError
-from ntk_scale.kernels import Network
+from ntk_scale.kernels import Network, fixed_shape
 from ntk_scale.kernels.network import chunk_shape
 from ntk_scale.kernels.products import bucket, panel_matmul_function, split_blocks
 from ntk_scale.panels import (
@@ -82,6 +82,11 @@ class GramTileWorker:
         if meta.symmetric:
             np.asarray(self._sym(zeros[: min(rows)], zeros[: min(rows)]))
 
+    def _rows(self, side: str, b: int) -> np.ndarray:
+        """Block b's inputs, padded to the tile when the kernel compiles one shape."""
+        x = self.store.x_block(side, b)
+        return pad_rows(x, self.size) if fixed_shape(self.store.meta.spec) else x
+
     def compute(self, i: int, j: int) -> dict[str, Any]:
         """Compute, write and mark tile (i, j). Returns where and how long it took."""
         tile = self.store.plan.tile_at(i, j)
@@ -89,12 +94,11 @@ class GramTileWorker:
             if self._fault == f"{i}.{j}":
                 os.kill(os.getpid(), signal.SIGKILL)
             t0, started = time.perf_counter(), time.time()
-            x1 = pad_rows(self.store.x_block("rows", i), self.size)
+            x1 = self._rows("rows", i)
             if tile.diagonal and self.store.meta.symmetric:
                 values = np.asarray(self._sym(x1, x1))
             else:
-                x2 = pad_rows(self.store.x_block("cols", j), self.size)
-                values = np.asarray(self._fn(x1, x2))
+                values = np.asarray(self._fn(x1, self._rows("cols", j)))
             values = values[: tile.shape[0], : tile.shape[1]]
             t1 = time.perf_counter()
         info = {"node": node_id(), "host": socket.gethostname(), "pid": os.getpid()}
@@ -239,7 +243,7 @@ class ProductWorker:
             raise ValueError("this ProductWorker has no fixed P; pass P= when creating it")
         rows = x_rows.shape[0]
         x1 = np.asarray(x_rows, dtype=self.dtype)
-        if not isinstance(self.spec, Network):  # one shape compiles; a network chunks itself
+        if fixed_shape(self.spec):
             x1 = pad_rows(x1, self.plan.tile)
         with self._lock, jax.enable_x64(True):
             out = np.asarray(self.panel(x1, -1, self.xs, self.fixed))
@@ -256,13 +260,15 @@ class ProductWorker:
         tile_fn = tile_function(self.spec, self.kind, str(self.dtype))
         idx = np.asarray(idx, dtype=np.int64)
         out = np.empty((self.r1 - self.r0, len(idx)), dtype=np.float64)
-        t = self.plan.tile
+        t, fixed = self.plan.tile, fixed_shape(self.spec)
         for j in range(0, len(idx), t):
             cols = idx[j : j + t]
-            x2 = pad_rows(self.x_host[cols // t, cols % t], min(bucket(len(cols)), t))
+            x2 = self.x_host[cols // t, cols % t]
+            x2 = pad_rows(x2, min(bucket(len(cols)), t)) if fixed else x2
             for i in range(self.a, self.b):
                 r0, r1 = self.plan.row_range(i)
-                tile = np.asarray(tile_fn(self.x_host[i], x2))
+                x1 = self.x_host[i] if fixed else self.x_host[i][: r1 - r0]
+                tile = np.asarray(tile_fn(x1, x2))
                 out[r0 - self.r0 : r1 - self.r0, j : j + len(cols)] = tile[: r1 - r0, : len(cols)]
         mine = np.flatnonzero((idx >= self.r0) & (idx < self.r1))
         out[idx[mine] - self.r0, mine] = self.diag[idx[mine] - self.r0]

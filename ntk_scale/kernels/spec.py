@@ -198,7 +198,8 @@ def diag_blocks(
     """The exact diagonal K(x_i, x_i) of x (n, d) -> (n,) float64, computed in ``dtype``.
 
     x may be anything sliceable (numpy, memmap, Zarr, dask): it is read ``block`` rows at a
-    time, and every block is padded with zero rows to ``block`` rows, so one shape compiles
+    time, and (for FullyConnected, :func:`fixed_shape`) every block is padded with zero rows to
+    ``block`` rows, so one shape compiles
     (``block`` is clamped to n, as a store clamps its tile). XLA's results can depend on the
     array shape in the last bit: pass a store's tile as ``block`` and this diagonal is bitwise
     the one its diagonal tiles hold.
@@ -218,10 +219,17 @@ def diag_blocks(
     fn, out = diag_function(spec, kind, dtype), np.empty(n, dtype=np.float64)
     for r0 in range(0, n, block):
         part = np.asarray(x[r0 : r0 + block], dtype=dtype)
-        padded = np.zeros((block, d), dtype=dtype)
-        padded[: len(part)] = part
-        out[r0 : r0 + len(part)] = np.asarray(fn(padded))[: len(part)]
+        if fixed_shape(spec):
+            part = np.concatenate([part, np.zeros((block - len(part), d), dtype=dtype)])
+        out[r0 : min(r0 + block, n)] = np.asarray(fn(part))[: min(block, n - r0)]
     return out
+
+
+def fixed_shape(spec: Any) -> bool:
+    """Whether callers should pad inputs to one number of rows (:func:`ntk_scale.plan.pad_rows`).
+    FullyConnected compiles its tile function once per shape; a stax network chunks its pairs
+    itself, and a padding row of a conv kernel costs as much as a real one."""
+    return not isinstance(spec, Network)
 
 
 def check_spec(spec: Any) -> None:

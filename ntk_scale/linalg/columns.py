@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from ntk_scale.kernels import FullyConnected, tile_function
+from ntk_scale.kernels import FullyConnected, Network, fixed_shape, tile_function
 from ntk_scale.plan import BlockPlan, pad_rows
 
 
 def kernel_columns(
-    spec: FullyConnected,
+    spec: FullyConnected | Network,
     kind: str,
     dtype: str,
     plan: BlockPlan,
@@ -28,8 +28,8 @@ def kernel_columns(
 
     x_block(b): the rows of X in row block b, (<= plan.tile, d). diag: (N,) the exact diagonal,
     placed where a pivot meets its own row (as in a stored Gram). idx: (m,) ints in [0, N).
-    Each block of X holding pivots is read once; the pivots are padded to a power of two rows
-    and every block to plan.tile rows, so few shapes compile.
+    Each block of X holding pivots is read once; for FullyConnected the pivots are padded to a
+    power of two rows and every block to plan.tile rows, so few shapes compile.
     """
     if not plan.symmetric:
         raise ValueError("columns are defined for symmetric Gram matrices K(X, X)")
@@ -40,12 +40,14 @@ def kernel_columns(
     tile = plan.tile
     held = {int(b): x_block(int(b)) for b in np.unique(idx // tile)}
     pivots = np.stack([held[int(i) // tile][int(i) % tile] for i in idx])
+    fixed = fixed_shape(spec)
     width = 1 << max(0, int(idx.size - 1).bit_length())  # few shapes: few compilations
-    xp = pad_rows(pivots, width)
+    xp = pad_rows(pivots, width) if fixed else pivots
     fn = tile_function(spec, kind, dtype)
     for b in range(plan.row_blocks):
         r0, r1 = plan.row_range(b)
-        block = np.asarray(fn(pad_rows(x_block(b), tile), xp))
+        rows = x_block(b)
+        block = np.asarray(fn(pad_rows(rows, tile) if fixed else rows, xp))
         out[r0:r1] = block[: r1 - r0, : idx.size]
     out[idx, np.arange(idx.size)] = np.asarray(diag, dtype=np.float64)[idx]
     return out
