@@ -5,6 +5,7 @@ options record; the estimators, the CLI and the config run through them.
 """
 
 from ntk_scale.errors import (
+    GPUUnavailableError,
     GramRunError,
     PlacementError,
     StoreFormatError,
@@ -34,6 +35,7 @@ def shutdown() -> None:
 __all__ = [
     "ConvergenceWarning",
     "FullyConnected",
+    "GPUUnavailableError",
     "GramOptions",
     "GramRunError",
     "GramStore",

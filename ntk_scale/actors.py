@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from ntk_scale.cluster import cluster_gpus, ensure_ray
-from ntk_scale.errors import PlacementError
+from ntk_scale.cluster import cluster_gpus, ensure_ray, joins_cluster, wait_for_gpus
+from ntk_scale.errors import GPUUnavailableError, PlacementError
 from ntk_scale.kernels import Network, fixed_shape
 from ntk_scale.kernels.network import chunk_shape
 from ntk_scale.kernels.products import bucket, panel_matmul_function, split_blocks
@@ -380,14 +380,20 @@ class Slot:
 
 @dataclasses.dataclass(frozen=True)
 class HostRequest:
-    """What each host asks of the cluster: one GPU, or ``threads`` CPUs (pinned cores)."""
+    """What each host asks of the cluster: one GPU (of ``accelerator_type``'s model when given),
+    or ``threads`` CPUs (pinned cores)."""
 
     use_gpu: bool
     threads: int
+    accelerator_type: str | None = None
 
     @property
-    def resources(self) -> dict[str, float]:
-        return {"num_gpus": 1} if self.use_gpu else {"num_cpus": self.threads}
+    def resources(self) -> dict[str, Any]:
+        if not self.use_gpu:
+            return {"num_cpus": self.threads}
+        if self.accelerator_type is None:
+            return {"num_gpus": 1}
+        return {"num_gpus": 1, "accelerator_type": self.accelerator_type}
 
     @property
     def unit(self) -> tuple[str, int]:
@@ -395,7 +401,9 @@ class HostRequest:
         return ("GPU", 1) if self.use_gpu else ("CPU", self.threads)
 
     def describe(self) -> str:
-        return "1 GPU" if self.use_gpu else f"{self.threads} CPU{'s' * (self.threads > 1)}"
+        if self.use_gpu:
+            return "1 GPU" if self.accelerator_type is None else f"1 {self.accelerator_type} GPU"
+        return f"{self.threads} CPU{'s' * (self.threads > 1)}"
 
 
 class Pool:
@@ -436,6 +444,8 @@ class Pool:
         return self.slots[:want]
 
     def default_workers(self) -> int:
+        if self.request.use_gpu:
+            return max(1, cluster_gpus(self.ray, self.request.accelerator_type))
         key, per = self.request.unit
         return max(1, int(self.ray.cluster_resources().get(key, 0) // per))
 
@@ -557,27 +567,74 @@ class Pool:
 
 
 _POOLS: dict[tuple, Pool] = {}
+#: The host kind each (Ray job, accelerator, allow_cpu, threads) was given: the GPU wait (or a
+#: CPU fallback) happens once per process and Ray session, not at every stage.
+_DECIDED: dict[tuple, HostRequest] = {}
 
 
-def get_pool(ray: Any, use_gpu: bool, threads: int, placement_timeout_s: float) -> Pool:
+def get_pool(ray: Any, request: HostRequest, placement_timeout_s: float) -> Pool:
     """The process's pool for this kind of host, created on first use (one per Ray session)."""
-    key = (use_gpu, threads)
-    pool = _POOLS.get(key)
+    pool = _POOLS.get(request)
     if pool is not None and pool.job != ray.get_runtime_context().get_job_id():
         pool = None  # Ray was shut down and started again: the old hosts are gone
     if pool is None:
-        pool = _POOLS[key] = Pool(ray, HostRequest(use_gpu, threads), placement_timeout_s)
+        pool = _POOLS[request] = Pool(ray, request, placement_timeout_s)
     pool.placement_timeout_s = float(placement_timeout_s)
     return pool
 
 
 def pool_for(run: Any) -> Pool:
-    """The process's persistent pool for these RunOptions (Ray started or joined first): GPU
-    hosts when the cluster has GPUs, else CPU hosts pinned to threads_per_worker cores each."""
+    """The process's persistent pool for these RunOptions (Ray started or joined first), its
+    hosts as ``run.accelerator`` asks (:func:`host_request`). Gram, solve and predict all take
+    their hosts here, so predict and the solvers' actors hold GPUs exactly as Gram's do."""
     ray = ensure_ray(run.address)
-    use_gpu = cluster_gpus(ray) > 0
-    threads = 1 if use_gpu else (run.threads_per_worker or 1)
-    return get_pool(ray, use_gpu, threads, run.placement_timeout_s)
+    key = (ray.get_runtime_context().get_job_id(), run.accelerator, run.allow_cpu,
+           run.threads_per_worker, run.address)  # fmt: skip
+    if key not in _DECIDED:
+        _DECIDED[key] = host_request(ray, run, joins_cluster(run.address))
+    return get_pool(ray, _DECIDED[key], run.placement_timeout_s)
+
+
+def host_request(ray: Any, run: Any, on_cluster: bool) -> HostRequest:
+    """What each host takes under ``run.accelerator`` (see RunOptions): CPU hosts pinned to
+    threads_per_worker cores, or one GPU each. Required GPUs (a cluster's "auto", "gpu", a GPU
+    model) are waited for up to ``run.gpu_wait_s`` on a cluster (a local Ray adds no nodes);
+    then GPUUnavailableError, or with ``run.allow_cpu`` CPU hosts and a warning."""
+    cpu = HostRequest(False, run.threads_per_worker or 1)
+    if run.accelerator == "cpu":
+        return cpu
+    model = None if run.accelerator in ("auto", "gpu") else run.accelerator
+    gpu = HostRequest(True, 1, model)
+    if cluster_gpus(ray, model) > 0:
+        return gpu
+    if run.accelerator == "auto" and not on_cluster:
+        return cpu  # the embedded default: a laptop, CI, the demo
+    wait = run.gpu_wait_s if on_cluster else 0.0
+    want = run.workers or 1
+    if wait_for_gpus(ray, want, model, wait, poll_s=min(run.wait_seconds, 5.0)) > 0:
+        return gpu
+    message = _no_gpu_message(ray, run, gpu, want, wait, on_cluster)
+    if not run.allow_cpu:
+        raise GPUUnavailableError(message)
+    warnings.warn(f"{message.split(';')[0]}; going on with CPU workers (allow_cpu)",
+                  RuntimeWarning, stacklevel=3)  # fmt: skip
+    return cpu
+
+
+def _no_gpu_message(
+    ray: Any, run: Any, gpu: HostRequest, want: int, wait: float, on_cluster: bool
+) -> str:
+    total = ray.cluster_resources()
+    where = "the Ray cluster" if on_cluster else "this local Ray (it adds no nodes)"
+    waited = f"within {wait:g} s (gpu_wait_s, --gpu-wait)" if wait > 0 else "and none can join"
+    return (
+        f"no {gpu.describe().removeprefix('1 ')} joined {where} {waited}: accelerator="
+        f"{run.accelerator!r} asks for {want} worker(s) of {gpu.describe()} each, and the "
+        f"cluster has {total.get('GPU', 0):g} GPUs, {total.get('CPU', 0):g} CPUs; check the GPU "
+        "worker group (`ray status`: node types, max_workers, GPU quota and capacity in the "
+        "zone) or wait longer (--gpu-wait), or pass --allow-cpu ([run] allow_cpu = true) to "
+        "run on CPUs, or --accelerator cpu"
+    )
 
 
 def shutdown_pools() -> None:
@@ -585,6 +642,7 @@ def shutdown_pools() -> None:
     for pool in list(_POOLS.values()):
         pool.shutdown()
     _POOLS.clear()
+    _DECIDED.clear()
 
 
 atexit.register(shutdown_pools)

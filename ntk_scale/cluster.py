@@ -1,8 +1,11 @@
-"""Connecting to Ray: a local instance on 127.0.0.1 (the embedded default) or a cluster."""
+"""Connecting to Ray: a local instance on 127.0.0.1 (the embedded default) or a cluster; what
+GPUs it has, and a bounded wait for GPUs the autoscaler may still be adding."""
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -42,5 +45,71 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
     return ray
 
 
-def cluster_gpus(ray: Any) -> int:
-    return int(ray.cluster_resources().get("GPU", 0))
+def joins_cluster(address: str | None = None) -> bool:
+    """Whether ``address`` (else RAY_ADDRESS) names a cluster to join rather than a local Ray."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    return bool(address) and address != "local"
+
+
+def cluster_gpus(ray: Any, accelerator_type: str | None = None) -> int:
+    """GPUs of the live nodes (only nodes of that GPU model with ``accelerator_type``)."""
+    if accelerator_type is None:
+        return int(ray.cluster_resources().get("GPU", 0))
+    key = accelerator_resource(accelerator_type)
+    nodes = [n for n in ray.nodes() if n.get("Alive") and key in n.get("Resources", {})]
+    return int(sum(n["Resources"].get("GPU", 0) for n in nodes))
+
+
+def accelerator_resource(accelerator_type: str) -> str:
+    """Ray's resource for a GPU model: a node with A10G GPUs has ``accelerator_type:A10G``."""
+    return f"accelerator_type:{accelerator_type}"
+
+
+def gpu_bundle(accelerator_type: str | None) -> dict[str, float]:
+    """What one GPU actor asks of the autoscaler (Ray asks 0.001 of the model's resource)."""
+    bundle = {"GPU": 1.0}
+    if accelerator_type is not None:
+        bundle[accelerator_resource(accelerator_type)] = 0.001
+    return bundle
+
+
+def wait_for_gpus(
+    ray: Any,
+    want: int,
+    accelerator_type: str | None,
+    timeout_s: float,
+    poll_s: float = 5.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """GPUs present once ``want`` have joined or ``timeout_s`` has passed (0: look once).
+
+    While waiting, the autoscaler is asked for ``want`` one-GPU bundles
+    (``ray.autoscaler.sdk.request_resources``); the request is withdrawn on the way out, so it
+    never keeps nodes alive after this run's actors have taken (or given up on) them.
+    """
+    have = cluster_gpus(ray, accelerator_type)
+    if have >= want or timeout_s <= 0:
+        return have
+    deadline = clock() + timeout_s
+    asked = _request_gpus([gpu_bundle(accelerator_type)] * want)
+    try:
+        while have < want and clock() < deadline:
+            sleep(max(0.0, min(poll_s, deadline - clock())))
+            have = cluster_gpus(ray, accelerator_type)
+    finally:
+        if asked:
+            _request_gpus([])
+    return have
+
+
+def _request_gpus(bundles: list[dict[str, float]]) -> bool:
+    """Ask the autoscaler for ``bundles`` ([] withdraws the request). A cluster without an
+    autoscaler has nobody to ask: False, and the wait just watches the nodes."""
+    from ray.autoscaler.sdk import request_resources
+
+    try:
+        request_resources(bundles=bundles)
+    except Exception:  # noqa: BLE001 - a hint to the autoscaler, never a reason to fail
+        return False
+    return True

@@ -49,6 +49,9 @@ _SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "address": str,
         "threads_per_worker": int,
         "placement_timeout_s": (int, float),
+        "accelerator": str,
+        "allow_cpu": bool,
+        "gpu_wait_s": (int, float),
     },
     "output": {"dir": str, "task": str},
 }

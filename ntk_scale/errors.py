@@ -38,3 +38,9 @@ class WorkerLostError(GramRunError):
 class PlacementError(ValueError):
     """No worker could be placed on the cluster: the message names what each worker asks for
     and what the cluster has. A usage error (exit code 2): ask for less or add resources."""
+
+
+class GPUUnavailableError(RuntimeError):
+    """A run asked for GPUs (on a cluster, by default) and none of the kind asked for joined
+    within the wait: the message names the wait and the fixes (--allow-cpu, or the GPU worker
+    group). Exit code 3 of the CLI."""

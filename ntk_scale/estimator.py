@@ -28,6 +28,8 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
     "matrixfree" (recompute tiles in every product, nothing stored) or "auto" (the cheaper of
     stored and matrix-free from a tile timed here and the store disk's read rate; the choice
     and its reason are kept in ``operator_choice_``).
+    workers, address, accelerator, allow_cpu: as :class:`ntk_scale.RunOptions` (on a cluster
+    the actors take GPUs, waited for a bounded time, unless allow_cpu lets them fall back).
     """
 
     def __init__(
@@ -46,6 +48,8 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
         operator: str = default(SolveOptions, "operator"),
         workers: int | None = default(RunOptions, "workers"),
         address: str | None = default(RunOptions, "address"),
+        accelerator: str = default(RunOptions, "accelerator"),
+        allow_cpu: bool = default(RunOptions, "allow_cpu"),
         seed: int = default(SolveOptions, "seed"),
         progress: bool = False,
     ):
@@ -189,6 +193,8 @@ class NTKRegressorCV(NTKRegressor):
         operator: str = default(SolveOptions, "operator"),
         workers: int | None = default(RunOptions, "workers"),
         address: str | None = default(RunOptions, "address"),
+        accelerator: str = default(RunOptions, "accelerator"),
+        allow_cpu: bool = default(RunOptions, "allow_cpu"),
         seed: int = default(SolveOptions, "seed"),
         progress: bool = False,
     ):

@@ -7,6 +7,7 @@ all read from these records (:func:`default`), so a default changes in one place
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,14 @@ class RunOptions:
     and started. wait_seconds: the driver's polling interval. stall_seconds: no finished task in
     this long ends the run. progress: None shows progress where it helps (always, as a live bar
     in a terminal or a line every few seconds in a log); False shows none.
+
+    accelerator: what each actor runs on. "auto": on a cluster joined by address (``address``
+    or RAY_ADDRESS) one GPU per actor, required; on a local Ray, GPUs if it has them, else CPUs.
+    "gpu": one GPU per actor, required. A GPU model ("A10G", "L4", "A100", "H100", any Ray
+    ``accelerator_type``): one GPU of that model per actor, required. "cpu": CPU actors.
+    Required GPUs are waited for up to gpu_wait_s (the autoscaler is asked for them meanwhile);
+    then the run fails with GPUUnavailableError, unless allow_cpu: then it goes on with CPU
+    actors and warns. Nothing falls back to CPUs silently.
     """
 
     workers: int | None = None
@@ -45,8 +54,18 @@ class RunOptions:
     stall_seconds: float = 900.0
     call_timeout_s: float = 3600.0
     progress: bool | None = None
+    accelerator: str = "auto"
+    allow_cpu: bool = False
+    gpu_wait_s: float = 600.0
 
     def __post_init__(self) -> None:
+        _check_accelerator(self.accelerator)
+        if not isinstance(self.allow_cpu, bool):
+            raise ValueError(f"allow_cpu={self.allow_cpu!r} must be true or false")
+        if isinstance(self.gpu_wait_s, bool) or not (
+            isinstance(self.gpu_wait_s, (int, float)) and self.gpu_wait_s >= 0
+        ):
+            raise ValueError(f"gpu_wait_s={self.gpu_wait_s!r} must be >= 0 seconds, e.g. 600")
         _positive_int_or_none("workers", self.workers, "e.g. workers=2, or None for one per CPU")
         _positive_int_or_none("threads_per_worker", self.threads_per_worker, "e.g. 1")
         for name in ("tasks_per_worker", "max_task_deaths"):
@@ -58,6 +77,20 @@ class RunOptions:
     @property
     def show_progress(self) -> bool:
         return self.progress is not False
+
+
+#: RunOptions.accelerator keywords; anything else matching _ACCELERATOR_TYPE names a GPU model.
+ACCELERATORS = ("auto", "gpu", "cpu")
+_ACCELERATOR_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _check_accelerator(value: Any) -> None:
+    if isinstance(value, str) and (value in ACCELERATORS or _ACCELERATOR_TYPE.match(value)):
+        return
+    raise ValueError(
+        f"accelerator={value!r} is not one of {ACCELERATORS} or a GPU model name "
+        "(Ray's accelerator_type, e.g. A10G, L4, A100, H100)"
+    )
 
 
 @dataclasses.dataclass(frozen=True)

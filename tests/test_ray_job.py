@@ -127,6 +127,7 @@ rank = 50
 
 [run]
 workers = 2
+accelerator = "cpu"  # a job on a cluster asks for GPUs by default; this head has none
 
 [output]
 dir = "file://{out}"

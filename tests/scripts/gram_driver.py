@@ -27,6 +27,7 @@ if __name__ == "__main__":
         SPEC,
         store,
         GramOptions(dtype="float64", tile=tile),
-        RunOptions(workers=2, progress=False, wait_seconds=1.0),
+        # joined by RAY_ADDRESS, a cluster: GPUs by default, and this test cluster has none
+        RunOptions(workers=2, progress=False, wait_seconds=1.0, accelerator="cpu"),
     )
     print(report.summary(), flush=True)
