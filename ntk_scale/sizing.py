@@ -18,13 +18,14 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import fsspec
@@ -131,12 +132,14 @@ def plan_gram(
     write_bytes_per_s: float | None = None,
     seconds_per_tile: float | None = None,
     threads: int = 1,
+    probe_bytes: int | None = None,
 ) -> GramPlan:
     """Size a K(X, X) job for X (n, d). With ``measure``, one (tile, tile) tile is timed on this
     machine as a worker pinned to ``threads`` cores spends it (synthetic data; with
     ``store_url`` its chunk is also written there) unless ``seconds_per_tile`` is given, and the
     disk's write rate (bytes/s) is measured under ``store_url`` unless ``write_bytes_per_s`` is
-    given (with a probe of the store's size, at most ``_MAX_WRITE_PROBE`` bytes)."""
+    given (with a probe of the store's size, at most ``_MAX_WRITE_PROBE`` bytes, or of
+    ``probe_bytes``)."""
     _check_sizes(n, d, workers, seconds_per_tile, write_bytes_per_s)
     plan = BlockPlan.square(n, min(tile, n))
     t, item, entries = plan.tile, np.dtype(dtype).itemsize, plan.entries()
@@ -149,7 +152,7 @@ def plan_gram(
         mean = (b * diagonal + (plan.n_tiles - b) * compute) / plan.n_tiles
         seconds_per_tile = mean + (tile_write or 0.0)
     if measure and write_bytes_per_s is None and store_url is not None:
-        probe = max(256 << 20, min(entries * item, _MAX_WRITE_PROBE))
+        probe = probe_bytes or max(256 << 20, min(entries * item, _MAX_WRITE_PROBE))
         write_bytes_per_s = measure_write_rate(store_url, nbytes=probe)
     return GramPlan(
         n=n,
@@ -229,23 +232,25 @@ def time_worker_tile(
     d: int,
     threads: int = 1,
     store_url: str | None = None,
+    gpu: bool = False,
 ) -> tuple[float, float, float | None]:
     """(off-diagonal, diagonal, write) seconds of one (t, t) tile from (t, d) inputs as a worker
     spends them: in a child process pinned to ``threads`` cores with a worker's environment,
     after a warm-up call (compilation); diagonal: a diagonal tile (the exactly symmetric path);
     write: encoding its chunk and writing it atomically into a probe under a local
-    ``store_url`` (None for no store or an object store, whose puts are network-bound)."""
+    ``store_url`` (None for no store or an object store, whose puts are network-bound).
+    gpu: on this machine's GPU instead, with a GPU worker's environment (no pinning)."""
     from ntk_scale.actors import worker_env
 
     with contextlib.ExitStack() as stack:
         where = None
         if store_url is not None and _store_root(store_url)[2]:
             where = stack.enter_context(_probe(store_url))[1]
-        cores = sorted(os.sched_getaffinity(0))[: max(1, threads)]
+        cores = sorted(os.sched_getaffinity(0))[: None if gpu else max(1, threads)]
         args = [spec.to_json(), kind, dtype, str(t), str(d), where or "", ",".join(map(str, cores))]
         proc = subprocess.run(
             [sys.executable, "-m", "ntk_scale.sizing", *args],
-            env={**os.environ, **worker_env(False, threads)},
+            env={**os.environ, **worker_env(gpu, None if gpu else threads)},
             capture_output=True, text=True, timeout=1800, check=False,
         )  # fmt: skip
     if proc.returncode != 0:
@@ -338,6 +343,70 @@ def _duration(s: float) -> str:
 
 def _maybe(s: float | None) -> str:
     return "not measured" if s is None else _duration(s)
+
+
+# --- a GPU here ---------------------------------------------------------------------------------
+
+
+def local_gpu_names() -> list[str]:
+    """Names of this machine's NVIDIA GPUs (``nvidia-smi -L``), [] where there is none."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [m.group(1) for m in re.finditer(r"^GPU \d+: (.+?) \(UUID", out.stdout, re.M)]
+
+
+def gpu_model(name: str, models: Iterable[str]) -> str | None:
+    """The model among ``models`` that a GPU name is ("NVIDIA H100 80GB HBM3" is H100, "NVIDIA
+    L40S" is not L4), or None."""
+    for model in sorted(models, key=len, reverse=True):
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(model)}(?![A-Za-z0-9])", name, re.I):
+            return model
+    return None
+
+
+def measured_gpu_flops(
+    spec: Any, kind: str, dtype: str, t: int, d: int, models: Iterable[str]
+) -> dict[str, float]:
+    """{GPU model: FLOP/s} of one (t, t) tile timed on this machine's GPU, where it has one of
+    ``models`` (the cost table then uses it instead of the datasheet); {} otherwise."""
+    names = local_gpu_names()
+    model = gpu_model(names[0], list(models)) if names else None
+    if model is None:
+        return {}
+    seconds = time_worker_tile(spec, kind, dtype, t, d, gpu=True)[0]
+    flops_per_entry = kernel_costs(spec, d, kind, dtype, t)[0]
+    return {model: t * t * flops_per_entry / max(seconds, 1e-9)}
+
+
+def cloud_workload(
+    plan: GramPlan,
+    spec: Any,
+    kind: str,
+    d: int,
+    store_url: str,
+    read_bytes_per_s: float | None,
+    measure: bool,
+    catalog: Any,
+) -> Any:
+    """The cost model's view of ``plan`` (:class:`ntk_scale.cost.Workload`): a tile timed on a
+    GPU here when ``measure`` and there is one of the catalog's models, and the read rate
+    measured against ``store_url`` when it is an object store (the head's rate, when `plan`
+    runs on the head; a local disk's rate says nothing of a bucket)."""
+    from ntk_scale.cost import workload
+
+    models = catalog.accelerators
+    gpus = measured_gpu_flops(spec, kind, plan.dtype, plan.tile, d, models) if measure else {}
+    remote = read_bytes_per_s is not None and is_object_store(store_url)
+    return workload(plan, gpus, read_bytes_per_s if remote else None)
+
+
+def is_object_store(url: str) -> bool:
+    """Whether a store URL is remote (s3://, gs://, ...): its rates are the network's."""
+    return not _store_root(url)[2]
 
 
 # --- store throughput probes -------------------------------------------------------------------
