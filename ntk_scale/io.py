@@ -96,10 +96,60 @@ class FlatRows:
         return np.asarray(self[:], dtype=dtype)
 
 
+class DaskRows:
+    """A dask array read as (n, d) rows, each of its row chunks computed once.
+
+    Reading rows in order (the store copies and fingerprints X tile by tile, predict reads X*
+    block by block) computes each chunk of the dask graph once and keeps the last one, so a
+    chunk that spans several tiles (a CSV partition of 10⁵ rows) is not recomputed per tile.
+    Memory: one row chunk.
+    """
+
+    def __init__(self, arr: Any) -> None:
+        self.arr = arr if arr.ndim == 2 else arr.reshape((arr.shape[0], -1))
+        self.shape = tuple(int(v) for v in self.arr.shape)
+        self.dtype, self.ndim = self.arr.dtype, 2
+        self._bounds = np.cumsum((0, *self.arr.chunks[0]))
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _chunk(self, k: int) -> np.ndarray:
+        if self._cached is None or self._cached[0] != k:
+            lo, hi = int(self._bounds[k]), int(self._bounds[k + 1])
+            self._cached = (k, np.asarray(self.arr[lo:hi]))
+        return self._cached[1]
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        if isinstance(idx, tuple):
+            rows, cols = idx
+            return self[rows][:, cols]
+        if not (isinstance(idx, slice) and idx.step in (None, 1)):
+            return np.asarray(self.arr[idx])
+        start, stop, _ = idx.indices(self.shape[0])
+        parts, k = [], int(np.searchsorted(self._bounds, start, side="right")) - 1
+        while start < stop:
+            lo, hi = int(self._bounds[k]), int(self._bounds[k + 1])
+            parts.append(self._chunk(k)[start - lo : min(stop, hi) - lo])
+            start, k = hi, k + 1
+        if not parts:
+            return np.empty((0, self.shape[1]), dtype=self.dtype)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(self[:], dtype=dtype)
+
+
+def _is_dask(x: Any) -> bool:
+    return type(x).__module__.startswith("dask")
+
+
 def as_rows(x: Any, name: str = "x") -> tuple[Any, tuple[int, ...]]:
     """(x as an (n, d) matrix, the shape of one sample). Images (n, H, W, C) become rows of
-    H·W·C values without a copy (numpy, memory maps and dask reshape lazily; other arrays, such
-    as Zarr, through :class:`FlatRows`)."""
+    H·W·C values without a copy (numpy and memory maps reshape; a dask array is read through
+    :class:`DaskRows`, one chunk at a time; other arrays, such as Zarr, through
+    :class:`FlatRows`)."""
     shape = tuple(getattr(x, "shape", ()))
     if len(shape) < 2:
         x = np.asarray(x)
@@ -109,10 +159,17 @@ def as_rows(x: Any, name: str = "x") -> tuple[Any, tuple[int, ...]]:
             f"{name} must be (n, d) features or (n, H, W, C) images, got shape {shape}; for one "
             "sample add a leading axis (x[None])"
         )
-    if len(shape) == 2:
-        return x, (int(shape[1]),)
     sample = tuple(int(v) for v in shape[1:])
-    if isinstance(x, np.ndarray) or type(x).__module__.startswith("dask"):
+    if _is_dask(x):
+        if any(np.isnan(c).any() for c in x.chunks):
+            raise ValueError(
+                f"{name} is a dask array of unknown chunk sizes; call "
+                f"{name}.compute_chunk_sizes() (or to_dask_array(lengths=True)) first"
+            )
+        return DaskRows(x), sample
+    if len(shape) == 2:
+        return x, sample
+    if isinstance(x, np.ndarray):
         return x.reshape((shape[0], -1)), sample
     return FlatRows(x), sample
 

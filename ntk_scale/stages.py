@@ -37,6 +37,7 @@ from ntk_scale.solve import (
     solve_store,
 )
 from ntk_scale.store import GramStore
+from ntk_scale.tables import TableTransform
 
 __all__ = [
     "FitReport",
@@ -168,6 +169,7 @@ def solve(
     overwrite: bool = False,
     callback: Callable[[PCGState], object] | None = None,
     folds: Folds | None = None,
+    transform: TableTransform | None = None,
     **overrides: Any,
 ) -> SolveResult:
     """(K + λI) A = Y on the stored Gram at ``store``. With ``model_dir`` the model (A, model.json,
@@ -178,8 +180,14 @@ def solve(
     explicit ``folds``): every ridge is scored on held-out rows of this store in one PCG run
     (MSE, or accuracy for task "classification"), and the model is the refit on all rows at
     the best one; model.json records the whole path and the plot validation.png shows it.
+    transform: the table transform of the inputs (``ntk-scale ingest``); saved with the model,
+    it maps y to the solve's units (a standardised target) and predictions back.
     """
     opts, run = merge_options(options or SolveOptions(), run or RunOptions(), overrides)
+    if transform is not None:
+        if transform.target is not None:
+            y = transform.to_model_units(y)
+        extra = {**(extra or {}), "transform": transform.to_dict()}
     g = GramStore.open(store)
     decision = choose_solver_operator(
         opts.operator, g.meta.spec, g.meta.n_rows, g.meta.d,
@@ -282,9 +290,14 @@ def predict(
     run: RunOptions | None = None,
     *,
     store: str | None = None,
-) -> np.ndarray:
+    out: str | None = None,
+    overwrite: bool = False,
+) -> Any:
     """K(x_star, X) @ A for a model (its directory, or a Model); ``store`` overrides the store
-    recorded in it (its fingerprint must match). x_star: (M, d). Returns (M,) or (M, C)."""
+    recorded in it (its fingerprint must match). x_star: (M, d) or (M, *S), any array-like,
+    read block by block. Returns (M,) or (M, C), in the target's units when the model has a
+    table transform; with ``out`` (a path or URL) the (M, C) predictions are written there as
+    Zarr, resumably, and returned as the lazy Zarr array."""
     m = load_model(model) if isinstance(model, str) else model
     url = store or m.store_url
     g = GramStore.open(url)
@@ -294,7 +307,17 @@ def predict(
             f"{url} holds {g.fingerprint[:12]}…; use the store the model was fitted on (see "
             "model.json) or fit again"
         )
-    return predict_from_store(url, m.alpha, x_star, run)
+    transform = transform_of(m.meta)
+    finish = None if transform is None or not transform.target else transform.from_model_units
+    of = {} if transform is None else {"transform": transform.fingerprint()}
+    return predict_from_store(url, m.alpha, x_star, run, out=out, overwrite=overwrite,
+                              finish=finish, of=of)  # fmt: skip
+
+
+def transform_of(meta: dict[str, Any]) -> TableTransform | None:
+    """The table transform a model was fitted with (model.json's "transform"), or None."""
+    raw = meta.get("transform")
+    return None if raw is None else TableTransform.from_dict(raw)
 
 
 # -- fit ----------------------------------------------------------------------------------------
@@ -356,6 +379,7 @@ def fit(
     *,
     model_dir: str | None = None,
     extra: dict[str, Any] | None = None,
+    transform: TableTransform | None = None,
 ) -> FitReport:
     """gram -> solve -> (predict on inputs.x_test): the whole regression, one store.
 
@@ -377,7 +401,7 @@ def fit(
     seconds["gram"] = time.perf_counter() - t0
     classes = None if inputs.classes is None else inputs.classes.tolist()
     more = {"classes": classes, **(extra or {})}
-    s = solve(store, inputs.y_train, so, run, model_dir=model_dir, extra=more)
+    s = solve(store, inputs.y_train, so, run, model_dir=model_dir, extra=more, transform=transform)
     s = dataclasses.replace(s, decision=decision)
     seconds["solve"] = time.perf_counter() - t0 - seconds["gram"]
     if inputs.x_test is None:

@@ -33,28 +33,38 @@ def encode_chunk(values: np.ndarray, tile: int, dtype: np.dtype) -> tuple[bytes,
     return body.tobytes() + crc.to_bytes(4, "little"), crc
 
 
-def chunk_body(values: np.ndarray, tile: int, dtype: np.dtype) -> tuple[np.ndarray, int]:
-    """The chunk's (tile, tile) little-endian body, padded with zeros at edges, and its crc32c."""
+def chunk_body(
+    values: np.ndarray, tile: int | tuple[int, ...], dtype: np.dtype
+) -> tuple[np.ndarray, int]:
+    """The chunk's little-endian body, padded with zeros at edges, and its crc32c.
+
+    tile: the chunk shape, or one side of a square (tile, tile) chunk; values: at most that.
+    """
+    shape = (tile, tile) if isinstance(tile, (int, np.integer)) else tuple(tile)
     le = np.dtype(dtype).newbyteorder("<")
-    if values.shape == (tile, tile):
+    if values.shape == shape:
         body = np.ascontiguousarray(values, dtype=le)
     else:
-        body = np.zeros((tile, tile), dtype=le)
-        body[: values.shape[0], : values.shape[1]] = values
+        body = np.zeros(shape, dtype=le)
+        body[tuple(slice(0, k) for k in values.shape)] = values
     return body, crc32c.crc32c(body)
 
 
-def decode_chunk(raw: bytes, tile_index: tuple[int, int], tile: int, dtype: np.dtype) -> np.ndarray:
-    """The (tile, tile) array in a chunk, after checking its size and crc32c."""
+def decode_chunk(
+    raw: bytes, tile_index: tuple[int, int], tile: int | tuple[int, ...], dtype: np.dtype
+) -> np.ndarray:
+    """The chunk's array (tile: its shape, or the side of a square one), after checking its
+    size and crc32c. Raises TileCorruptError naming ``tile_index``."""
+    shape = (tile, tile) if isinstance(tile, (int, np.integer)) else tuple(tile)
     le = np.dtype(dtype).newbyteorder("<")
-    expected = tile * tile * le.itemsize + 4
+    expected = int(np.prod(shape)) * le.itemsize + 4
     if len(raw) != expected:
         raise TileCorruptError(tile_index, f"chunk has {len(raw)} bytes, expected {expected}")
     body = memoryview(raw)[:-4]
     stored, actual = int.from_bytes(raw[-4:], "little"), crc32c.crc32c(body)
     if stored != actual:
         raise TileCorruptError(tile_index, f"crc32c {actual:#010x} != stored {stored:#010x}")
-    return np.frombuffer(body, dtype=le).reshape(tile, tile).astype(dtype, copy=False)
+    return np.frombuffer(body, dtype=le).reshape(shape).astype(dtype, copy=False)
 
 
 def check_array_format(meta_json: dict, tile: int, dtype: str) -> None:
