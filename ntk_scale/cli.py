@@ -1,11 +1,14 @@
 """`ntk-scale`: parsing and messages only; the work is done by the library.
 
-Exit codes: 0 success, 2 bad usage or input (the message names the value and the fix), 1 failure.
+Exit codes: 0 success, 2 bad usage or input (the message names the value and the fix), 3 GPUs
+asked for (on a cluster, by default) never joined within --gpu-wait, 1 failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -66,6 +69,19 @@ def _worker_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=None, help="actors (default: GPUs or CPUs)")
     g.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
     g.add_argument("--no-progress", action="store_true", help="no progress output")
+    _gpu_args(g)
+
+
+def _gpu_args(g: argparse._ArgumentGroup) -> None:
+    """--accelerator, --allow-cpu, --gpu-wait: GPUs where promised (RunOptions' fields)."""
+    wait = default(RunOptions, "gpu_wait_s")
+    g.add_argument("--accelerator", default=default(RunOptions, "accelerator"), metavar="KIND",
+                   help="auto (GPUs required on a cluster; CPUs on a local Ray without GPUs), "
+                   "gpu, cpu, or a GPU model: A10G, L4, A100, H100")  # fmt: skip
+    g.add_argument("--allow-cpu", action="store_true",
+                   help="go on with CPU workers if no GPU joins within --gpu-wait")  # fmt: skip
+    g.add_argument("--gpu-wait", dest="gpu_wait_s", type=float, default=wait, metavar="S",
+                   help=f"seconds to wait for GPU nodes to join (default {wait:g})")  # fmt: skip
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -75,30 +91,60 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(a: argparse.Namespace) -> RunOptions:
-    return RunOptions(
-        workers=a.workers, address=a.address, progress=False if a.no_progress else None
-    )
+    return pick(RunOptions, a, progress=False if a.no_progress else None)
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
-    from ntk_scale.sizing import choose_operator, measure_read_rate, plan_gram
+    from ntk_scale import cost
+    from ntk_scale.sizing import choose_operator, cloud_workload, measure_read_rate, plan_gram
 
-    measure = not a.no_measure
+    measure, probe = not a.no_measure, int(a.probe_mb * 2**20) if a.probe_mb else None
     store = a.store_dir if measure else None
+    deadline = None if a.deadline is None else cost.parse_duration(a.deadline)
+    assume = pick(cost.CloudAssumptions, a)
     spec, d = _plan_spec(a)
-    plan = plan_gram(
-        a.n, d, spec, a.kind, a.dtype, a.tile, a.workers or 1, measure, store_url=store
-    )
-    rows = plan.rows()
+    plan = plan_gram(a.n, d, spec, a.kind, a.dtype, a.tile, a.workers or 1, measure,
+                     store_url=store, probe_bytes=probe)  # fmt: skip
+    rows, read = plan.rows(), None
     if measure:
-        pick = choose_operator(plan, measure_read_rate(a.store_dir))
-        rows.append(("solver operator", f"{pick.choice} ({pick.reason})"))
+        read = measure_read_rate(a.store_dir, **({"nbytes": probe} if probe else {}))
+        pick_op = choose_operator(plan, read)
+        rows.append(("store read rate", f"{read / 1e6:.1f} MB/s (measured at {a.store_dir})"))
+        rows.append(("solver operator", f"{pick_op.choice} ({pick_op.reason})"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    catalog = cost.load_catalog(a.catalog)
+    work = cloud_workload(plan, spec, a.kind, d, a.store_dir, read, measure, catalog)
+    for line in cost.report_lines(work, catalog, assume, deadline):
+        print(line)
     if a.json:
         print(json.dumps(dataclasses_asdict(plan)))
     return 0
+
+
+def _cloud_args(p: argparse.ArgumentParser) -> None:
+    """The cost table's assumptions (ntk_scale.cost.CloudAssumptions) and the deadline."""
+    from ntk_scale.cost import CloudAssumptions as C
+
+    g = p.add_argument_group("cloud cost (figures and prices: ntk_scale/data/accelerators.toml)")
+    g.add_argument("--deadline", default=None, metavar="T",
+                   help="recommend the cheapest pool done within T: 24h, 2d, 90m")  # fmt: skip
+    for flag, kind, help_ in [
+        ("iterations", int, "PCG iterations"),
+        ("gpus", int, "GPUs of the table's pool (whole nodes)"),
+        ("gpu-efficiency", float, "fraction of peak FLOP/s a tile reaches"),
+        ("network-efficiency", float, "fraction of a node's network rate reached to the bucket"),
+        ("network-gbps", float, "a GPU node's bucket rate, Gbit/s (default: published)"),
+        ("head-gbps", float, "the head's bucket rate, Gbit/s (default: measured or published)"),
+        ("keep-months", float, "months the bucket keeps the store"),
+    ]:
+        name = flag.replace("-", "_")
+        value = default(C, name)
+        g.add_argument(f"--{flag}", type=kind, default=value,
+                       help=help_ if value is None else f"{help_} (default {value:g})")  # fmt: skip
+    g.add_argument("--catalog", default=None, metavar="TOML",
+                   help="a copy of the accelerator data file with your prices")  # fmt: skip
 
 
 def _plan_spec(a: argparse.Namespace) -> tuple[Any, int]:
@@ -168,7 +214,13 @@ def cmd_solve(a: argparse.Namespace) -> int:
 
     y = load_targets(a.y)
     check_targets(y, GramStore.open(a.store).shape[0])  # before anything is written
-    result = stages.solve(a.store, y, _solve_options(a), _run(a), model_dir=a.model_dir)
+    transform = None
+    if a.transform:
+        from ntk_scale.tables import load_transform
+
+        transform = load_transform(a.transform)
+    result = stages.solve(a.store, y, _solve_options(a), _run(a), model_dir=a.model_dir,
+                          transform=transform)  # fmt: skip
     stages.write_json(f"{a.model_dir}/solve_report.json", result.meta["solver"])
     s = result.meta["solver"]
     print(
@@ -193,19 +245,67 @@ def cmd_solve(a: argparse.Namespace) -> int:
 
 def cmd_predict(a: argparse.Namespace) -> int:
     from ntk_scale import stages
-    from ntk_scale.io import load_array
+    from ntk_scale.model import load_model
 
-    x = load_array(a.x)
-    pred = stages.predict(a.model_dir, x, _run(a), store=a.store)
-    stages.write_npy(a.out, pred)
+    model = load_model(a.model_dir)
+    with _inputs(a.x, stages.transform_of(model.meta)) as x:
+        pred = stages.predict(model, x, _run(a), store=a.store,
+                              out=None if a.out.endswith(".npy") else a.out,
+                              overwrite=a.overwrite)  # fmt: skip
+    if a.out.endswith(".npy"):
+        stages.write_npy(a.out, pred)
     print(f"wrote {pred.shape} predictions to {a.out}")
     return 0
+
+
+@contextlib.contextmanager
+def _inputs(source: str, transform: Any):
+    """X* from an array file, or from a table (CSV / Parquet) through the model's transform:
+    written as Zarr features in a temporary directory first (one pass over the table), then
+    read block by block."""
+    from ntk_scale.io import load_array
+    from ntk_scale.tables import is_table
+
+    if transform is None or not is_table(source):
+        yield load_array(source)
+        return
+    import tempfile
+
+    from ntk_scale.ingest import table_features
+
+    with tempfile.TemporaryDirectory(prefix="ntk-scale-predict-") as tmp:
+        yield table_features(source, transform, f"{tmp}/x.zarr")
+
+
+def cmd_ingest(a: argparse.Namespace) -> int:
+    from ntk_scale.ingest import IngestOptions, ingest
+
+    opts = IngestOptions(
+        features=_names(a.features, "--features"), target=a.target,
+        categorical=_names(a.categorical, "--categorical") if a.categorical else (),
+        fill=a.fill, test_fraction=a.test_fraction, test_source=a.test, train_rows=a.train_rows,
+        test_rows=a.test_rows, standardize_target=not a.no_standardize_target, block=a.block,
+        seed=a.seed, overwrite=a.overwrite,
+    )  # fmt: skip
+    report = ingest(a.source, a.out, opts, address=a.address, progress=not a.no_progress)
+    print(report.summary())
+    return 0
+
+
+def _names(text: str, flag: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not names:
+        raise ValueError(f"{flag} {text!r} names no column; give comma-separated column names")
+    return names
 
 
 def cmd_fit(a: argparse.Namespace) -> int:
     from ntk_scale.config import load_config, run_config
 
-    result = run_config(load_config(a.config))
+    cfg = load_config(a.config)
+    if a.allow_cpu:
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, allow_cpu=True))
+    result = run_config(cfg)
     print(json.dumps({k: result[k] for k in ("gram", "timings", "test") if k in result}, indent=2))
     return 0
 
@@ -235,9 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-shape", default=None, metavar="H,W,C",
                    help="image shape for a conv kernel (not --d), e.g. 32,32,3")  # fmt: skip
     p.add_argument("--no-measure", action="store_true", help="skip timing a tile here")
-    p.add_argument(
-        "--store-dir", default=".", help="where the store would live (write and read rates)"
-    )
+    p.add_argument("--store", "--store-dir", dest="store_dir", default=".", metavar="URL",
+                   help="where the store would live: a directory or s3://, gs:// (write and "
+                   "read rates are measured there)")  # fmt: skip
+    p.add_argument("--probe-mb", type=float, default=None,
+                   help="MB written and read to time the store (default 256-1024)")  # fmt: skip
+    _cloud_args(p)
     p.add_argument("--json", action="store_true", help="also print the plan as JSON")
     _kernel_args(p)
     _run_args(p)
@@ -256,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, help="Gram store path or URL")
     p.add_argument("--y", required=True, help="targets (N,) or (N, C): .npy, .npz[:key], .csv")
     p.add_argument("--model-dir", required=True, help="output: A (Zarr) + model.json + plots")
+    p.add_argument("--transform", default=None, metavar="TRANSFORM.json",
+                   help="the table transform of `ingest` (saved with the model: a standardised "
+                   "target is solved in its standard units, predicted in its own)")  # fmt: skip
     g = p.add_argument_group("solver")
     ridge = default(SolveOptions, "ridge")
     g.add_argument(
@@ -288,14 +394,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="K(X*, X) @ A for a model directory")
     p.add_argument("--model-dir", required=True)
-    p.add_argument("--x", required=True, help="test features X*")
-    p.add_argument("--out", required=True, help="predictions .npy")
+    p.add_argument("--x", required=True,
+                   help="X*: an array file or Zarr, or (for a model with a table transform) "
+                   "CSV / Parquet files, transformed as the training rows were")  # fmt: skip
+    p.add_argument("--out", required=True,
+                   help="predictions: .npy, or a Zarr path / URL (written block by block, "
+                   "resumably: a rerun skips the blocks already written)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace other predictions at --out")
     p.add_argument("--store", default=None, help="override the store recorded in the model")
     _worker_args(p)
     p.set_defaults(func=cmd_predict)
 
+    _ingest_parser(sub)
+
     p = sub.add_parser("fit", help="all stages from one TOML config")
     p.add_argument("config", help="CONFIG.toml (see README: [data] [kernel] [store] …)")
+    p.add_argument("--allow-cpu", action="store_true",
+                   help="as [run] allow_cpu = true: CPU workers if no GPU joins")  # fmt: skip
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("verify", help="re-read every tile; report (and --repair) bad ones")
@@ -314,6 +429,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _ingest_parser(sub: Any) -> None:
+    from ntk_scale.ingest import IngestOptions
+    from ntk_scale.tables import FILLS
+
+    p = sub.add_parser("ingest", help="CSV / Parquet tables -> Zarr X, y and their transform")
+    p.add_argument("source", help="a CSV or Parquet file, a glob, or a directory (or s3://…)")
+    p.add_argument("--out", required=True, help="output directory or URL prefix")
+    p.add_argument("--features", required=True, help="feature columns, comma-separated")
+    p.add_argument("--target", default=None, help="the (numeric) target column")
+    p.add_argument(
+        "--categorical",
+        default=None,
+        help="numeric columns to one-hot as categories (text columns always are)",
+    )
+    p.add_argument("--fill", default=default(IngestOptions, "fill"), choices=FILLS,
+                   help="missing values: error (default), drop the rows, or fill with the "
+                   "training mean (categorical: a '<missing>' category)")  # fmt: skip
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--test-fraction",
+        type=float,
+        default=None,
+        help="split this fraction of the rows off at random as test rows",
+    )
+    g.add_argument("--test", default=None, help="a separate table of test rows")
+    p.add_argument("--train-rows", type=int, default=None, help="keep this many training rows")
+    p.add_argument("--test-rows", type=int, default=None, help="keep this many test rows")
+    p.add_argument("--no-standardize-target", action="store_true",
+                   help="solve for the target in its own units")  # fmt: skip
+    block = default(IngestOptions, "block")
+    p.add_argument("--block", type=int, default=block, help=f"rows per chunk (default {block})")
+    p.add_argument("--seed", type=int, default=default(IngestOptions, "seed"))
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier ingest at --out")
+    p.add_argument("--address", default=None,
+                   help="run the dask graph on this Ray cluster (default: RAY_ADDRESS, else "
+                   "dask's threads)")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_ingest)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     args = build_parser().parse_args(argv)
@@ -330,10 +485,13 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def _dispatch(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    from ntk_scale.errors import StoreLockedError
+    from ntk_scale.errors import GPUUnavailableError, StoreLockedError
 
     try:
         return func(args)
+    except GPUUnavailableError as err:
+        print(f"ntk-scale {args.command}: error: {err}", file=sys.stderr)
+        return 3
     except (ValueError, FileNotFoundError, StoreLockedError) as err:
         print(f"ntk-scale {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -177,7 +177,7 @@ def test_bad_input_exit_2_and_nothing_written(ray_local, files, capsys):
             "--out",
             str(t / "p.npy"),
         ],
-        "5 features but 6 were expected",
+        "x_star has 5 features but the model's X has 6",
     )
     assert not (t / "p.npy").exists()
     _expect_usage_error(capsys, ["plan", "--n", "0", "--d", "3"], "n=0")
