@@ -389,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--operator", default=default(SolveOptions, "operator"), choices=OPERATORS)
     every = default(SolveOptions, "checkpoint_every")
     g.add_argument("--checkpoint-every", type=int, default=every, help="iterations")
+    g.add_argument("--pivot-block", type=int, default=default(SolveOptions, "pivot_block"),
+                   help="RPCholesky pivots per round (>1: accelerated, fewer passes)")  # fmt: skip
     _worker_args(p)
     p.set_defaults(func=cmd_solve)
 

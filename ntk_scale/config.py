@@ -17,7 +17,24 @@ from ntk_scale.kernels.stax import PRESETS
 from ntk_scale.options import GramOptions, RunOptions, SolveOptions
 
 _SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "data": {"x_train": str, "y_train": str, "x_test": str, "y_test": str},
+    "data": {
+        "x_train": str,
+        "y_train": str,
+        "x_test": str,
+        "y_test": str,
+        # or a table (CSV / Parquet files) ingested first: see ntk_scale.ingest
+        "table": str,
+        "test_table": str,
+        "features": list,
+        "target": str,
+        "categorical": list,
+        "fill": str,
+        "test_fraction": (int, float),
+        "train_rows": int,
+        "test_rows": int,
+        "seed": int,
+        "standardize_target": bool,
+    },
     "kernel": {
         "depth": int,
         "activation": str,
@@ -55,7 +72,9 @@ _SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     },
     "output": {"dir": str, "task": str},
 }
-_REQUIRED = {"data": ("x_train", "y_train"), "store": ("path",), "output": ("dir",)}
+_REQUIRED = {"store": ("path",), "output": ("dir",)}
+#: The [data] keys that are paths (resolved against the config's directory).
+_DATA_PATHS = ("x_train", "y_train", "x_test", "y_test", "table", "test_table")
 TASKS = ("regression", "classification")
 
 
@@ -72,6 +91,8 @@ class FitConfig:
     solver: SolveOptions
     run: RunOptions
     output: dict[str, str]
+    #: [data] as a table to ingest first (IngestOptions), or None for array files.
+    table: Any = None
 
 
 def load_config(path: str) -> FitConfig:
@@ -85,7 +106,9 @@ def load_config(path: str) -> FitConfig:
             raise ValueError(f"{path}: not valid TOML ({err})") from None
     _check_keys(path, raw)
     base = os.path.dirname(os.path.abspath(path))
-    data = {k: resolve_path(base, v, f"data.{k}") for k, v in raw["data"].items()}
+    data = {k: resolve_path(base, v, f"data.{k}") if k in _DATA_PATHS else v
+            for k, v in raw.get("data", {}).items()}  # fmt: skip
+    table = _table(path, data)
     kern = dict(raw.get("kernel", {}))
     store = dict(raw["store"])
     output = {"task": "regression", **raw["output"]}
@@ -103,7 +126,39 @@ def load_config(path: str) -> FitConfig:
         solver=_section(path, "solver", SolveOptions, dict(raw.get("solver", {}))),
         run=_section(path, "run", RunOptions, run),
         output=output,
+        table=table,
     )
+
+
+def _table(path: str, data: dict[str, Any]) -> Any:
+    """[data] as a table to ingest (IngestOptions), or None for x_train / y_train arrays."""
+    arrays = [k for k in ("x_train", "y_train", "x_test", "y_test") if k in data]
+    if "table" not in data:
+        missing = [k for k in ("x_train", "y_train") if k not in data]
+        if missing:
+            raise ValueError(f"{path}: missing required key data.{missing[0]} (or data.table = "
+                             "\"files.parquet\" with data.features and data.target)")  # fmt: skip
+        extra = sorted(set(data) - set(arrays))
+        if extra:
+            raise ValueError(f"{path}: data.{extra[0]} applies to a table; add data.table")
+        return None
+    if arrays:
+        raise ValueError(f"{path}: data.table and data.{arrays[0]} both name the training "
+                         "data; use one")  # fmt: skip
+    for key in ("features", "target"):
+        if key not in data:
+            raise ValueError(f"{path}: data.table needs data.{key}")
+    from ntk_scale.ingest import IngestOptions
+
+    names = {"test_table": "test_source"}
+    values = {names.get(k, k): v for k, v in data.items() if k != "table"}
+    for key in ("features", "categorical"):
+        if key in values:
+            values[key] = tuple(values[key])
+    try:
+        return IngestOptions(**values, overwrite=True)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: [data] {err}") from None
 
 
 def _kernel(path: str, base: str, kern: dict[str, Any]) -> Any:
@@ -188,16 +243,20 @@ def run_config(cfg: FitConfig) -> dict[str, Any]:
     from ntk_scale import stages
     from ntk_scale.io import load_array, load_targets
 
-    d, task = cfg.data, cfg.output["task"]
-    x_test = load_array(d["x_test"]) if "x_test" in d else None
-    y_test = np.asarray(load_array(d["y_test"])) if "y_test" in d else None
+    d, task, out = cfg.data, cfg.output["task"], cfg.output["dir"]
     classify = task == "classification"
-    y_train = np.asarray(load_array(d["y_train"])) if classify else load_targets(d["y_train"])
-    inputs = stages.prepare_inputs(load_array(d["x_train"]), y_train, x_test, y_test, task)
-    out = cfg.output["dir"]
+    transform = None
+    if cfg.table is not None:
+        x_train, y_train, x_test, y_test, transform = _ingested(cfg, task, out)
+    else:
+        x_test = load_array(d["x_test"]) if "x_test" in d else None
+        y_test = np.asarray(load_array(d["y_test"])) if "y_test" in d else None
+        y_train = np.asarray(load_array(d["y_train"])) if classify else load_targets(d["y_train"])
+        x_train = load_array(d["x_train"])
+    inputs = stages.prepare_inputs(x_train, y_train, x_test, y_test, task)
     report = stages.fit(
         inputs, cfg.kernel, cfg.store, cfg.gram, cfg.solver, cfg.run,
-        model_dir=f"{out}/model", extra={"task": task},
+        model_dir=f"{out}/model", extra={"task": task}, transform=transform,
     )  # fmt: skip
     result: dict[str, Any] = {
         "gram": report.gram.summary(),
@@ -215,3 +274,25 @@ def run_config(cfg: FitConfig) -> dict[str, Any]:
         result["test"] = report.test
     stages.write_json(f"{out}/metrics.json", result)
     return result
+
+
+def _ingested(cfg: FitConfig, task: str, out: str) -> tuple:
+    """[data] table ingested into OUT/data: (x_train, y_train, x_test, y_test, transform)."""
+    import numpy as np
+
+    from ntk_scale.ingest import ingest, load_split
+
+    if task != "regression":
+        raise ValueError(
+            f"{cfg.source}: data.table supports regression targets; set output.task = "
+            '"regression" or give x_train / y_train arrays'
+        )
+    report = ingest(cfg.data["table"], f"{out}/data", cfg.table, address=cfg.run.address,
+                    progress=cfg.run.show_progress)  # fmt: skip
+    print(report.summary())
+    x_train, y_train = load_split(f"{out}/data", "train")
+    x_test = y_test = None
+    if "test" in report.rows:
+        x_test, y_test = load_split(f"{out}/data", "test")
+        y_test = np.asarray(y_test[...])
+    return x_train, np.asarray(y_train[...]), x_test, y_test, report.transform

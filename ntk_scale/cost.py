@@ -332,7 +332,7 @@ def assumption_lines(work: Workload, catalog: Catalog, a: CloudAssumptions) -> l
         f"node <-> bucket: published network rate (capped at the bucket's per-node rate) x "
         f"{a.network_efficiency:g} (--network-efficiency)"
         + (f"; here {a.network_gbps:g} Gbit/s per node (--network-gbps)" if a.network_gbps else ""),
-        f"one stored iteration reads {work.bytes_on_disk / 1e12:.1f} TB through the head: "
+        f"one stored iteration reads {_bytes(work.bytes_on_disk)} through the head: "
         + ", ".join(
             f"{c} {work.bytes_on_disk / head_rate(work, catalog, c, a) / 60:.1f} min"
             for c in clouds
@@ -405,3 +405,12 @@ def report_lines(
         lines += ["", *recommendation_lines(*recommend(work, catalog, a, deadline_hours),
                                             deadline_hours)]  # fmt: skip
     return lines
+
+
+def _bytes(n: float) -> str:
+    """n bytes -> "20.4 GB", "2.0 TB"."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000:
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"

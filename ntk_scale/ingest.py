@@ -157,10 +157,14 @@ def _scheduler(address: str | None) -> Iterator[None]:
         return
     from ray.util.dask import ray_dask_get
 
+    from ntk_scale.actors import shutdown_pools
     from ntk_scale.cluster import ensure_ray
 
     ensure_ray(address)
-    with dask.config.set(scheduler=ray_dask_get, shuffle="tasks"):
+    # The graph runs as Ray tasks of one CPU each: this process's idle pool would hold every CPU
+    # slot it was given, and the tasks would wait for them forever. It starts again on use.
+    shutdown_pools()
+    with dask.config.set(scheduler=ray_dask_get):
         yield
 
 

@@ -358,3 +358,44 @@ def test_corruption_in_the_bucket_is_detected(s3, pipeline, capsys):
     finally:
         s3.put_object(Bucket=BUCKET, Key=ckpt, Body=original)
     assert load_model(MODEL).alpha.shape == (N, 2)
+
+
+def test_tables_and_predictions_in_the_bucket(s3, pipeline):
+    """`ingest` reads Parquet files from the bucket and writes X, y and the transform there;
+    `predict` writes its Zarr predictions to the bucket block by block, and a rerun skips
+    every block (each is found by its marker and checksum)."""
+    import pandas as pd
+    import zarr
+
+    rng = np.random.default_rng(3)
+    df = pd.DataFrame({"u": rng.normal(size=120), "c": rng.choice(["a", "b"], 120)})
+    df["t"] = df["u"] * 2 + (df["c"] == "a")
+    for k in range(2):
+        s3.put_object(Bucket=BUCKET, Key=f"tables/part{k}.parquet",
+                      Body=df.iloc[k * 60 : (k + 1) * 60].to_parquet())  # fmt: skip
+    printed = _run_cli(["ingest", f"{ROOT}/tables/*.parquet", "--out", f"{ROOT}/ingested",
+                        "--features", "u,c", "--target", "t", "--test-fraction", "0.25",
+                        "--no-progress"])  # fmt: skip
+    assert "train 90, test 30 rows x 3 features" in printed
+    keys = set(_keys(s3, "ingested/"))
+    assert "ingested/transform.json" in keys and "ingested/x_train.zarr/zarr.json" in keys
+    x = zarr.open_array(f"{ROOT}/ingested/x_train.zarr", mode="r")[:]
+    assert x.shape == (90, 3)
+    # u standardised on the 90 training rows; c one-hot (a, b): one 1 per row
+    assert abs(x[:, 0].mean()) < 1e-12 and abs(x[:, 0].std() - 1) < 1e-12
+    assert np.all(np.isin(x[:, 1:], (0.0, 1.0))) and np.all(x[:, 1:].sum(axis=1) == 1)
+
+    out = f"{ROOT}/run/pred.zarr"
+    argv = ["predict", "--model-dir", MODEL, "--x", f"{ROOT}/data/xs.zarr", "--out", out,
+            "--workers", "2", "--no-progress"]  # fmt: skip
+    _run_cli(argv)
+    _, want = _dense_fit(pipeline["x"], pipeline["y"], pipeline["xs"])
+    got = zarr.open_array(out, mode="r")[:]
+    assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < 1e-6
+    assert any(k.startswith("run/pred.zarr/tiles/") for k in _keys(s3, "run/pred.zarr/"))
+    from ntk_scale.predict import predict_from_store
+
+    m, seen = load_model(MODEL), []
+    predict_from_store(m.store_url, m.alpha, zarr.open_array(f"{ROOT}/data/xs.zarr", mode="r"),
+                       RunOptions(workers=2, progress=False), seen.append, out=out)  # fmt: skip
+    assert seen == []
