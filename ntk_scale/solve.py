@@ -37,7 +37,7 @@ from ntk_scale.linalg.matrixfree import MatrixFreeOperator
 from ntk_scale.linalg.stored import StoredOperator
 from ntk_scale.options import RunOptions, SolveOptions
 from ntk_scale.panels import open_symmetric
-from ntk_scale.progress import SolveProgress
+from ntk_scale.progress import Progress, SolveProgress
 from ntk_scale.store import GramStore
 
 CHECKPOINT_NAME = "pcg_state.npz"
@@ -118,7 +118,7 @@ def solve_store(
         path = None if out_dir is None else os.path.join(out_dir, CHECKPOINT_NAME)
         state = _load_state(path, meta, overwrite)
         # One sketch for every ridge (it reads K only); each ridge gets its own core.
-        M = _make_preconditioner(op, opts, meta["rank"], min(lams))
+        M = _make_preconditioner(op, opts, meta["rank"], min(lams), run)
         setup = time.perf_counter() - start
         bar = stack.enter_context(_progress(opts, run))
         Yp, lam_cols = path_columns(Y2, lams)
@@ -251,13 +251,19 @@ def _make_operator(
     return stack.enter_context(dist)
 
 
-def _make_preconditioner(op: GramOperator, o: SolveOptions, rank: int, lam: float):
+def _make_preconditioner(
+    op: GramOperator, o: SolveOptions, rank: int, lam: float, run: RunOptions | None = None
+):  # fmt: skip
+    """The preconditioner of ``o``; building a Nyström sketch shows its pivots' progress."""
     if o.preconditioner == "none":
         return identity()
     if o.preconditioner == "jacobi":
         return jacobi(op, lam)
     pivots = "rpcholesky" if o.preconditioner == "rpcholesky" else "uniform"
-    return nystrom(op, rank, lam, pivots=pivots, seed=o.seed, block=o.pivot_block)
+    show = run is not None and run.show_progress
+    with Progress("preconditioner", rank, "pivots", enabled=show) as bar:
+        return nystrom(op, rank, lam, pivots=pivots, seed=o.seed, block=o.pivot_block,
+                       on_pivots=lambda k: bar.update(done=k))  # fmt: skip
 
 
 def _load_state(path: str | None, meta: dict[str, Any], overwrite: bool) -> PCGState | None:
@@ -381,7 +387,7 @@ def select_ridge(
                 "folds": targets_fingerprint(mask.astype(np.float64))}  # fmt: skip
         path = None if out_dir is None else os.path.join(out_dir, CV_CHECKPOINT_NAME)
         state = _load_state(path, meta, overwrite)
-        M = _make_preconditioner(op, opts, meta["rank"], float(lam.min()))
+        M = _make_preconditioner(op, opts, meta["rank"], float(lam.min()), run)
         bar = stack.enter_context(_progress(opts, run))
         result, last = _run(op, Yp, np.repeat(lam.reshape(-1), c), M, opts, state, path, meta,
                             _both(bar, callback), mask=mask)  # fmt: skip

@@ -7,6 +7,7 @@ Each result has ``apply(R)``: R (N, C) float64 -> (N, C) float64 ≈ (K + λI)�
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -133,6 +134,7 @@ def nystrom(
     pivots: Literal["uniform", "rpcholesky"] = "rpcholesky",
     seed: int | np.random.Generator | None = 0,
     block: int = 1,
+    on_pivots: Callable[[int], None] | None = None,
 ) -> Nystrom:
     """Nyström preconditioner of K + λI from ``rank`` columns of K.
 
@@ -153,7 +155,7 @@ def nystrom(
     if pivots == "uniform":
         F, piv, read = _uniform_factor(op, rank, rng)
     elif pivots == "rpcholesky":
-        F, piv, read = rpcholesky(op, rank, rng, block=block)
+        F, piv, read = rpcholesky(op, rank, rng, block=block, on_pivots=on_pivots)
     else:
         raise ValueError(f"pivots={pivots!r} is not supported; use 'uniform' or 'rpcholesky'")
     if F.shape[1] == 0:
@@ -197,8 +199,9 @@ def _shifted_cholesky(W: np.ndarray) -> np.ndarray:
 
 
 def rpcholesky(
-    op: GramOperator, rank: int, rng: np.random.Generator, block: int = 1
-) -> tuple[np.ndarray, np.ndarray, int]:
+    op: GramOperator, rank: int, rng: np.random.Generator, block: int = 1,
+    on_pivots: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:  # fmt: skip
     """Randomly pivoted Cholesky: K ≈ F Fᵀ from ``rank`` pivot columns.
 
     Keeps the residual diagonal d = diag(K − F Fᵀ) and samples pivots with probability ∝ d.
@@ -206,6 +209,7 @@ def rpcholesky(
     reads their columns in one call and accepts each by rejection sampling against the residual
     updated for the candidates already accepted (accelerated RPCholesky, Epperly et al. 2024).
     Returns F: (N, r) float64, pivots: (r,) int64, and the number of columns read.
+    on_pivots: called with the pivots accepted so far after every round (progress).
     """
     n = op.shape[0]
     d = op.diag()
@@ -226,6 +230,8 @@ def rpcholesky(
         d[cand[resid <= floor[cand]]] = 0.0  # the tracked residual was stale: it is noise
         d[cand[keep]] = 0.0
         d[d <= floor] = 0.0
+        if on_pivots is not None:
+            on_pivots(len(piv))
     return F[:, : len(piv)], np.asarray(piv, dtype=np.int64), read
 
 
