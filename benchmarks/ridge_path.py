@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=2048)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-gridsearch", action="store_true")
+    ap.add_argument("--no-select", action="store_true",
+                    help="only the path, the single and the separate solves")  # fmt: skip
     ap.add_argument("--out", default=str(RESULTS / "ridge_path.json"))
     a = ap.parse_args()
     X, Y, Xt, Yt = make_data(a.n, a.n_test, a.d, a.latent, a.rhs, 0)
@@ -72,32 +74,34 @@ def main() -> None:
     opts = SolveOptions(ridge=ridges, tol=a.tol, rank=a.rank, pivot_block=50)
     rows, Kt = {}, heldout_kernel(Xt, X, "float32")
 
+    partial, separate = str(Path(a.out).with_suffix(".partial.json")), []
+
     def timed(fn):
         start = time.perf_counter()
         out = fn()
-        return out, time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        done = {"seconds": rows, "separate_seconds": separate, "last_step_seconds": seconds}
+        write_json(partial, {"config": vars(a), "gram_seconds": gram_s, **done})
+        return out, seconds
 
     path, rows["path"] = timed(lambda: solve_store(store, Y, opts, run))
     errors = [heldout_error(Kt, path.alpha(k), Yt) for k in range(len(ridges))]
     its = path.iterations_per_ridge(a.tol)
     one = SolveOptions(ridge=ridges[0], tol=a.tol, rank=a.rank, pivot_block=50)
     _, rows["single"] = timed(lambda: solve_store(store, Y, one, run))
-    separate = []
     for r in ridges:
         o = SolveOptions(ridge=r, tol=a.tol, rank=a.rank, pivot_block=50)
         separate.append(timed(lambda o=o: solve_store(store, Y, o, run))[1])
     rows["separate"] = sum(separate)
     folds = make_folds(a.n, cv=a.folds, seed=0)
-    sel, sel_s = timed(lambda: select_ridge(store, Y, opts, run, folds=folds))
-    refit, refit_s = timed(
-        lambda: solve_store(
-            store, Y, SolveOptions(ridge=sel.ridge, tol=a.tol, rank=a.rank, pivot_block=50), run
-        )
-    )
-    rows["select"] = sel_s + refit_s
-    chosen_err = heldout_error(Kt, refit.alpha(), Yt)
-    grid = None
-    if not a.no_gridsearch:
+    sel = chosen_err = grid = None
+    if not a.no_select:
+        sel, sel_s = timed(lambda: select_ridge(store, Y, opts, run, folds=folds))
+        refit_opts = SolveOptions(ridge=sel.ridge, tol=a.tol, rank=a.rank, pivot_block=50)
+        refit, refit_s = timed(lambda: solve_store(store, Y, refit_opts, run))
+        rows["select"] = sel_s + refit_s
+        chosen_err = heldout_error(Kt, refit.alpha(), Yt)
+    if not (a.no_gridsearch or a.no_select):
         grid = _gridsearch(X, Y, ridges, folds, a, f"{work}/grid")
         rows["gridsearch"] = grid["seconds"]
     best = int(np.argmin(errors))
@@ -105,9 +109,10 @@ def main() -> None:
         "machine": machine(), "config": vars(a), "gram_seconds": gram_s,
         "ridges": list(ridges), "seconds": rows, "separate_seconds": separate,
         "iterations_per_ridge": its, "test_error_per_ridge": errors,
-        "chosen_ridge": sel.ridge, "chosen_test_error": chosen_err,
+        "chosen_ridge": sel and sel.ridge, "chosen_test_error": chosen_err,
         "best_ridge_in_hindsight": ridges[best], "best_test_error": errors[best],
-        "validation_mse": sel.mean_scores.tolist(), "selection_iterations": sel.iterations,
+        "validation_mse": sel and sel.mean_scores.tolist(),
+        "selection_iterations": sel and sel.iterations,
         "path_over_single": rows["path"] / rows["single"],
         "path_over_separate": rows["path"] / rows["separate"],
         "select_over_gridsearch": None if grid is None else rows["select"] / grid["seconds"],
@@ -115,6 +120,7 @@ def main() -> None:
     }  # fmt: skip
     _print(result)
     write_json(a.out, result)
+    Path(partial).unlink(missing_ok=True)
 
 
 def _gridsearch(X, Y, ridges, folds, a, workdir) -> dict:
@@ -143,13 +149,13 @@ def _print(r: dict) -> None:
     grid = (
         "" if r["gridsearch"] is None else f"   = {r['select_over_gridsearch']:.3f} x GridSearchCV"
     )
-    print(f"  select ({r['config']['folds']} folds) + refit    {s['select']:8.1f} s{grid}")
+    if "select" in s:
+        print(f"  select ({r['config']['folds']} folds) + refit    {s['select']:8.1f} s{grid}")
     if r["gridsearch"] is not None:
         print(f"  GridSearchCV(NTKRegressor)   {s['gridsearch']:8.1f} s")
-    print(
-        f"  chosen ridge {r['chosen_ridge']:.3g}: test error {r['chosen_test_error']:.4f}; "
-        f"best in hindsight {r['best_ridge_in_hindsight']:.3g}: {r['best_test_error']:.4f}"
-    )
+    if r["chosen_ridge"] is not None:
+        print(f"  chosen ridge {r['chosen_ridge']:.3g}: test error {r['chosen_test_error']:.4f}")
+    print(f"  best in hindsight {r['best_ridge_in_hindsight']:.3g}: {r['best_test_error']:.4f}")
     for ridge, it, err in zip(r["ridges"], r["iterations_per_ridge"], r["test_error_per_ridge"],
                               strict=True):  # fmt: skip
         print(f"    ridge {ridge:9.3g}  {it:4d} iterations  test error {err:.4f}")
