@@ -119,14 +119,29 @@ def ingest(
         transform = learn(_frame(train, table), o.features, o.target, o.categorical, o.fill,
                           o.standardize_target, source)  # fmt: skip
         fs, root = url_fs(out)
+        _clear(fs, root)  # an earlier ingest there (with overwrite): never half old, half new
         fs.makedirs(root, exist_ok=True)
-        rows = {"train": _write(train, transform, out, "train", o, progress)}
-        if test is not None:
-            rows["test"] = _write(test, transform, out, "test", o, progress)
+        try:
+            rows = {"train": _write(train, transform, out, "train", o, progress)}
+            if test is not None:
+                rows["test"] = _write(test, transform, out, "test", o, progress)
+        except BaseException:
+            _clear(fs, root)  # a value only the full pass finds: nothing half-written stays
+            raise
     from ntk_scale.store import atomic_put
 
     atomic_put(fs, f"{root}/transform.json", transform.to_json().encode())
     return IngestReport(out, transform, rows, dropped, time.perf_counter() - start)
+
+
+def _clear(fs: Any, root: str) -> None:
+    """Remove an ingest's files at root (what _refuse_existing allowed to be replaced)."""
+    for name in ("transform.json", *(f"{a}.zarr" for a in ARRAYS)):
+        if fs.exists(f"{root}/{name}"):
+            fs.rm(f"{root}/{name}", recursive=True)
+    with contextlib.suppress(OSError):
+        if fs.exists(root) and not fs.ls(root):
+            fs.rmdir(root)
 
 
 def _refuse_existing(out: str, overwrite: bool) -> None:

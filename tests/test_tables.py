@@ -303,3 +303,18 @@ def test_ingest_on_ray_equals_ingest_on_threads(ray_local, tmp_path, monkeypatch
         for a, b in zip(load_split(str(tmp_path / "threads"), split),
                         load_split(str(tmp_path / "ray"), split), strict=True):  # fmt: skip
             np.testing.assert_array_equal(a[...], b[...])
+
+
+def test_a_value_found_only_while_writing_leaves_nothing(tmp_path):
+    """Missing values only in the test table surface in the writing pass (the statistics are
+    the training rows'): exit 2 naming the column, and the half-written arrays are removed."""
+    _frame(80).to_csv(tmp_path / "train.csv", index=False)
+    test = _frame(30, seed=1)
+    test.loc[4, "b"] = np.nan
+    test.to_csv(tmp_path / "test.csv", index=False)
+    out = tmp_path / "out"
+    code, _, err = _cli(["ingest", str(tmp_path / "train.csv"), "--test",
+                         str(tmp_path / "test.csv"), "--out", str(out), "--features", "a,b",
+                         "--target", "y", "--no-progress"])  # fmt: skip
+    assert code == 2 and "column 'b' has 1 missing values" in err, err
+    assert not out.exists()
