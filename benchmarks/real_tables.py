@@ -156,12 +156,13 @@ def _stage(argv: list[str]) -> dict:
     print(f"$ ntk-scale {' '.join(argv)}", flush=True)
     start = time.perf_counter()
     proc = subprocess.Popen(CLI + argv, stdout=subprocess.PIPE, stderr=None, text=True)
-    peak = [0]
+    peak, anon = [0], [0]
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], _tree_rss(proc.pid))
+            total, private = _tree_rss(proc.pid)
+            peak[0], anon[0] = max(peak[0], total), max(anon[0], private)
             done.wait(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -173,13 +174,15 @@ def _stage(argv: list[str]) -> dict:
     print(stdout, end="", flush=True)
     if proc.returncode not in (0,):
         raise SystemExit(f"ntk-scale {argv[0]} exited {proc.returncode}")
-    return {"seconds": seconds, "peak_rss_bytes": peak[0], "stdout": stdout}
+    return {"seconds": seconds, "peak_rss_bytes": peak[0], "peak_anon_rss_bytes": anon[0],
+            "stdout": stdout}  # fmt: skip
 
 
-def _tree_rss(root: int) -> int:
-    """Resident bytes of ``root`` and all its descendants (from /proc)."""
+def _tree_rss(root: int) -> tuple[int, int]:
+    """(resident bytes, anonymous resident bytes) of ``root`` and all its descendants, from
+    /proc. The second leaves out file-backed pages (a memory-mapped input read through once
+    stays resident until the kernel wants the memory, though the process holds none of it)."""
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -187,15 +190,21 @@ def _tree_rss(root: int) -> int:
             with open(f"/proc/{entry}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
             children.setdefault(int(fields[1]), []).append(int(entry))
-            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
         except (OSError, IndexError, ValueError):
             continue
-    total, todo = 0, [root]
+    total = anon = 0
+    todo = [root]
     while todo:
         pid = todo.pop()
-        total += rss.get(pid, 0)
         todo.extend(children.get(pid, []))
-    return total
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        total += int(status.get("VmRSS", "0 kB").split()[0]) * 1024
+        anon += int(status.get("RssAnon", "0 kB").split()[0]) * 1024
+    return total, anon
 
 
 def _du(path: Path) -> int:
