@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +24,7 @@ from ntk_scale.options import RunOptions
 from ntk_scale.plan import BlockPlan
 from ntk_scale.progress import Progress
 from ntk_scale.store import GramStore, fingerprint_rows
+from ntk_scale.store.meta import shift_row
 from ntk_scale.store.predictions import PredictionArray
 from ntk_scale.tasks import RoleGroup, run_queue
 
@@ -66,7 +66,8 @@ def predict_from_store(
         of = {"store": store.fingerprint, "alpha": _sha(a2), **(of or {}),
               "x_star": fingerprint_rows(x_star, "float64", meta.tile, "x_star")}  # fmt: skip
         sink = PredictionArray.open_or_create(out, shape, meta.tile, of, overwrite)
-    todo = [i for i in range(plan.row_blocks) if sink is None or i not in sink.done()]
+    done = set() if sink is None else sink.done()  # one listing of the markers, not one a block
+    todo = [i for i in range(plan.row_blocks) if i not in done]
     values = np.empty(shape) if sink is None else None
     if todo:
         _predict_blocks(
@@ -143,8 +144,7 @@ def _block(x_star: Any, r0: int, r1: int, d: int) -> np.ndarray:
     try:
         return check_features(part, "x_star", dim=d)
     except ValueError as err:
-        raise ValueError(re.sub(r"row (\d+)", lambda m: f"row {int(m.group(1)) + r0}", str(err),
-                                count=1)) from None  # fmt: skip
+        raise ValueError(shift_row(str(err), r0)) from None
 
 
 def _run_blocks(group: RoleGroup, plan: BlockPlan, todo, x_star, output, run, on_block) -> None:

@@ -67,12 +67,12 @@ def fingerprint_rows(x: Any, dtype: str, block: int = DEFAULT_TILE, name: str = 
         try:
             check_features(part, name, dim=d)
         except ValueError as err:
-            raise ValueError(_shift_row(str(err), r0)) from None
+            raise ValueError(shift_row(str(err), r0)) from None
         h.update(np.ascontiguousarray(part, dtype=dtype).tobytes())
     return h.hexdigest()
 
 
-def _shift_row(msg: str, offset: int) -> str:
+def shift_row(msg: str, offset: int) -> str:
     """Rewrite 'row k' in a block's error message as the row of the whole array."""
     return re.sub(r"row (\d+)", lambda m: f"row {int(m.group(1)) + offset}", msg, count=1)
 
