@@ -11,7 +11,8 @@ Rows, all in one run on this machine:
 2. ``single``: the one solve at the smallest ridge (the slowest to converge);
 3. ``separate``: one solve per ridge, each measured (not extrapolated);
 4. ``select``: --folds-fold selection of the ridge on the same store (every fold, ridge and
-   target in one run) and the refit on all rows at the chosen ridge;
+   target in one run; each fold preconditioned by the sketch restricted to its training rows)
+   and the refit on all rows at the chosen ridge, started from that ridge's fold solutions;
 5. ``gridsearch``: GridSearchCV over NTKRegressor with the same grid and folds (one Gram store
    per fold and one for the refit, the ridges of a fold reusing its store), unless
    --no-gridsearch.
@@ -94,12 +95,14 @@ def main() -> None:
         separate.append(timed(lambda o=o: solve_store(store, Y, o, run))[1])
     rows["separate"] = sum(separate)
     folds = make_folds(a.n, cv=a.folds, seed=0)
-    sel = chosen_err = grid = None
+    sel = chosen_err = grid = refit_its = None
     if not a.no_select:
         sel, sel_s = timed(lambda: select_ridge(store, Y, opts, run, folds=folds))
         refit_opts = SolveOptions(ridge=sel.ridge, tol=a.tol, rank=a.rank, pivot_block=50)
-        refit, refit_s = timed(lambda: solve_store(store, Y, refit_opts, run))
+        refit, refit_s = timed(lambda: solve_store(store, Y, refit_opts, run, x0=sel.warm_start))
         rows["select"] = sel_s + refit_s
+        rows["selection_only"], rows["refit"] = sel_s, refit_s
+        refit_its = refit.result.iterations
         chosen_err = heldout_error(Kt, refit.alpha(), Yt)
     if not (a.no_gridsearch or a.no_select):
         grid = _gridsearch(X, Y, ridges, folds, a, f"{work}/grid")
@@ -113,6 +116,7 @@ def main() -> None:
         "best_ridge_in_hindsight": ridges[best], "best_test_error": errors[best],
         "validation_mse": sel and sel.mean_scores.tolist(),
         "selection_iterations": sel and sel.iterations,
+        "refit_iterations_warm_started": refit_its,
         "path_over_single": rows["path"] / rows["single"],
         "path_over_separate": rows["path"] / rows["separate"],
         "select_over_gridsearch": None if grid is None else rows["select"] / grid["seconds"],
@@ -154,11 +158,18 @@ def _print(r: dict) -> None:
     if r["gridsearch"] is not None:
         print(f"  GridSearchCV(NTKRegressor)   {s['gridsearch']:8.1f} s")
     if r["chosen_ridge"] is not None:
-        print(f"  chosen ridge {r['chosen_ridge']:.3g}: test error {r['chosen_test_error']:.4f}")
+        print(
+            f"  chosen ridge {r['chosen_ridge']:.3g}: test error {r['chosen_test_error']:.4f}; "
+            f"refit {r['refit_iterations_warm_started']} iterations from the folds' solutions"
+        )
     print(f"  best in hindsight {r['best_ridge_in_hindsight']:.3g}: {r['best_test_error']:.4f}")
-    for ridge, it, err in zip(r["ridges"], r["iterations_per_ridge"], r["test_error_per_ridge"],
-                              strict=True):  # fmt: skip
-        print(f"    ridge {ridge:9.3g}  {it:4d} iterations  test error {err:.4f}")
+    val = r["validation_mse"] or [None] * len(r["ridges"])
+    sel_its = r["selection_iterations"] or [None] * len(r["ridges"])
+    rows = zip(r["ridges"], r["iterations_per_ridge"], r["test_error_per_ridge"], val, sel_its,
+               strict=True)  # fmt: skip
+    for ridge, it, err, v, si in rows:
+        cv = "" if v is None else f"  validation MSE {v:.5f} ({si} iterations in the folds)"
+        print(f"    ridge {ridge:9.3g}  {it:4d} iterations  test error {err:.4f}{cv}")
 
 
 if __name__ == "__main__":

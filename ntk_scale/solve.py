@@ -34,6 +34,7 @@ from ntk_scale.linalg import (
 from ntk_scale.linalg import checkpoint as ckpt
 from ntk_scale.linalg.distributed import DistributedOperator
 from ntk_scale.linalg.matrixfree import MatrixFreeOperator
+from ntk_scale.linalg.preconditioners import per_group
 from ntk_scale.linalg.stored import StoredOperator
 from ntk_scale.options import RunOptions, SolveOptions
 from ntk_scale.panels import open_symmetric
@@ -92,6 +93,7 @@ def solve_store(
     out_dir: str | None = None,
     overwrite: bool = False,
     callback: Callable[[PCGState], object] | None = None,
+    x0: np.ndarray | None = None,
     **overrides: Any,
 ) -> SolveReport:
     """Solve (K + λI) A = Y for the Gram matrix K stored at ``store_url``.
@@ -101,8 +103,9 @@ def solve_store(
     ``run``). operator "auto" must be resolved before (:func:`ntk_scale.stages.solve` does).
     out_dir: where the PCG state is checkpointed; an existing checkpoint there is resumed, or
     refused if it belongs to another problem (unless ``overwrite``). callback: called with each
-    new PCGState. Progress (iteration, worst residual, columns converged, s/iteration, ETA) is
-    shown unless run.progress is False.
+    new PCGState. x0: (N, C) a starting guess (a fold-averaged solution from select_ridge);
+    ignored when a checkpoint is resumed. Progress (iteration, worst residual, columns
+    converged, s/iteration, ETA) is shown unless run.progress is False.
     """
     opts, run = merge_options(options or SolveOptions(), run or RunOptions(), overrides)
     if opts.operator == "auto":
@@ -122,7 +125,12 @@ def solve_store(
         setup = time.perf_counter() - start
         bar = stack.enter_context(_progress(opts, run))
         Yp, lam_cols = path_columns(Y2, lams)
-        result, last = _run(op, Yp, lam_cols, M, opts, state, path, meta, _both(bar, callback))
+        if x0 is not None and state is None:
+            x0 = np.tile(np.asarray(x0, dtype=np.float64).reshape(Y2.shape), (1, len(lams)))
+        else:
+            x0 = None
+        result, last = _run(op, Yp, lam_cols, M, opts, state, path, meta, _both(bar, callback),
+                            x0=x0)  # fmt: skip
         iterating = time.perf_counter() - start - setup
     if path is not None and last is not None:
         ckpt.save_checkpoint(path, last, meta)
@@ -184,7 +192,7 @@ def _both(bar: SolveProgress, callback: Callable | None) -> Callable[[PCGState],
     return on_state
 
 
-def _run(op, Y, lam, M, o: SolveOptions, state, path, meta, callback, mask=None):
+def _run(op, Y, lam, M, o: SolveOptions, state, path, meta, callback, mask=None, x0=None):
     """solve_pcg with checkpoints; returns (result, the last new state or None)."""
     saver = None if path is None else ckpt.checkpoint_every(path, meta, o.checkpoint_every)
     last: list[PCGState] = []
@@ -195,8 +203,8 @@ def _run(op, Y, lam, M, o: SolveOptions, state, path, meta, callback, mask=None)
             saver(st)
         callback(st)
 
-    result = solve_pcg(op, Y, lam, M, o.tol, o.max_iter, callback=on_iteration, state=state,
-                       mask=mask)  # fmt: skip
+    result = solve_pcg(op, Y, lam, M, o.tol, o.max_iter, x0=x0, callback=on_iteration,
+                       state=state, mask=mask)  # fmt: skip
     return result, (last[0] if last else None)
 
 
@@ -290,6 +298,9 @@ class RidgeSelection:
     better) or "accuracy" (higher); scores: (folds, ridges) validation score of each fold;
     iterations: per ridge, its slowest column's PCG iterations; best: the chosen ridge's index
     (the best mean score; the larger ridge on a tie); seconds: the whole selection.
+    warm_start: (N, C) the chosen ridge's fold solutions averaged row by row over the folds
+    that trained on the row (zero for a row no fold trained on): a starting guess for the
+    refit on all rows (``solve_store(..., x0=...)``).
     """
 
     ridges: tuple[float, ...]
@@ -299,6 +310,7 @@ class RidgeSelection:
     best: int
     seconds: float
     folds: int
+    warm_start: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def mean_scores(self) -> np.ndarray:
@@ -388,6 +400,9 @@ def select_ridge(
         path = None if out_dir is None else os.path.join(out_dir, CV_CHECKPOINT_NAME)
         state = _load_state(path, meta, overwrite)
         M = _make_preconditioner(op, opts, meta["rank"], float(lam.min()), run)
+        # Each fold's columns get the one sketch restricted to the fold's training rows.
+        groups = np.repeat(np.arange(len(folds)), len(ridges) * c)
+        M = per_group(M, [tr for tr, _ in folds], groups)
         bar = stack.enter_context(_progress(opts, run))
         result, last = _run(op, Yp, np.repeat(lam.reshape(-1), c), M, opts, state, path, meta,
                             _both(bar, callback), mask=mask)  # fmt: skip
@@ -403,5 +418,16 @@ def select_ridge(
     iterations = per.reshape(len(folds), len(ridges)).max(axis=0).tolist()
     means = scores.mean(axis=0) * (1 if metric == "mse" else -1)
     best = int(np.flatnonzero(means == means.min()).max())  # a tie goes to the larger ridge
+    warm = _fold_average(result.x, mask, len(folds), len(ridges), c, best)
     return RidgeSelection(tuple(ridges), metric, scores, iterations, best,
-                          time.perf_counter() - start, len(folds))  # fmt: skip
+                          time.perf_counter() - start, len(folds), warm)  # fmt: skip
+
+
+def _fold_average(x: np.ndarray, mask: np.ndarray, folds: int, ridges: int, c: int,
+                  k: int) -> np.ndarray:  # fmt: skip
+    """Ridge k's (N, c) solutions of every fold, averaged per row over the folds that trained
+    on it. x, mask: (N, folds·ridges·c), column (f·ridges + k)·c + j is target j of fold f."""
+    cols = [(f * ridges + k) * c + np.arange(c) for f in range(folds)]
+    total = sum(x[:, cc] for cc in cols)
+    count = sum(mask[:, cc].astype(np.float64) for cc in cols)
+    return np.divide(total, count, out=np.zeros_like(total), where=count > 0)

@@ -179,7 +179,8 @@ def solve(
     extra: more fields for model.json (task, classes). Several ridges with cv (or holdout, or
     explicit ``folds``): every ridge is scored on held-out rows of this store in one PCG run
     (MSE, or accuracy for task "classification"), and the model is the refit on all rows at
-    the best one; model.json records the whole path and the plot validation.png shows it.
+    the best one, started from that ridge's fold solutions; model.json records the whole path
+    and the plot validation.png shows it.
     transform: the table transform of the inputs (``ntk-scale ingest``); saved with the model,
     it maps y to the solve's units (a standardised target) and predictions back.
     """
@@ -201,7 +202,9 @@ def solve(
         opts = dataclasses.replace(opts, ridge=selection.ridge, cv=None, holdout=None)
     else:
         _check_ridges(opts)
-    report = solve_store(store, y, opts, run, out_dir=ckpt, overwrite=overwrite, callback=callback)
+    warm = None if selection is None else selection.warm_start  # the folds' solutions
+    report = solve_store(store, y, opts, run, out_dir=ckpt, overwrite=overwrite, callback=callback,
+                         x0=warm)  # fmt: skip
     meta = model_meta(g, report, opts, decision, extra)
     if selection is not None:
         meta["ridge_path"] = {

@@ -32,6 +32,7 @@ from ntk_scale.linalg import (
     save_checkpoint,
     solve_pcg,
 )
+from ntk_scale.linalg.preconditioners import per_group
 
 SPEC = FullyConnected(depth=3, activation="relu", W_std=1.4, b_std=0.1)
 PRECONDITIONERS = ("identity", "jacobi", "nystrom-uniform", "rpcholesky")
@@ -375,6 +376,42 @@ def test_nystrom_apply_inverts_the_preconditioner(small_gram):
     R = np.random.default_rng(0).standard_normal((300, 3))
     np.testing.assert_allclose(M.apply(R), np.linalg.solve(P, R), rtol=1e-9, atol=1e-9)
     assert M.tail == pytest.approx(s2[-1] + lam)
+    lams = np.array([1e-4, 1e-2, 1.0])  # one ridge per column: a regularization path
+    for j, lj in enumerate(lams):
+        Pj = (U * (s2 + lj)) @ U.T + (s2[-1] + lj) * (np.eye(300) - U @ U.T)
+        np.testing.assert_allclose(M.apply(R, lam=lams)[:, j], np.linalg.solve(Pj, R[:, j]),
+                                   rtol=1e-9, atol=1e-9)  # fmt: skip
+
+
+def test_nystrom_restricted_to_rows_is_the_sketch_of_the_submatrix(small_gram):
+    K = small_gram
+    M = nystrom(DenseOperator(K), 40, 1e-3, seed=2)
+    S = np.sort(np.random.default_rng(3).choice(300, size=220, replace=False))
+    sub = M.restrict(S)
+    P = M.pivots  # some lie outside S
+    assert not np.isin(P, S).all()
+    want = K[np.ix_(S, P)] @ np.linalg.solve(K[np.ix_(P, P)], K[np.ix_(P, S)])
+    # The sketch of K[S, S]: the Nyström approximation from the same pivots, less the
+    # directions below the full sketch's last eigenvalue (they take the tail's scaling).
+    w, V = np.linalg.eigh(want)
+    top = w >= M.eigenvalues[-1]
+    assert 20 < top.sum() < 40  # some directions were dropped
+    np.testing.assert_allclose(sub.eigenvalues, w[top][::-1], rtol=1e-6)
+    got = (sub.U * sub.eigenvalues) @ sub.U.T
+    np.testing.assert_allclose(got, (V[:, top] * w[top]) @ V[:, top].T, atol=1e-7 * K.max())
+    np.testing.assert_allclose(sub.U.T @ sub.U, np.eye(sub.rank), atol=1e-10)
+    assert sub.U.shape == (220, top.sum()) and np.all(np.diff(sub.eigenvalues) <= 0)
+    # Groups of columns, each on its own rows, each with its own ridge; zero elsewhere.
+    R = np.random.default_rng(4).standard_normal((300, 4))
+    T = np.setdiff1d(np.arange(300), S)
+    pg = per_group(M, [S, T], np.array([0, 1, 0, 1]))
+    lams = np.array([1e-3, 1e-2, 1e-1, 1.0])
+    out = pg.apply_columns(R, lams, np.arange(4))
+    for j, (rows, part) in enumerate([(S, sub), (T, M.restrict(T))] * 2):
+        np.testing.assert_allclose(out[rows, j], part.apply(R[rows, j : j + 1],
+                                                            lam=lams[j : j + 1])[:, 0])  # fmt: skip
+        assert not out[np.setdiff1d(np.arange(300), rows), j].any()
+    assert per_group(jacobi(DenseOperator(K), 1e-3), [S, T], np.array([0, 1])).name == "jacobi"
 
 
 def test_nystrom_complement_scaling_beats_plain_woodbury_when_ridge_is_tiny():

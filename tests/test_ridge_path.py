@@ -76,14 +76,34 @@ def test_held_out_scores_equal_dense_fold_solves(store, data):
     folds = make_folds(160, cv=4, seed=3)
     assert sorted(np.concatenate([v for _, v in folds]).tolist()) == list(range(160))
     sel = select_ridge(store, y, SolveOptions(ridge=RIDGES, tol=1e-12), QUIET, folds=folds)
+    warm = {}
     for j, ridge in enumerate(RIDGES):
+        warm[j] = np.zeros_like(y)
         for f, (tr, va) in enumerate(folds):
             ktr = k[np.ix_(tr, tr)]
             a = _dense(ktr, y[tr], ridge * np.mean(np.diag(ktr)))  # relative to the fold's rows
             want = np.mean((k[np.ix_(va, tr)] @ a - y[va]) ** 2)
             assert sel.scores[f, j] == pytest.approx(want, rel=1e-7)
+            warm[j][tr] += a / (len(folds) - 1)  # each row trains in all folds but one
     assert sel.best == int(np.argmin(sel.scores.mean(axis=0)))
+    # The refit's starting guess: the chosen ridge's fold solutions averaged row by row, which
+    # starts the refit closer than zero does.
+    assert _rel(sel.warm_start, warm[sel.best]) <= 1e-7
+    lam = RIDGES[sel.best] * np.mean(np.diag(k))
+    r0 = y - (k + lam * np.eye(160)) @ sel.warm_start
+    assert np.linalg.norm(r0) < 0.5 * np.linalg.norm(y), np.linalg.norm(r0) / np.linalg.norm(y)
     assert len(sel.table()) == len(RIDGES) and sum(r["chosen"] for r in sel.table()) == 1
+
+
+def test_each_fold_gets_the_sketch_of_its_own_rows(store, data):
+    """The one sketch restricted to each fold's training rows: a fold (3/4 of the rows)
+    converges in no more iterations than the full problem (46 vs 52 here, rank 40 of 160).
+    The full sketch masked to the fold's rows took 67."""
+    _, y = data
+    opts = SolveOptions(ridge=RIDGES[:3], tol=1e-10, rank=40)
+    full = solve_store(store, y, opts, QUIET).iterations_per_ridge(1e-10)
+    folds = select_ridge(store, y, opts, QUIET, folds=make_folds(160, cv=4)).iterations
+    assert all(f <= 1.1 * a for f, a in zip(folds, full, strict=True)), (folds, full)
 
 
 def test_killed_multi_ridge_solve_resumes_on_the_same_trajectory(store, data, tmp_path):

@@ -93,12 +93,78 @@ class Nystrom:
         depend on λ, only this core does, so one sketch serves a whole regularization path."""
         R = np.asarray(R, dtype=np.float64)
         UtR = self.U.T @ R
+        # U (UᵀR / (σ² + λ)) + (R − U UᵀR) / tail, as one product with U: U (UᵀR ⊙ w) + R / tail
+        # with w = 1/(σ² + λ) − 1/tail (two N x r x C products per apply rather than three).
         if lam is None:
-            inner = UtR / (self.eigenvalues + self.lam)[:, None]
-            return self.U @ inner + (R - self.U @ UtR) / self.tail
-        lam = np.asarray(lam, dtype=np.float64)[None, :]
-        inner = UtR / (self.eigenvalues[:, None] + lam)
-        return self.U @ inner + (R - self.U @ UtR) / (float(self.eigenvalues[-1]) + lam)
+            lam_c, tail = np.full((1, R.shape[1]), self.lam), self.tail
+        else:
+            lam_c = np.asarray(lam, dtype=np.float64)[None, :]
+            tail = float(self.eigenvalues[-1]) + lam_c
+        weights = 1.0 / (self.eigenvalues[:, None] + lam_c) - 1.0 / tail
+        out = self.U @ (UtR * weights)
+        out += R / tail
+        return out
+
+    def restrict(self, rows: np.ndarray) -> Nystrom:
+        """The sketch of K[S, S] for the rows S = ``rows`` ((m,) int), reading no column of K.
+
+        F Fᵀ = U Σ² Uᵀ restricted to S is (U_S Σ)(U_S Σ)ᵀ = K[S, P] K[P, P]⁻¹ K[P, S], the
+        Nyström approximation of K[S, S] from the same pivots P (pivots outside S included),
+        so K[S, S] minus it is still positive semi-definite. A thin SVD of U_S Σ, (m, r),
+        makes it orthonormal again. Directions whose σ² fell below the full sketch's last
+        σ_r² (mostly carried by pivots outside S) are dropped: K[S, S] − the sketch is about
+        σ_r² there, as on the complement, so they take the tail's scaling σ_r² + λ. Kept,
+        their tiny σ² made the tail tiny; 5 folds of N = 1,500 (rank 500) took 131 PCG
+        iterations at ridge 1e-6 where the full problem takes 43; dropped, 41 (N = 3,000:
+        63, the full problem 64).
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        F = self.U[rows] * np.sqrt(self.eigenvalues)[None, :]
+        U, s, _ = scipy.linalg.svd(F, full_matrices=False, check_finite=True)
+        keep = max(1, int(np.sum(s**2 >= self.eigenvalues[-1])))
+        return dataclasses.replace(self, U=U[:, :keep], eigenvalues=s[:keep] ** 2)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PerGroup:
+    """Column groups, each preconditioned on its own rows (k-fold selection: a group is a fold).
+
+    rows: per group, its rows (m_g,) int; parts: per group, a preconditioner of
+    K[rows_g, rows_g] + λI on m_g unknowns; group: (C,) int, each column's group. A column's
+    result is zero outside its group's rows.
+    """
+
+    rows: tuple[np.ndarray, ...]
+    parts: tuple[Preconditioner, ...]
+    group: np.ndarray
+    name: str
+
+    @property
+    def rank(self) -> int:
+        return max(int(getattr(p, "rank", 0)) for p in self.parts)
+
+    def apply_columns(self, R: np.ndarray, lam: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """R: (N, c) the columns ``columns`` (c,) of the system, lam: (c,) their ridges ->
+        (N, c) float64, each column preconditioned by its group's part on its group's rows."""
+        R = np.asarray(R, dtype=np.float64)
+        out = np.zeros_like(R)
+        groups = self.group[columns]
+        for g in np.unique(groups):
+            cols = np.flatnonzero(groups == g)
+            at = np.ix_(self.rows[g], cols)
+            out[at] = self.parts[g].apply(R[at], lam=lam[cols])
+        return out
+
+
+def per_group(M: Preconditioner, rows: list[np.ndarray], group: np.ndarray) -> Preconditioner:
+    """M restricted to each group's rows (see PerGroup). A Nyström sketch is restricted by
+    :meth:`Nystrom.restrict`; a diagonal or identity preconditioner restricted to rows is
+    itself masked to them, so it comes back unchanged."""
+    if not isinstance(M, Nystrom):
+        return M
+    parts = tuple(M.restrict(r) for r in rows)
+    return PerGroup(tuple(np.asarray(r, dtype=np.int64) for r in rows), parts,
+                    np.asarray(group, dtype=np.int64), M.name)  # fmt: skip
 
 
 @runtime_checkable
