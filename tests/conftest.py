@@ -1,6 +1,14 @@
-"""Test-wide setup: CPU JAX, loopback Ray with its token in a private HOME, one Ray a session."""
+"""Test-wide setup: CPU JAX, loopback Ray with its token in a private HOME, one Ray a session.
+
+Two tiers. ``make test`` runs everything. ``make test-fast`` (the inner loop) runs the tests
+that need no Ray, no subprocess and no S3 server: a test is in the full tier only when it uses a
+fixture that starts one of those (``ray_local``, a ``ray start`` head, the moto server) or is
+marked ``cluster``. The fast tier enforces its promise: with NTK_SCALE_TEST_TIER=fast, starting
+Ray or a subprocess fails the test with a message saying how to mark it.
+"""
 
 import os
+import subprocess
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -12,6 +20,17 @@ os.environ["HOME"] = _HOME
 
 import pytest  # noqa: E402
 
+#: Fixtures that start Ray, a subprocess or an S3 server: a test using one (directly or through
+#: another fixture) is in the full tier only.
+CLUSTER_FIXTURES = {"ray_local", "ray_head", "cpu_head", "s3", "pipeline"}
+FAST = os.environ.get("NTK_SCALE_TEST_TIER") == "fast"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.cluster)
+
 
 @pytest.fixture(scope="session")
 def ray_local():
@@ -21,3 +40,24 @@ def ray_local():
     ray = ensure_ray(None)
     yield ray
     ray.shutdown()
+
+
+def _refuse(what):
+    def refuse(*args, **kwargs):
+        raise RuntimeError(
+            f"make test-fast runs no {what}: mark this test @pytest.mark.cluster or give it the "
+            "ray_local fixture, so that it runs in make test only"
+        )
+
+    return refuse
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_guard(request, monkeypatch):
+    """In the fast tier a test that starts Ray or a subprocess fails, saying how to mark it."""
+    if FAST and request.node.get_closest_marker("cluster") is None:
+        import ray
+
+        monkeypatch.setattr(ray, "init", _refuse("Ray"))
+        monkeypatch.setattr(subprocess.Popen, "__init__", _refuse("subprocess"))
+    yield

@@ -32,6 +32,7 @@ def files(tmp_path):
     return tmp_path
 
 
+@pytest.mark.cluster  # starts a subprocess or Ray itself
 def test_help_on_every_subcommand():
     for cmd in ["plan", "gram", "solve", "predict", "fit", "verify", "demo"]:
         out = subprocess.run(
@@ -40,6 +41,7 @@ def test_help_on_every_subcommand():
         assert out.returncode == 0 and "usage: ntk-scale" in out.stdout, cmd
 
 
+@pytest.mark.cluster  # starts a subprocess or Ray itself
 def test_plan_answers_for_a_million_samples(capsys, tmp_path, monkeypatch):
     """The rates are measured in --store-dir, and nothing is written in the working directory."""
     (tmp_path / "cwd").mkdir()

@@ -128,6 +128,7 @@ def test_predict_survives_a_killed_worker(clean):
     np.testing.assert_allclose(got, dense, rtol=1e-4, atol=1e-5 * np.abs(dense).max())
 
 
+@pytest.mark.cluster  # starts a subprocess or Ray itself
 def test_a_tile_that_kills_its_workers_ends_the_run(tmp_path):
     """Tile (1, 2) SIGKILLs every worker that starts it (as a tile needing more memory than a
     worker has would): the run stops after max_task_deaths deaths, naming the tile, not a hang."""

@@ -118,6 +118,7 @@ def test_config_keys(tmp_path):
     assert (run.accelerator, run.allow_cpu, run.gpu_wait_s) == ("H100", True, 30)
 
 
+@pytest.mark.cluster  # starts a subprocess or Ray itself
 def test_hosts_of_one_gpu_model_on_fake_gpus():
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)

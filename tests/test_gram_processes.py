@@ -9,11 +9,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from ntk_scale import stages
 from ntk_scale.options import GramOptions, RunOptions
 from ntk_scale.store import GramStore
 
+pytestmark = pytest.mark.cluster  # every test here starts processes of its own
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 

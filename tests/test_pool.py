@@ -76,6 +76,7 @@ def _cli(*args, cwd=None):
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
+@pytest.mark.cluster  # starts a subprocess or Ray itself
 def test_cli_and_config_with_more_workers_than_cpus(tmp_path):
     """The README's config asks for workers = 4; on this 2-core machine it must run as written."""
     x, y = _data(300, seed=2)
@@ -100,6 +101,7 @@ def test_cli_and_config_with_more_workers_than_cpus(tmp_path):
     assert "going on with 2" in proc.stdout + proc.stderr and "computed" in proc.stdout
 
 
+@pytest.mark.cluster  # starts a subprocess or Ray itself
 def test_no_worker_can_be_placed_exits_2(tmp_path):
     np.save(tmp_path / "x.npy", _data(100)[0])
     store = tmp_path / "g.zarr"
@@ -112,6 +114,7 @@ def test_no_worker_can_be_placed_exits_2(tmp_path):
     assert "no worker could be placed" in out and "1 CPU" in out and "0 CPUs" in out, out
 
 
+@pytest.mark.cluster  # starts a subprocess or Ray itself
 def test_gpu_code_paths_on_fake_gpus(tmp_path):
     """One host per GPU, each with its own CUDA_VISIBLE_DEVICES and the memory/precision flags,
     serving gram, the distributed and matrix-free solvers and predict (the same two pids)."""

@@ -371,6 +371,7 @@ def _repo_files() -> list[str]:
     return [f for f in out.splitlines() if (REPO / f).is_file()]
 
 
+@pytest.mark.cluster  # starts a subprocess or Ray itself
 def test_no_credentials_in_the_repository():
     files = _repo_files()
     assert "deploy/aws-gpu.yaml" in files

@@ -51,6 +51,7 @@ def _record_writes(monkeypatch) -> list[str]:
     return made
 
 
+@pytest.mark.cluster  # starts a subprocess or Ray itself
 def test_no_probe_in_cwd_and_none_left_in_store(tmp_path, monkeypatch):
     cwd, store = tmp_path / "cwd", tmp_path / "store"
     cwd.mkdir()

@@ -74,6 +74,7 @@ def test_fit_config_with_a_spec_file(ray_local, images, capsys):
     assert relative_max_error(np.load(t / "out" / "predictions.npy"), ref) <= 1e-7
 
 
+@pytest.mark.cluster  # starts a subprocess or Ray itself
 def test_plan_measures_a_myrtle_tile(capsys, tmp_path):
     argv = ["plan", "--n", "50000", "--sample-shape", "32,32,3", "--kernel", "myrtle5",
             "--tile", "256", "--store-dir", str(tmp_path), "--json"]  # fmt: skip

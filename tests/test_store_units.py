@@ -157,6 +157,7 @@ def test_lock_acquire_refuse_release(tmp_path):
     second.release()
 
 
+@pytest.mark.cluster  # starts a subprocess or Ray itself
 def test_lock_held_by_a_dead_process_on_this_host_is_taken_over(tmp_path):
     fs, path = fsspec.filesystem("file"), str(tmp_path / "lock.json")
     pid = _dead_pid()
