@@ -333,8 +333,9 @@ class RidgeSelection:
 Folds = list[tuple[np.ndarray, np.ndarray]]
 
 
-def make_folds(n: int, cv: int | None = None, holdout: float | None = None, seed: int = 0,
-               splitter: Any = None, y: Any = None) -> Folds:  # fmt: skip
+def make_folds(n: int, cv: int | None = None, holdout: float | None = None,
+               seed: int = SolveOptions.seed, splitter: Any = None,
+               y: Any = None) -> Folds:  # fmt: skip
     """(train rows, validation rows) per fold: k shuffled folds, one held-out fraction, or a
     scikit-learn splitter's ``split(range(n), y)``."""
     if splitter is not None:

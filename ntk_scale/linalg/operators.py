@@ -11,6 +11,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from ntk_scale.kernels import FullyConnected, check_features
+from ntk_scale.plan import DEFAULT_TILE
 
 
 @runtime_checkable
@@ -67,7 +68,7 @@ class DenseOperator:
     memory is ``block`` x N float64 rather than a float64 copy of K.
     """
 
-    def __init__(self, K: Any, block: int = 2048) -> None:
+    def __init__(self, K: Any, block: int = DEFAULT_TILE) -> None:
         K = np.asarray(K)
         if K.ndim != 2 or K.shape[0] != K.shape[1]:
             raise ValueError(f"K must be a square (N, N) matrix, got shape {K.shape}")

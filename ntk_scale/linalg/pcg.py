@@ -20,6 +20,7 @@ import numpy as np
 
 from ntk_scale.linalg.operators import GramOperator
 from ntk_scale.linalg.preconditioners import PerGroup, Preconditioner, identity
+from ntk_scale.options import SolveOptions
 
 STATE_FIELDS = ("x", "r", "z", "p", "rz", "iteration", "active", "residuals")
 
@@ -84,7 +85,7 @@ def solve_pcg(
     Y: np.ndarray,
     lam: float | np.ndarray,
     preconditioner: Preconditioner | None = None,
-    tol: float = 1e-6,
+    tol: float = SolveOptions.tol,
     max_iter: int | None = None,
     x0: np.ndarray | None = None,
     callback: Callable[[PCGState], object] | None = None,

@@ -14,6 +14,7 @@ import numpy as np
 import scipy.linalg
 
 from ntk_scale.linalg.operators import GramOperator
+from ntk_scale.options import SolveOptions
 
 _EMPTY_INT = np.zeros(0, dtype=np.int64)
 #: A residual diagonal entry below this fraction of K's diagonal is rounding noise (~5000 eps).
@@ -198,8 +199,8 @@ def nystrom(
     rank: int,
     lam: float,
     pivots: Literal["uniform", "rpcholesky"] = "rpcholesky",
-    seed: int | np.random.Generator | None = 0,
-    block: int = 1,
+    seed: int | np.random.Generator | None = SolveOptions.seed,
+    block: int = SolveOptions.pivot_block,
     on_pivots: Callable[[int], None] | None = None,
 ) -> Nystrom:
     """Nyström preconditioner of K + λI from ``rank`` columns of K.
@@ -265,7 +266,7 @@ def _shifted_cholesky(W: np.ndarray) -> np.ndarray:
 
 
 def rpcholesky(
-    op: GramOperator, rank: int, rng: np.random.Generator, block: int = 1,
+    op: GramOperator, rank: int, rng: np.random.Generator, block: int = SolveOptions.pivot_block,
     on_pivots: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:  # fmt: skip
     """Randomly pivoted Cholesky: K ≈ F Fᵀ from ``rank`` pivot columns.
