@@ -24,7 +24,7 @@ import hashlib
 import json
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -181,10 +181,12 @@ def chunk_shape(spec: Layer, sample_shape: tuple[int, ...], kind: str, dtype: st
 
 
 # -- the traced maps of one segment ----------------------------------------------------------------
-# Covariances travel as one array: real for kind="nngp" (and before the first weighted layer),
-# complex nngp + i·ntk for kind="ntk". Every linear map then acts on both at once, and the
-# activations compute θ once for both outputs; XLA would otherwise split the two outputs into
-# two loops and evaluate the arc-cosine in each.
+# A chunk's tensors carry the pair distance D = E(z1 − z2)² in place of the covariance
+# K = (v1 + v2 − D)/2 (v1, v2 the per-position variances of each side, from the self pass):
+# every layer maps D without the cancellation that costs float32 its digits when inputs are far
+# from the origin or close together, and the activations take 1 − cos θ from D. They travel as
+# one array: real D for kind="nngp" (and before the first weighted layer), complex D + i·Θ for
+# kind="ntk", so every linear map acts on both at once and θ is evaluated once per entry.
 class Inputs(NamedTuple):
     """The input layer, not yet materialised: x1 (c1, H, W, C) / (c1, d), x2 likewise."""
 
@@ -199,14 +201,47 @@ class Op(NamedTuple):
     hw: tuple[int, int] | None
 
 
-def _input_cov(inp: Inputs, layout: str) -> jax.Array:
+#: Channels up to which the input distance of a full-layout tensor is summed from differences
+#: (exact) rather than from a centred product.
+_DIRECT_CHANNELS = 8
+
+
+def _input_variance(x: jax.Array, layout: str) -> jax.Array:
+    """Per-position input variances Σ_ch x² / C: (c, H, W), or (c,) for vectors."""
+    if layout == "dense":
+        return jnp.sum(x * x, axis=1) / x.shape[1]
+    return jnp.sum(x * x, axis=3) / x.shape[3]
+
+
+def _centred_distance(a: jax.Array, b: jax.Array, sub: str, k: int) -> jax.Array:
+    """Σ (a − b)² / k over the last axis from a product: |a|² + |b|² − 2 a·b, both sides centred
+    on the mean of ``a`` over its first axis (the distance does not change; the rounding then
+    scales with the spread of the chunk, not with the distance from the origin)."""
+    m = jnp.mean(a, axis=0, keepdims=True)
+    a, b = a - m, b - m
+    na, nb = jnp.sum(a * a, axis=-1), jnp.sum(b * b, axis=-1)
+    ab = jnp.einsum(sub, a, b, precision=_HIGHEST)
+    if sub == "ahwk,bhwk->abhw":
+        return jnp.maximum(na[:, None] + nb[None, :] - 2 * ab, 0.0) / k
+    return jnp.maximum(na[:, None] + nb[None, :] - 2 * ab, 0.0) / k  # dense (c1, c2)
+
+
+def _input_distance(inp: Inputs, layout: str) -> jax.Array:
     x1, x2 = inp.x1, inp.x2
     if layout == "dense":
-        return jnp.dot(x1, x2.T, precision=_HIGHEST) / x1.shape[1]
+        return _centred_distance(x1, x2, "ak,bk->ab", x1.shape[1])
     ch = x1.shape[3]
-    if layout == "full":
-        return jnp.einsum("ahwc,bgvc->ahwbgv", x1, x2, precision=_HIGHEST) / ch
-    return jnp.einsum("ahwc,bhwc->abhw", x1, x2, precision=_HIGHEST) / ch
+    if layout == "diag":
+        return _centred_distance(x1, x2, "ahwk,bhwk->abhw", ch)
+    if ch <= _DIRECT_CHANNELS:
+        diff = x1[:, :, :, None, None, None, :] - x2[None, None, None, :, :, :, :]
+        return jnp.sum(diff * diff, axis=-1) / ch
+    # One common centre for all positions: the mean pixel of the chunk's x1.
+    m = jnp.mean(x1, axis=(0, 1, 2), keepdims=True)
+    a, b = x1 - m, x2 - m
+    na, nb = jnp.sum(a * a, axis=-1), jnp.sum(b * b, axis=-1)
+    ab = jnp.einsum("ahwc,bgvc->ahwbgv", a, b, precision=_HIGHEST)
+    return jnp.maximum(spatial.outer_sum(na, nb, "full") - 2 * ab, 0.0) / ch
 
 
 def _patches(x: jax.Array, p: dict[str, Any]) -> jax.Array:
@@ -220,157 +255,226 @@ def _patches(x: jax.Array, p: dict[str, Any]) -> jax.Array:
     return x
 
 
-def _conv_input(inp: Inputs, p: dict[str, Any], layout: str) -> jax.Array:
-    """The first convolution on the raw input, before its weights: one matmul of patches."""
-    p1, p2 = _patches(inp.x1, p), _patches(inp.x2, p)
-    sub = "ahwk,bgvk->ahwbgv" if layout == "full" else "ahwk,bhwk->abhw"
-    return jnp.einsum(sub, p1, p2, precision=_HIGHEST) / p1.shape[-1]
-
-
-def _weights(z: jax.Array, p: dict[str, Any], ntk: bool) -> jax.Array:
-    """After the spatial map: nngp' = W²·nngp + b², ntk' = W²·ntk + nngp'."""
-    w_var, b_var = p["W_std"] ** 2, (p["b_std"] or 0.0) ** 2
-    nngp = w_var * jnp.real(z) + b_var
+def _weights(z: jax.Array, p: dict[str, Any], ntk: bool, v1: Any, v2: Any,
+             layout: str) -> jax.Array:  # fmt: skip
+    """After the spatial map: D' = W²·D (the bias cancels), Θ' = W²·Θ + K', where
+    K' = (v1' + v2' − D')/2 from the output variances v1', v2'."""
+    w_var = p["W_std"] ** 2
+    dist = w_var * jnp.real(z)
     if not ntk:
-        return nngp
-    theta = nngp if not jnp.iscomplexobj(z) else w_var * jnp.imag(z) + nngp
-    return jax.lax.complex(nngp, theta)
+        return dist
+    cov = (spatial.outer_sum(v1, v2, layout) - dist) * 0.5
+    theta = cov if not jnp.iscomplexobj(z) else w_var * jnp.imag(z) + cov
+    return jax.lax.complex(dist, theta)
 
 
-def _linear(z: Any, op: Op, layout: str, ntk: bool) -> jax.Array:
+def _weighted_variance(v: jax.Array, op: Op) -> jax.Array:
+    """A Conv's or Dense's map of per-position variances: W²·S(v) + b²."""
+    p = op.layer.p
+    if op.layer.name == "Conv":
+        v = spatial.conv_map(v, op.hw, p["filter_shape"], p["strides"], p["padding"])
+    return p["W_std"] ** 2 * v + (p["b_std"] or 0.0) ** 2
+
+
+def _next_variance(v: jax.Array, op: Op, rec: tuple) -> jax.Array:
+    """The self pass's variance map after a linear layer (rec: that layer's record)."""
     name, p = op.layer.name, op.layer.p
-    if isinstance(z, Inputs):
-        if name == "Conv":
-            return _weights(_conv_input(z, p, layout), p, ntk)
-        z = _input_cov(z, layout)
-    if name == "Conv":
-        z = spatial.conv(z, layout, op.hw, p["filter_shape"], p["strides"], p["padding"])[0]
-        return _weights(z, p, ntk)
-    if name == "Dense":
-        return _weights(z, p, ntk)
+    if name in ("Conv", "Dense"):
+        return _weighted_variance(v, op)
     if name == "AvgPool":
-        return spatial.avg_pool(z, op.hw, p["window_shape"], p["strides"], p["padding"],
-                                p["normalize_edges"])[0]  # fmt: skip
-    if op.hw is None or name == "Identity":  # a readout of a vector is the identity
-        return z
+        args = (op.hw, p["window_shape"], p["strides"], p["padding"], p["normalize_edges"])
+        sums = spatial.pool_map(jnp.ones((1, *op.hw), v.dtype), *args)
+        return sums * spatial.pool_map(v, *args) - rec[1]
+    if op.hw is None or name == "Identity":
+        return v
     if name == "GlobalAvgPool":
-        return spatial.global_mean(z)
-    return spatial.flatten(z, layout)
+        return jnp.mean(v, axis=(1, 2)) - rec[1]
+    return jnp.mean(v, axis=(1, 2))  # Flatten
+
+
+def _conv_first(inp: Inputs, p: dict[str, Any]) -> jax.Array:
+    """The first convolution on the raw input (diag layout), before its weights: the distance
+    of every pair of filter windows, from one centred matmul of patches."""
+    p1, p2 = _patches(inp.x1, p), _patches(inp.x2, p)
+    return _centred_distance(p1, p2, "ahwk,bhwk->abhw", p1.shape[-1])
+
+
+def _pool(z: jax.Array, op: Op, r1: tuple, r2: tuple | None) -> tuple[jax.Array, tuple]:
+    """AvgPool on D (+ iΘ) -> (z', record). With window weights w (sums s_P):
+    D'[P1, P2] = L(D12) − g1[P1] − g2[P2] + (s_P1 − s_P2)(w·v1[P1] − w·v2[P2]), where
+    g[P] = ½ L(D11)[P, P] is each image's own pooled distance at equal positions (the self pass
+    computes it, r2 None, and records it)."""
+    p = op.layer.p
+    args = (op.hw, p["window_shape"], p["strides"], p["padding"], p["normalize_edges"])
+    pooled = spatial.avg_pool(z, *args)[0]
+    if r2 is None:
+        g = 0.5 * spatial.same_position(jnp.real(pooled))[:, 0]
+        r1 = r2 = (r1[0], g)
+    corr = -spatial.outer_sum(r1[1], r2[1], "full")
+    if spatial.pool_weights_vary(*args):
+        sums = spatial.pool_map(jnp.ones((1, *op.hw), z.real.dtype), *args)
+        w1, w2 = spatial.pool_map(r1[0], *args), spatial.pool_map(r2[0], *args)
+        corr = corr + (spatial.outer_sum(sums, -sums, "full")
+                       * spatial.outer_sum(w1, -w2, "full"))  # fmt: skip
+    return pooled + corr, r1
+
+
+def _global_pool(z: jax.Array, r1: tuple, r2: tuple | None) -> tuple[jax.Array, tuple]:
+    """GlobalAvgPool on D (+ iΘ): the mean over all position pairs minus each image's
+    G = ½ mean(D11) (recorded by the self pass)."""
+    pooled = spatial.global_mean(z)
+    if r2 is None:
+        r1 = r2 = (r1[0], 0.5 * jnp.real(pooled)[:, 0])
+    return pooled - spatial.outer_sum(r1[1], r2[1], "dense"), r1
+
+
+def _linear(z: Any, op: Op, layout: str, ntk: bool, r1: tuple,
+            r2: tuple | None) -> tuple[jax.Array, tuple]:  # fmt: skip
+    """One linear layer on the carried array -> (z', the layer's record of side 1).
+
+    r1, r2: the layer's records of each side, (input variance map, ...); r2 None in the self
+    pass, which computes the rest of its own record."""
+    name, p = op.layer.name, op.layer.p
+    if name in ("Conv", "Dense"):
+        v1 = _weighted_variance(r1[0], op)
+        v2 = v1 if r2 is None else _weighted_variance(r2[0], op)
+    if isinstance(z, Inputs):
+        if name == "Conv" and layout == "diag":
+            return _weights(_conv_first(z, p), p, ntk, v1, v2, layout), r1
+        z = _input_distance(z, layout)
+    if name == "Conv":
+        args = (op.hw, p["filter_shape"], p["strides"], p["padding"])
+        z = spatial.conv(z, layout, *args)[0]
+        if layout == "full":
+            edges = spatial.conv_edges(r1[0], (r1 if r2 is None else r2)[0], *args)
+            z = z if edges is None else z + edges
+        return _weights(z, p, ntk, v1, v2, layout), r1
+    if name == "Dense":
+        return _weights(z, p, ntk, v1, v2, layout if op.hw is not None else "dense"), r1
+    if name == "AvgPool":
+        return _pool(z, op, r1, r2)
+    if op.hw is None or name == "Identity":  # a readout of a vector is the identity
+        return z, r1
+    if name == "GlobalAvgPool":
+        return _global_pool(z, r1, r2)
+    return spatial.flatten(z, layout), r1
+
+
+def _act_args(layer: Layer) -> tuple[str, tuple[float, ...]]:
+    name, p = layer.name, layer.p
+    if name == "Erf":
+        return "Erf", (p["a"], p["b"], p["c"])
+    if name == "LeakyRelu":
+        return "ABRelu", (p["alpha"], 1.0)
+    return "ABRelu", {"Relu": (0.0, 1.0), "Abs": (-1.0, 1.0)}.get(name, (p.get("a"), p.get("b")))
 
 
 def _activate(z: jax.Array, layer: Layer, v1: jax.Array, v2: jax.Array, layout: str):
-    name, p = layer.name, layer.p
-    nngp = jnp.real(z)
-    ntk = jnp.imag(z) if jnp.iscomplexobj(z) else None
-    if name == "Erf":
-        b2, a2 = p["b"] ** 2, p["a"] ** 2
-        prod = spatial.outer(1 + 2 * b2 * v1, 1 + 2 * b2 * v2, layout)
-        s, sdot = spatial.erf(b2 * nngp, prod)
-        s, sdot = a2 * s + p["c"] ** 2, a2 * b2 * sdot
-    else:
-        a, b = {"Relu": (0.0, 1.0), "Abs": (-1.0, 1.0)}.get(name, (p.get("a"), p.get("b")))
-        if name == "LeakyRelu":
-            a, b = p["alpha"], 1.0
-        s, sdot = spatial.abrelu(nngp, v1, v2, layout, a, b)
-    return s if ntk is None else jax.lax.complex(s, ntk * sdot)
+    kind, args = _act_args(layer)
+    fn = spatial.erf_dist if kind == "Erf" else spatial.abrelu_dist
+    dist, sdot = fn(jnp.real(z), v1, v2, layout, *args)
+    return dist if not jnp.iscomplexobj(z) else jax.lax.complex(dist, jnp.imag(z) * sdot)
+
+
+def _act_variance(v: jax.Array, layer: Layer) -> jax.Array:
+    kind, args = _act_args(layer)
+    if kind == "Erf":
+        return spatial.erf_variance(v, *args)
+    a, b = args
+    return (a * a + b * b) / 2 * v
 
 
 @functools.lru_cache(maxsize=512)
 def _segment(ops: tuple[Op, ...], act: Layer | None, layout: str, kind: str, self_pass: str):
     """One compiled segment: the pending linear layers, then (optionally) an activation.
 
-    self_pass "": the cross pass, f(base, v1, v2) -> z. "batched" (vmapped over images) or
-    "single" (one image per call, for large covariance tensors): f(base) -> (z, v), v the
-    variance map the activation used. base: Inputs or the covariance array."""
+    self_pass "": the cross pass, f(base, rec1, rec2) -> z, rec the segment's records of each
+    side. "batched" (vmapped over images) or "single" (one image per call): f(base, v) ->
+    (z, v', rec), v the variance map at the segment's start (None on the input layer).
+    base: Inputs or the carried array. A record holds one tuple per linear layer, then
+    (the variance map at the segment's end,)."""
     ntk = kind == "ntk"
 
-    def run(base):
+    def finish(z):
+        return _input_distance(z, layout) if isinstance(z, Inputs) else z
+
+    def cross(base, rec1, rec2):
         z = base
+        for op, r1, r2 in zip(ops, rec1, rec2, strict=False):
+            z = _linear(z, op, layout, ntk, r1, r2)[0]
+        z = finish(z)
+        if act is None:
+            return z
+        return _activate(z, act, rec1[-1][0], rec2[-1][0], layout)
+
+    if not self_pass:
+        return jax.jit(cross)
+
+    def one(base, v):
+        if v is None:
+            v = _input_variance(base.x1, layout)
+        z, recs = base, []
         for op in ops:
-            z = _linear(z, op, layout, ntk)
-        if isinstance(z, Inputs):
-            z = _input_cov(z, layout)
-        return z
+            z, rec = _linear(z, op, layout, ntk, (v,), None)
+            recs.append(rec)
+            v = _next_variance(v, op, rec)
+        z = finish(z)
+        recs.append((v,))
+        if act is not None:
+            z = _activate(z, act, v, v, layout)
+            v = _act_variance(v, act)
+        return z, v, tuple(recs)
 
-    if self_pass:
+    if self_pass == "single":
+        return jax.jit(one)
 
-        def one(base):
-            z = run(base)
-            if act is None:
-                return z
-            v = spatial.self_variance(jnp.real(z), layout)
-            return _activate(z, act, v, v, layout), v
+    def batched(base, v):
+        if isinstance(base, Inputs):
+            base = Inputs(base.x1[:, None], base.x2[:, None])
+        else:
+            base = base[:, None]
+        if v is None:
+            out = jax.vmap(lambda b: one(b, None))(base)
+        else:
+            out = jax.vmap(one)(base, v[:, None])
+        return jax.tree_util.tree_map(lambda a: a[:, 0], out)
 
-        if self_pass == "single":
-            return _self_full(ops, act, kind, jax.jit(run))
-
-        def batched(base):
-            if isinstance(base, Inputs):
-                base = Inputs(base.x1[:, None], base.x2[:, None])
-            else:
-                base = base[:, None]
-            out = jax.vmap(one)(base)
-            return jax.tree_util.tree_map(lambda a: a[:, 0], out)
-
-        return jax.jit(batched)
-
-    def cross(base, v1, v2):
-        z = run(base)
-        return z if act is None else _activate(z, act, v1, v2, layout)
-
-    return jax.jit(cross)
-
-
-def _self_full(ops: tuple[Op, ...], act: Layer | None, kind: str, run: Callable) -> Callable:
-    """The self pass of a full-layout segment, one image per call (vmap made these loops 2x
-    slower). The variance map is a call of its own: XLA then evaluates the linear maps at the
-    same-position entries only, and the activation is the cross pass's own compiled loop,
-    without the pre-activation tensor written out for a diagonal gather."""
-    if act is None:
-        return run
-    cross = _segment(ops, act, "full", kind, "")
-    variance = jax.jit(lambda base: spatial.self_variance(jnp.real(run(base)), "full"))
-
-    def one(base):
-        v = variance(base)
-        return cross(base, v, v), v
-
-    return one
+    return jax.jit(batched)
 
 
 # -- the interpreter: the layer tree walked in Python, one compiled segment per activation -----
 class State(NamedTuple):
-    """base: Inputs or a materialised covariance array; pending: linear layers not yet run."""
+    """base: Inputs or a materialised array; pending: linear layers not yet run; v: the self
+    pass's variance map at base (None in the cross pass, and on the input layer)."""
 
     base: Any
     pending: tuple[Op, ...]
     hw: tuple[int, int] | None
+    v: Any = None
 
 
 class Context:
-    """Self pass (``stats`` None): records each activation's variance map. Cross pass: reads
-    the recorded maps of both sides in the same (pre-order) sequence."""
+    """Self pass (``stats`` None): records each segment's maps. Cross pass: reads the recorded
+    maps of both sides in the same (pre-order) sequence."""
 
-    def __init__(self, layout: str, kind: str, stats: tuple[tuple, tuple] | None = None,
+    def __init__(self, layout: str, kind: str, stats: tuple[list, list] | None = None,
                  self_mode: str = "batched") -> None:  # fmt: skip
         self.layout, self.kind, self.self_mode = layout, kind, self_mode
         self.stats = None if stats is None else (iter(stats[0]), iter(stats[1]))
-        self.record: list[jax.Array] = []
+        self.record: list[tuple] = []
+        self.last: tuple = ()
 
-    def run(self, state: State, act: Layer | None) -> jax.Array:
+    def run(self, state: State, act: Layer | None) -> tuple[jax.Array, Any]:
         mode = self.self_mode if self.stats is None else ""
         fn = _segment(state.pending, act, self.layout, self.kind, mode)
         if self.stats is None:
-            out = fn(state.base)
-            if act is None:
-                return out
-            z, v = out
-            self.record.append(v)
-            return z
-        v1 = v2 = None
-        if act is not None:
-            v1, v2 = next(self.stats[0]), next(self.stats[1])
-        return fn(state.base, v1, v2)
+            z, v, rec = fn(state.base, state.v)
+            self.record.append(rec)
+            self.last = (rec, rec)
+            return z, v
+        rec1, rec2 = next(self.stats[0]), next(self.stats[1])
+        self.last = (rec1, rec2)
+        return fn(state.base, rec1, rec2), None
 
 
 def _out_hw(layer: Layer, hw: tuple[int, int] | None) -> tuple[int, int] | None:
@@ -385,7 +489,7 @@ def _out_hw(layer: Layer, hw: tuple[int, int] | None) -> tuple[int, int] | None:
 
 
 def _apply(layer: Layer, x: Any, ctx: Context) -> Any:
-    name, p = layer.name, layer.p
+    name = layer.name
     if name == "serial":
         for child in layer.layers:
             x = _apply(child, x, ctx)
@@ -393,30 +497,42 @@ def _apply(layer: Layer, x: Any, ctx: Context) -> Any:
     if name == "parallel":
         return tuple(_apply(c, xi, ctx) for c, xi in zip(layer.layers, x, strict=True))
     if name == "FanOut":
-        return (x,) * p["num"]
+        return (x,) * layer.p["num"]
     if name == "FanInSum":
-        zs = [ctx.run(xi, None) for xi in x]
-        return State(functools.reduce(jnp.add, zs), (), x[0].hw)
+        outs = [ctx.run(xi, None) for xi in x]
+        v = None if outs[0][1] is None else functools.reduce(jnp.add, [o[1] for o in outs])
+        return State(functools.reduce(jnp.add, [o[0] for o in outs]), (), x[0].hw, v)
     if name in _ACTIVATIONS:
-        return State(ctx.run(x, layer), (), x.hw)
-    return State(x.base, x.pending + (Op(layer, x.hw),), _out_hw(layer, x.hw))
+        return _activated(x, layer, ctx)
+    return State(x.base, x.pending + (Op(layer, x.hw),), _out_hw(layer, x.hw), x.v)
 
 
-def _result(z: jax.Array, kind: str) -> jax.Array:
-    if kind == "nngp":
-        return jnp.real(z)
-    return jnp.imag(z) if jnp.iscomplexobj(z) else jnp.zeros_like(z)
+def _activated(x: State, layer: Layer, ctx: Context) -> State:
+    z, v = ctx.run(x, layer)
+    return State(z, (), x.hw, v)
+
+
+def _result(z: jax.Array, kind: str, ends: tuple) -> jax.Array:
+    """The kernel from the last segment's output: Θ, or K = (v1 + v2 − D)/2 from the final
+    variances of each side (ends: the last records of both sides)."""
+    if kind == "ntk":
+        return jnp.imag(z) if jnp.iscomplexobj(z) else jnp.zeros_like(z)
+    v1, v2 = ends[0][-1][0], ends[1][-1][0]
+    return (spatial.outer_sum(v1, v2, "dense") - jnp.real(z)) * 0.5
 
 
 def run_network(spec: Layer, layout: str, kind: str, base: Inputs, hw: Any,
-                stats: tuple[tuple, tuple] | None = None, self_mode: str = "batched",
+                stats: tuple[list, list] | None = None, self_mode: str = "batched",
                 ) -> tuple[jax.Array, list]:  # fmt: skip
-    """The network on ``base``: the cross pass when ``stats`` is given, else the self pass
-    (base: one image with itself for the full layout, else a stack of images, each paired with
-    itself). Returns (the kernel values, the recorded variance maps)."""
+    """The network on ``base``: the cross pass when ``stats`` (each side's list of segment
+    records) is given, else the self pass (base: a stack of images, each paired with itself;
+    one image for ``self_mode`` "single"). Returns (the kernel values, the records)."""
     ctx = Context(layout, kind, stats, self_mode)
     out = _apply(spec, State(base, (), hw), ctx)
-    return _result(ctx.run(out, None), kind), ctx.record
+    z = ctx.run(out, None)[0]
+    if stats is None and kind == "nngp":
+        return ctx.last[0][-1][0], ctx.record  # the self pass's final variance: K(x, x)
+    return _result(z, kind, ctx.last), ctx.record
 
 
 class Compiled:
@@ -469,16 +585,27 @@ class Compiled:
         return tuple(stats or ()), diag
 
     def _self_chunk(self, part: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Images (c, *S) each paired with itself -> (K(x_i, x_i) (c,), variance maps)."""
+        """Images (c, *S) each paired with itself -> (K(x_i, x_i) (c,), the records' leaves,
+        each (c, ...); their structure is kept in ``self._treedef``)."""
         run = functools.partial(run_network, self.spec, self.a.layout, self.kind, hw=self.hw)
         if self.a.entries < _SINGLE_SELF_ENTRIES:
-            d, vs = run(Inputs(part, part))
-            return np.asarray(d).reshape(len(part)), vs
+            d, recs = run(Inputs(part, part))
+            leaves, self._treedef = jax.tree_util.tree_flatten(recs)
+            return np.asarray(d).reshape(len(part)), leaves
         run = functools.partial(run, self_mode="single")
         outs = [run(Inputs(part[k : k + 1], part[k : k + 1])) for k in range(len(part))]
         d = np.array([float(np.asarray(o[0]).reshape(())) for o in outs])
-        vs = [np.concatenate([np.asarray(o[1][k]) for o in outs]) for k in range(len(outs[0][1]))]
+        flat = [jax.tree_util.tree_flatten(o[1]) for o in outs]
+        self._treedef = flat[0][1]
+        vs = [np.concatenate([np.asarray(f[0][k]) for f in flat]) for k in range(len(flat[0][0]))]
         return d, vs
+
+    def _records(self, leaves: tuple[np.ndarray, ...], r0: int, rows: int) -> list:
+        """Rows r0 : r0 + rows of the self pass's leaves, padded, as the segment records."""
+        if not hasattr(self, "_treedef"):  # leaves made by another process: learn the shape
+            self._self_chunk(np.ones((1, *self.a.sample_shape), dtype=self.dtype))
+        part = [jnp.asarray(_pad_rows(s[r0 : r0 + rows], rows)) for s in leaves]
+        return jax.tree_util.tree_unflatten(self._treedef, part)
 
     def self_stats(self, x: Any) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
         """The self pass of x (n, *S) with the tile's chunking: pass it to :meth:`tile` to reuse
@@ -510,8 +637,7 @@ class Compiled:
                 for k0 in range(0, n2, c2):
                     if x2 is None and k0 + c2 <= r0:
                         continue
-                    stats = (tuple(_pad_rows(s[r0 : r0 + c1], c1) for s in s1),
-                             tuple(_pad_rows(s[k0 : k0 + c2], c2) for s in s2))  # fmt: skip
+                    stats = (self._records(s1, r0, c1), self._records(s2, k0, c2))
                     base = Inputs(_pad_rows(a[r0 : r0 + c1], c1), _pad_rows(b[k0 : k0 + c2], c2))
                     blk = run_network(self.spec, self.a.layout, self.kind, base, self.hw,
                                       stats)[0]  # fmt: skip
@@ -608,8 +734,8 @@ class Network:
         """x as (n, *sample_shape): accepts (n, d) rows or (n, *sample_shape) samples."""
         arr = np.asarray(x)
         if arr.ndim == 2 and arr.shape[1] == self.d:
-            return arr.reshape((arr.shape[0], *self.sample_shape))
-        return _samples(arr, name, self.sample_shape)
+            arr = arr.reshape((arr.shape[0], *self.sample_shape))
+        return _samples(arr, name, self.sample_shape)  # validated: real, finite, this shape
 
     def kernel(self, x1: Any, x2: Any = None, kind: str = "ntk", dtype: str = "float32"):
         a = self.rows(x1, "x1")
@@ -618,6 +744,60 @@ class Network:
 
     def diag(self, x: Any, kind: str = "ntk", dtype: str = "float32") -> np.ndarray:
         return self.compiled(kind, dtype).diag(self.rows(x)).astype(dtype)
+
+    # -- the kernel protocol (ntk_scale.kernels.protocol.Kernel) ------------------------------
+    @property
+    def fixed_shape(self) -> bool:
+        """False: tiles are computed in chunks of pairs, and a padding row costs a real one."""
+        return False
+
+    def check_input(self, sample_shape: tuple[int, ...], name: str = "x") -> None:
+        shape = tuple(int(v) for v in sample_shape)
+        if shape != self.sample_shape and shape != (self.d,):
+            feats = f"{shape[0]} features per row" if len(shape) == 1 else f"samples of {shape}"
+            raise ValueError(
+                f"{name} has {feats}; the kernel takes samples of shape {self.sample_shape} = "
+                f"{self.d} features: pass {name}.reshape(n, -1) or (n, *{self.sample_shape})"
+            )
+
+    def pad_block(self, x: np.ndarray, rows: int) -> np.ndarray:
+        return x
+
+    def tile_function(self, kind: str = "ntk", dtype: str = "float32", symmetric: bool = False):
+        compiled = self.compiled(kind, dtype)
+        if symmetric:
+            return lambda x1, x2: compiled.tile(self.rows(x1)).astype(dtype)
+        return lambda x1, x2: compiled.tile(self.rows(x1), self.rows(x2)).astype(dtype)
+
+    def diag_function(self, kind: str = "ntk", dtype: str = "float32"):
+        compiled = self.compiled(kind, dtype)
+        return lambda x: compiled.diag(self.rows(x)).astype(dtype)
+
+    def panel_function(self, kind: str = "ntk", dtype: str = "float32", n_rows: int | None = None):
+        from ntk_scale.kernels.products import network_panel_function
+
+        return network_panel_function(self, kind, dtype, n_rows)
+
+    def self_stats(self, x: Any, kind: str = "ntk", dtype: str = "float32") -> Any:
+        return self.compiled(kind, dtype).self_stats(self.rows(x))
+
+    def tile_chunk(self, kind: str, dtype: str, n1: int, n2: int) -> tuple[int, int]:
+        return chunk_shape(self.layer, self.sample_shape, kind, dtype, n1, n2)
+
+    def cost(self, d: int, kind: str, dtype: str, t: int) -> Any:
+        """Pairs in chunks within the kernel memory budget (:data:`DEFAULT_KERNEL_MEMORY`)."""
+        from ntk_scale.kernels.protocol import KernelCost
+
+        c1, c2 = self.tile_chunk(kind, dtype, t, t)
+        memory = c1 * c2 * pair_bytes(self.layer, self.sample_shape, kind, dtype)
+        item = np.dtype(dtype).itemsize
+        flops = pair_flops(self.layer, self.sample_shape)
+        return KernelCost(flops, memory + 3 * t * d * item, (c1, c2))
+
+    def tile_seconds(self, kind: str, dtype: str, x1: Any, x2: Any) -> tuple[float, float]:
+        from ntk_scale.kernels.timing import chunked_tile_seconds
+
+        return chunked_tile_seconds(self, kind, dtype, x1, x2)
 
 
 @functools.lru_cache(maxsize=32)

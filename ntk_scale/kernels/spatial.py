@@ -26,11 +26,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-_SNAP_F32 = 8 * float(jnp.finfo(jnp.float32).eps)
-
 # Axes of the two positions of each spatial dimension, per layout: ((h1, h2), (w1, w2)).
 FULL_AXES = ((1, 4), (2, 5))
 DIAG_AXES = ((2,), (3,))
+_MAP_AXES = ((1,), (2,))  # a per-position map (c, H, W)
 
 
 class Padded(NamedTuple):
@@ -87,18 +86,28 @@ def conv(t: jax.Array, layout: str, hw: tuple[int, int], filt: tuple[int, int],
     (the map, the output positions)."""
     axes = FULL_AXES if layout == "full" else DIAG_AXES
     ps = [pads(n, f, s, padding) for n, f, s in zip(hw, filt, strides, strict=True)]
+    acc = tap_sum(pad_layout(t, axes, ps), axes, filt, strides, ps)
+    return acc / (filt[0] * filt[1]), (ps[0].out, ps[1].out)
+
+
+def pad_layout(t: jax.Array, axes: tuple, ps: list[Padded]) -> jax.Array:
+    """t padded on every position axis of ``axes`` (zeros, or periodically for CIRCULAR)."""
     widths = [(0, 0)] * t.ndim
     for dim_axes, p in zip(axes, ps, strict=True):
         for ax in dim_axes:
             widths[ax] = (p.lo, p.hi)
     if ps[0].wrap:
-        tp = jnp.pad(t, widths, mode="wrap")
-    else:
-        tp = jax.lax.pad(t, jnp.zeros((), t.dtype), [(lo, hi, 0) for lo, hi in widths])
+        return jnp.pad(t, widths, mode="wrap")
+    return jax.lax.pad(t, jnp.zeros((), t.dtype), [(lo, hi, 0) for lo, hi in widths])
+
+
+def tap_sum(tp: jax.Array, axes: tuple, filt: tuple[int, int], strides: tuple[int, int],
+            ps: list[Padded]) -> jax.Array:  # fmt: skip
+    """Σ over the filter's taps of the padded tensor, both positions of a pair moved together."""
     acc = None
     for a in range(filt[0]):
         for b in range(filt[1]):
-            start, limit, step = [0] * t.ndim, list(tp.shape), [1] * t.ndim
+            start, limit, step = [0] * tp.ndim, list(tp.shape), [1] * tp.ndim
             for dim, k in enumerate((a, b)):
                 for ax in axes[dim]:
                     start[ax] = k
@@ -106,7 +115,54 @@ def conv(t: jax.Array, layout: str, hw: tuple[int, int], filt: tuple[int, int],
                     step[ax] = strides[dim]
             tap = jax.lax.slice(tp, start, limit, step)
             acc = tap if acc is None else acc + tap
-    return acc / (filt[0] * filt[1]), (ps[0].out, ps[1].out)
+    return acc
+
+
+def conv_edges(v1: jax.Array, v2: jax.Array, hw: tuple[int, int], filt: tuple[int, int],
+               strides: tuple[int, int], padding: str) -> jax.Array | None:  # fmt: skip
+    """The pair distance's edge terms of a SAME convolution (full layout), or None.
+
+    With zero padding, z(p) = 0 outside the image, so the padded distance tensor holds v1[p1]
+    where only p1 is inside, v2[p2] where only p2 is, and 0 where both are outside:
+    Σ_taps of those entries / (fh·fw), as (c1, Ho, Wo, 1, Ho, Wo) + (1, Ho, Wo, c2, Ho, Wo)."""
+    ps = [pads(n, f, s, padding) for n, f, s in zip(hw, filt, strides, strict=True)]
+    if ps[0].wrap or all(p.lo == 0 and p.hi == 0 for p in ps):
+        return None
+    k = filt[0] * filt[1]
+    inside = pad_layout(jnp.ones((1,) + tuple(hw), v1.dtype), _MAP_AXES, ps)[0]
+    out = 1.0 - inside
+    v1p, v2p = pad_layout(v1, _MAP_AXES, ps), pad_layout(v2, _MAP_AXES, ps)
+    t1 = v1p[:, :, :, None, None, None] * out[None, None, None, None, :, :]
+    t2 = out[None, :, :, None, None, None] * v2p[None, None, None, :, :, :]
+    e1 = tap_sum(t1, FULL_AXES, filt, strides, ps) / k
+    e2 = tap_sum(t2, FULL_AXES, filt, strides, ps) / k
+    return e1 + e2
+
+
+def conv_map(v: jax.Array, hw: tuple[int, int], filt: tuple[int, int],
+             strides: tuple[int, int], padding: str) -> jax.Array:  # fmt: skip
+    """A convolution's map of per-position variances v (c, H, W) -> (c, Ho, Wo), divided by
+    the filter size (the same-position entries of :func:`conv`)."""
+    return conv(v[:, None], "diag", hw, filt, strides, padding)[0][:, 0]
+
+
+def pool_map(v: jax.Array, hw: tuple[int, int], window: tuple[int, int],
+             strides: tuple[int, int], padding: str,
+             normalize_edges: bool) -> jax.Array:  # fmt: skip
+    """Σ_i w_i v[p_i] over each window of one image's map v (c, H, W) -> (c, Ho, Wo)."""
+    for dim, ax in enumerate((1, 2)):
+        v = pool_axis(v, ax, hw[dim], window[dim], strides[dim], padding, normalize_edges)[0]
+    return v
+
+
+def pool_weights_vary(hw: tuple[int, int], window: tuple[int, int], strides: tuple[int, int],
+                      padding: str, normalize_edges: bool) -> bool:  # fmt: skip
+    """Whether the window weights' sums s_P differ between output positions (SAME zero padding
+    without ``normalize_edges``)."""
+    if padding != "SAME" or normalize_edges:
+        return False
+    return any(pads(n, f, s, padding)[:2] != (0, 0)
+               for n, f, s in zip(hw, window, strides, strict=True))  # fmt: skip
 
 
 def avg_pool(t: jax.Array, hw: tuple[int, int], window: tuple[int, int],
@@ -174,14 +230,6 @@ def outer(v1: jax.Array, v2: jax.Array, layout: str) -> jax.Array:
     return v1[:, None] * v2[None, :]  # diag (c1, c2, H, W) and dense (c1, c2)
 
 
-def self_variance(t: jax.Array, layout: str) -> jax.Array:
-    """The variance map of a self-covariance (one image paired with itself): (1, *S) -> (1, *S)
-    per-position variances, taken from the tensor's same-position entries."""
-    if layout == "full":
-        return same_position(t)[:, 0]
-    return t[:, 0]
-
-
 # -- activations ----------------------------------------------------------------------------------
 # asin(x) / x as a polynomial in t = 4x² - 1 for x in [0, 1/√2] (chebinterpolate, then
 # cheb2poly; analytic for |t| < 3, so the monomial form is well conditioned). Max error of
@@ -213,52 +261,83 @@ def estrin(coeffs: tuple[float, ...], t: jax.Array) -> jax.Array:
     return terms[0]
 
 
-def _pair_views(c: jax.Array, v1: jax.Array, v2: jax.Array, layout: str):
-    """(c as a matrix or its own shape, v1·v2 and 1/√(v1·v2) broadcast to it).
-
-    The full layout (c1, H, W, c2, H, W) is viewed as the matrix (c1·H·W, c2·H·W), a free
-    reshape: elementwise loops over a 2-D outer product run about twice as fast as over the
-    6-D broadcast."""
-    r1 = jnp.where(v1 > 0, jax.lax.rsqrt(jnp.where(v1 > 0, v1, 1.0)), 0.0)
-    r2 = jnp.where(v2 > 0, jax.lax.rsqrt(jnp.where(v2 > 0, v2, 1.0)), 0.0)
+# -- activations on pair distances ------------------------------------------------------------
+# The tensors carry D = E(z1 - z2)² (and Θ), not the covariance: 1 - cos θ comes from D without
+# the cancellation of v1·v2 - c², which costs θ half its digits when cos θ ≈ 1.
+def outer_sum(v1: jax.Array, v2: jax.Array, layout: str) -> jax.Array:
+    """v1 (c1, *S), v2 (c2, *S) -> v1 + v2 broadcast to the layout's tensor shape."""
     if layout == "full":
-        m = c.reshape(v1.size, v2.size)
-        v1, v2, r1, r2 = v1.reshape(-1), v2.reshape(-1), r1.reshape(-1), r2.reshape(-1)
-        return m, v1[:, None] * v2[None, :], r1[:, None] * r2[None, :]
-    return c, outer(v1, v2, layout), outer(r1, r2, layout)
+        return v1[:, :, :, None, None, None] + v2[None, None, None, :, :, :]
+    return v1[:, None] + v2[None, :]
 
 
-def abrelu(c: jax.Array, v1: jax.Array, v2: jax.Array, layout: str, a: float, b: float):
-    """Neural Tangents' ABRelu(a, b) on covariances c (layout) with variances v1, v2 -> (s, ṡ).
+def _angles(dist: jax.Array, v1: jax.Array, v2: jax.Array, layout: str):
+    """(D as a matrix or its own shape, √(v1 v2), (√v1 − √v2)², δ = 1 − cos θ, θ).
 
-    θ = arccos(y), y = |c| / √(v1 v2), from one polynomial: θ = asin(w) for y ≥ 1/√2, where
-    w = √(v1 v2 − c²) / √(v1 v2) = sin θ, else π/2 − asin(y). θ is exactly 0 where
-    c² = v1 v2 (a position paired with itself), as with Neural Tangents' atan2, and only the
-    one square root that s needs anyway is taken per entry. float32 treats v1 v2 − c² below its
-    rounding (8 ulp of v1 v2) as 0."""
-    shape = c.shape
-    m, prod, rr = _pair_views(c, v1, v2, layout)
-    d = jnp.maximum(prod - m * m, 0.0)
-    if m.dtype == jnp.float32:
-        d = jnp.where(d <= _SNAP_F32 * prod, 0.0, d)
-    root = jnp.sqrt(d)
-    y, w = jnp.abs(m) * rr, root * rr
-    u = jnp.minimum(y, w)
-    asin_u = u * estrin(_ASIN_F32 if m.dtype == jnp.float32 else _ASIN_F64, 4.0 * u * u - 1.0)
-    half = jnp.where(y >= w, asin_u, math.pi / 2 - asin_u)  # arccos(|cos θ|)
-    # The caller keeps this in one compiled segment that ends here and carries (s, ṡ·ntk) as
-    # one complex array, so θ is evaluated once per entry (an optimization_barrier does not
-    # survive XLA's CPU pipeline).
-    theta = jnp.where(m >= 0, half, math.pi - half)
-    f = (a - b) ** 2 / (2 * math.pi)
+    δ = (D − (√v1 − √v2)²) / (2√(v1 v2)), and θ = 2·asin(√(δ/2)) (or π − 2·asin(√(1 − δ/2))
+    for δ > 1) from the one polynomial on [0, 1/√2]: θ keeps its relative accuracy as θ → 0."""
+    r1, r2 = jnp.sqrt(v1), jnp.sqrt(v2)
+    q1 = jnp.where(v1 > 0, 1.0 / jnp.where(v1 > 0, r1, 1.0), 0.0)
+    q2 = jnp.where(v2 > 0, 1.0 / jnp.where(v2 > 0, r2, 1.0), 0.0)
+    if layout == "full":
+        m = dist.reshape(v1.size, v2.size)
+        r1, r2, q1, q2 = (a.reshape(-1) for a in (r1, r2, q1, q2))
+        rr, gap, inv = (
+            r1[:, None] * r2[None, :],
+            r1[:, None] - r2[None, :],
+            q1[:, None] * q2[None, :],
+        )
+    else:
+        m, rr, inv = dist, outer(r1, r2, layout), outer(q1, q2, layout)
+        gap = (r1[:, None] - r2[None, :]) if layout != "full" else None
+    gap2 = gap * gap
+    delta = jnp.clip((m - gap2) * inv * 0.5, 0.0, 2.0)
+    h = 0.5 * jnp.minimum(delta, 2.0 - delta)
+    u = jnp.sqrt(h)
+    asin_u = u * estrin(_ASIN_F32 if m.dtype == jnp.float32 else _ASIN_F64, 4.0 * h - 1.0)
+    theta = jnp.where(delta <= 1.0, 2.0 * asin_u, math.pi - 2.0 * asin_u)
+    return m, rr, gap2, delta, theta
+
+
+def abrelu_dist(dist: jax.Array, v1: jax.Array, v2: jax.Array, layout: str, a: float,
+                b: float) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    """ABRelu(a, b) on pair distances -> (D after the activation, ṡ).
+
+    With δ = 1 − cos θ: √(s11 s22) − s12 = √(v1 v2)·[ab·δ + (b−a)²/(2π)·((π−θ)δ + θ − sin θ)]
+    (both terms ≥ 0), and D' = (a²+b²)/2·(√v1 − √v2)² + 2(√(s11 s22) − s12)."""
+    shape = dist.shape
+    m, rr, gap2, delta, theta = _angles(dist, v1, v2, layout)
+    sin = jnp.sqrt(delta * (2.0 - delta))
+    f = (b - a) ** 2 / (2 * math.pi)
+    excess = a * b * delta + f * ((math.pi - theta) * delta + jnp.maximum(theta - sin, 0.0))
+    out = (a * a + b * b) / 2 * gap2 + 2.0 * rr * excess
     sdot = (a * a + b * b) / 2 - f * theta
-    return (f * root + sdot * m).reshape(shape), sdot.reshape(shape)
+    return jnp.maximum(out, 0.0).reshape(shape), sdot.reshape(shape)
 
 
-def erf(c: jax.Array, prod: jax.Array):
-    """Neural Tangents' Erf(a, b, c) = a·erf(b·x) + c before its output scaling: c scaled by b²
-    and prod = (1 + 2b²v1)(1 + 2b²v2) -> (s, ṡ); the caller applies a² (and c²)."""
-    root = jnp.sqrt(jnp.maximum(prod - 4 * c * c, 0.0))
-    s = (2 / math.pi) * jnp.arctan2(2 * c, root)
-    sdot = (4 / math.pi) / jnp.where(root > 0, root, jnp.finfo(c.dtype).tiny)
-    return s, sdot
+def erf_dist(dist: jax.Array, v1: jax.Array, v2: jax.Array, layout: str, a: float, b: float,
+             c: float) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    """Erf(a, b, c) = a·erf(b·x) + c on pair distances -> (D after the activation, ṡ).
+
+    (1 + 2b²v1)(1 + 2b²v2) − 4b⁴c12² = 1 + 2b²(v1 + v2) + 4b⁴v1v2·δ(2 − δ) without
+    cancellation; D' = s11 + s22 − 2 s12 (c cancels)."""
+    shape = dist.shape
+    m, rr, gap2, delta, _ = _angles(dist, v1, v2, layout)
+    b2 = b * b
+    if layout == "full":
+        w1, w2 = v1.reshape(-1)[:, None], v2.reshape(-1)[None, :]
+    else:
+        w1, w2 = v1[:, None], v2[None, :]
+    cov = (w1 + w2 - m) * 0.5
+    root = jnp.sqrt(1.0 + 2 * b2 * (w1 + w2) + 4 * b2 * b2 * rr * rr * delta * (2.0 - delta))
+    s12 = jnp.arctan2(2 * b2 * cov, root)
+    s1 = jnp.arcsin(2 * b2 * w1 / (1 + 2 * b2 * w1))
+    s2 = jnp.arcsin(2 * b2 * w2 / (1 + 2 * b2 * w2))
+    out = a * a * (2 / math.pi) * (s1 + s2 - 2 * s12)
+    sdot = a * a * b2 * (4 / math.pi) / root
+    return jnp.maximum(out, 0.0).reshape(shape), sdot.reshape(shape)
+
+
+def erf_variance(v: jax.Array, a: float, b: float, c: float) -> jax.Array:
+    """The variance after Erf(a, b, c): a²·(2/π)·asin(2b²v / (1 + 2b²v)) + c²."""
+    return a * a * (2 / math.pi) * jnp.arcsin(2 * b * b * v / (1 + 2 * b * b * v)) + c * c

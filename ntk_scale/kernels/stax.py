@@ -28,7 +28,7 @@ import numpy as np
 from ntk_scale.kernels.validate import DTYPES, KINDS, check_choice
 
 #: Bumped whenever a change to the composable kernel code could change a computed value.
-STAX_CODE_VERSION = 1
+STAX_CODE_VERSION = 2
 
 PADDINGS = ("VALID", "SAME", "CIRCULAR")
 LAYERS = (
