@@ -1,7 +1,11 @@
 """`ntk-scale`: parsing and messages only; the work is done by the library.
 
 Exit codes: 0 success, 2 bad usage or input (the message names the value and the fix), 3 GPUs
-asked for (on a cluster, by default) never joined within --gpu-wait, 1 failure.
+asked for (on a cluster, by default) never joined within --gpu-wait, 1 failure (a numerical
+SolverError too: it is not bad usage).
+
+The option flags come from the option records' fields (:func:`ntk_scale.options.add_arguments`):
+one argparse group per TOML section, each flag's dest the field's name.
 """
 
 from __future__ import annotations
@@ -20,19 +24,18 @@ import numpy as np
 
 from ntk_scale.kernels import ACTIVATIONS, FullyConnected, Layer, bind
 from ntk_scale.kernels.stax import PRESETS
-from ntk_scale.kernels.validate import DTYPES, KINDS
 from ntk_scale.options import (
-    OPERATORS,
-    PRECONDITIONERS,
     GramOptions,
     RunOptions,
     SolveOptions,
+    add_arguments,
     default,
     pick,
 )
 
 
-def _kernel_args(p: argparse.ArgumentParser) -> None:
+def _kernel_args(p: argparse.ArgumentParser, gram_exclude: tuple[str, ...] = ()) -> None:
+    """The kernel spec's flags, then GramOptions' (--kind; --dtype, --tile, --overwrite)."""
     g = p.add_argument_group("kernel")
     spec = FullyConnected()
     g.add_argument("--kernel", default="fc", choices=("fc", *PRESETS),
@@ -44,8 +47,7 @@ def _kernel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--W-std", dest="W_std", type=float, default=spec.W_std, help="weight std")
     g.add_argument("--b-std", dest="b_std", type=float, default=spec.b_std, help="bias std")
     g.add_argument("--negative-slope", type=float, default=None, help="for leaky_relu")
-    g.add_argument("--kind", default=default(GramOptions, "kind"), choices=KINDS)
-    g.add_argument("--dtype", default=default(GramOptions, "dtype"), choices=DTYPES)
+    add_arguments(p, GramOptions, exclude=gram_exclude, groups={"kernel": g})
 
 
 def _spec(a: argparse.Namespace) -> FullyConnected | Layer:
@@ -61,37 +63,17 @@ def _spec(a: argparse.Namespace) -> FullyConnected | Layer:
 
 
 def _gram_options(a: argparse.Namespace) -> GramOptions:
-    return GramOptions(a.kind, a.dtype, a.tile, getattr(a, "overwrite", False))
+    return pick(GramOptions, a)
 
 
 def _worker_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("execution")
-    g.add_argument("--workers", type=int, default=None, help="actors (default: GPUs or CPUs)")
-    g.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
-    g.add_argument("--no-progress", action="store_true", help="no progress output")
-    _gpu_args(g)
-
-
-def _gpu_args(g: argparse._ArgumentGroup) -> None:
-    """--accelerator, --allow-cpu, --gpu-wait: GPUs where promised (RunOptions' fields)."""
-    wait = default(RunOptions, "gpu_wait_s")
-    g.add_argument("--accelerator", default=default(RunOptions, "accelerator"), metavar="KIND",
-                   help="auto (GPUs required on a cluster; CPUs on a local Ray without GPUs), "
-                   "gpu, cpu, or a GPU model: A10G, L4, A100, H100")  # fmt: skip
-    g.add_argument("--allow-cpu", action="store_true",
-                   help="go on with CPU workers if no GPU joins within --gpu-wait")  # fmt: skip
-    g.add_argument("--gpu-wait", dest="gpu_wait_s", type=float, default=wait, metavar="S",
-                   help=f"seconds to wait for GPU nodes to join (default {wait:g})")  # fmt: skip
-
-
-def _run_args(p: argparse.ArgumentParser) -> None:
-    tile = default(GramOptions, "tile")
-    p.add_argument("--tile", type=int, default=tile, help=f"tile side (default {tile})")
-    _worker_args(p)
+    """RunOptions' flags: --workers, --address, --no-progress, --accelerator, --allow-cpu,
+    --gpu-wait, ... (GPUs where promised)."""
+    add_arguments(p, RunOptions)
 
 
 def _run(a: argparse.Namespace) -> RunOptions:
-    return pick(RunOptions, a, progress=False if a.no_progress else None)
+    return pick(RunOptions, a)
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
@@ -190,18 +172,6 @@ def cmd_verify(a: argparse.Namespace) -> int:
     return 0 if stages.verify(a.store)[0].ok else 1
 
 
-def _ridge_arg(text: str) -> float | tuple[float, ...]:
-    """--ridge 1e-4 or --ridge 1e-6,1e-5,1e-4."""
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a ridge or a comma-separated list "
-            "of ridges, e.g. 1e-4 or 1e-6,1e-5,1e-4"
-        ) from None
-    return values if len(values) > 1 else values[0]
-
-
 def _solve_options(a: argparse.Namespace) -> SolveOptions:
     return pick(SolveOptions, a)
 
@@ -280,23 +250,10 @@ def _inputs(source: str, transform: Any):
 def cmd_ingest(a: argparse.Namespace) -> int:
     from ntk_scale.ingest import IngestOptions, ingest
 
-    opts = IngestOptions(
-        features=_names(a.features, "--features"), target=a.target,
-        categorical=_names(a.categorical, "--categorical") if a.categorical else (),
-        fill=a.fill, test_fraction=a.test_fraction, test_source=a.test, train_rows=a.train_rows,
-        test_rows=a.test_rows, standardize_target=not a.no_standardize_target, block=a.block,
-        seed=a.seed, overwrite=a.overwrite,
-    )  # fmt: skip
-    report = ingest(a.source, a.out, opts, address=a.address, progress=not a.no_progress)
+    report = ingest(a.source, a.out, pick(IngestOptions, a), address=a.address,
+                    progress=a.progress is not False)  # fmt: skip
     print(report.summary())
     return 0
-
-
-def _names(text: str, flag: str) -> tuple[str, ...]:
-    names = tuple(v.strip() for v in text.split(",") if v.strip())
-    if not names:
-        raise ValueError(f"{flag} {text!r} names no column; give comma-separated column names")
-    return names
 
 
 def cmd_fit(a: argparse.Namespace) -> int:
@@ -342,17 +299,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MB written and read to time the store (default 256-1024)")  # fmt: skip
     _cloud_args(p)
     p.add_argument("--json", action="store_true", help="also print the plan as JSON")
-    _kernel_args(p)
-    _run_args(p)
+    _kernel_args(p, gram_exclude=("overwrite",))
+    _worker_args(p)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("gram", help="compute K(X, X) (or K(X, X_cols)) into a Zarr store")
     p.add_argument("--x", required=True, help="features: .npy, .npz[:key], .csv or Zarr")
     p.add_argument("--x-cols", default=None, help="second input for a rectangular K(X, X_cols)")
     p.add_argument("--store", required=True, help="store path or URL (s3://…, memory://…)")
-    p.add_argument("--overwrite", action="store_true", help="replace a store made for other inputs")
     _kernel_args(p)
-    _run_args(p)
+    _worker_args(p)
     p.set_defaults(func=cmd_gram)
 
     p = sub.add_parser("solve", help="solve (K + λI) A = Y on a stored Gram; write a model dir")
@@ -362,35 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transform", default=None, metavar="TRANSFORM.json",
                    help="the table transform of `ingest` (saved with the model: a standardised "
                    "target is solved in its standard units, predicted in its own)")  # fmt: skip
-    g = p.add_argument_group("solver")
-    ridge = default(SolveOptions, "ridge")
-    g.add_argument(
-        "--ridge",
-        type=_ridge_arg,
-        default=ridge,
-        metavar="R[,R...]",
-        help=f"λ / mean(diag K) ({ridge:g}); several: chosen by --cv / --holdout",
-    )
-    g.add_argument(
-        "--cv",
-        type=int,
-        default=default(SolveOptions, "cv"),
-        help="choose among the ridges by k-fold validation on the store's rows",
-    )
-    g.add_argument("--holdout", type=float, default=default(SolveOptions, "holdout"),
-                   help="... or on one held-out fraction of the rows (e.g. 0.1)")  # fmt: skip
-    g.add_argument("--ridge-absolute", action="store_true", help="take --ridge as λ itself")
-    g.add_argument(
-        "--preconditioner", default=default(SolveOptions, "preconditioner"), choices=PRECONDITIONERS
-    )
-    g.add_argument("--rank", type=int, default=default(SolveOptions, "rank"), help="pivots")
-    g.add_argument("--tol", type=float, default=default(SolveOptions, "tol"), help="‖r‖/‖y‖")
-    g.add_argument("--max-iter", type=int, default=default(SolveOptions, "max_iter"))
-    g.add_argument("--operator", default=default(SolveOptions, "operator"), choices=OPERATORS)
-    every = default(SolveOptions, "checkpoint_every")
-    g.add_argument("--checkpoint-every", type=int, default=every, help="iterations")
-    g.add_argument("--pivot-block", type=int, default=default(SolveOptions, "pivot_block"),
-                   help="RPCholesky pivots per round (>1: accelerated, fewer passes)")  # fmt: skip
+    add_arguments(p, SolveOptions)
     _worker_args(p)
     p.set_defaults(func=cmd_solve)
 
@@ -411,8 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fit", help="all stages from one TOML config")
     p.add_argument("config", help="CONFIG.toml (see README: [data] [kernel] [store] …)")
-    p.add_argument("--allow-cpu", action="store_true",
-                   help="as [run] allow_cpu = true: CPU workers if no GPU joins")  # fmt: skip
+    add_arguments(p, RunOptions, only=("allow_cpu",))
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("verify", help="re-read every tile; report (and --repair) bad ones")
@@ -423,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the embedded default: local Ray, local store, bundled data")
     p.add_argument("--out", default="demo-output", help="output directory (default demo-output)")
-    p.add_argument("--workers", type=int, default=None)
+    add_arguments(p, RunOptions, only=("workers",))
     p.add_argument("--n", type=int, default=None, help="use only the first n training samples")
     p.add_argument("--kernel", default="fc", choices=("fc", "conv"),
                    help="fc on the 64 pixels, or conv on the 8x8x1 images")  # fmt: skip
@@ -433,41 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _ingest_parser(sub: Any) -> None:
     from ntk_scale.ingest import IngestOptions
-    from ntk_scale.tables import FILLS
 
     p = sub.add_parser("ingest", help="CSV / Parquet tables -> Zarr X, y and their transform")
     p.add_argument("source", help="a CSV or Parquet file, a glob, or a directory (or s3://…)")
     p.add_argument("--out", required=True, help="output directory or URL prefix")
-    p.add_argument("--features", required=True, help="feature columns, comma-separated")
-    p.add_argument("--target", default=None, help="the (numeric) target column")
-    p.add_argument(
-        "--categorical",
-        default=None,
-        help="numeric columns to one-hot as categories (text columns always are)",
-    )
-    p.add_argument("--fill", default=default(IngestOptions, "fill"), choices=FILLS,
-                   help="missing values: error (default), drop the rows, or fill with the "
-                   "training mean (categorical: a '<missing>' category)")  # fmt: skip
-    g = p.add_mutually_exclusive_group()
-    g.add_argument(
-        "--test-fraction",
-        type=float,
-        default=None,
-        help="split this fraction of the rows off at random as test rows",
-    )
-    g.add_argument("--test", default=None, help="a separate table of test rows")
-    p.add_argument("--train-rows", type=int, default=None, help="keep this many training rows")
-    p.add_argument("--test-rows", type=int, default=None, help="keep this many test rows")
-    p.add_argument("--no-standardize-target", action="store_true",
-                   help="solve for the target in its own units")  # fmt: skip
-    block = default(IngestOptions, "block")
-    p.add_argument("--block", type=int, default=block, help=f"rows per chunk (default {block})")
-    p.add_argument("--seed", type=int, default=default(IngestOptions, "seed"))
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier ingest at --out")
-    p.add_argument("--address", default=None,
-                   help="run the dask graph on this Ray cluster (default: RAY_ADDRESS, else "
-                   "dask's threads)")  # fmt: skip
-    p.add_argument("--no-progress", action="store_true", help="no progress output")
+    add_arguments(p, IngestOptions)
+    add_arguments(p, RunOptions, only=("address", "progress"))
     p.set_defaults(func=cmd_ingest)
 
 
@@ -488,12 +386,16 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 def _dispatch(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     from ntk_scale.errors import GPUUnavailableError, StoreLockedError
+    from ntk_scale.linalg import SolverError
 
     try:
         return func(args)
     except GPUUnavailableError as err:
         print(f"ntk-scale {args.command}: error: {err}", file=sys.stderr)
         return 3
+    except SolverError as err:  # a numerical failure, not bad usage (before ValueError)
+        print(f"ntk-scale {args.command}: failed: {err}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, StoreLockedError) as err:
         print(f"ntk-scale {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -14,68 +14,71 @@ from typing import Any
 from ntk_scale.io import load_kernel_spec
 from ntk_scale.kernels import FullyConnected, Layer, Network
 from ntk_scale.kernels.stax import PRESETS
-from ntk_scale.options import GramOptions, RunOptions, SolveOptions
+from ntk_scale.options import (
+    GramOptions,
+    RunOptions,
+    SolveOptions,
+    check_choices,
+    check_toml,
+    from_toml,
+    option,
+    options,
+    toml_schema,
+)
 
-_SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "data": {
-        "x_train": str,
-        "y_train": str,
-        "x_test": str,
-        "y_test": str,
-        # or a table (CSV / Parquet files) ingested first: see ntk_scale.ingest
-        "table": str,
-        "test_table": str,
-        "features": list,
-        "target": str,
-        "categorical": list,
-        "fill": str,
-        "test_fraction": (int, float),
-        "train_rows": int,
-        "test_rows": int,
-        "seed": int,
-        "standardize_target": bool,
-    },
-    "kernel": {
-        "depth": int,
-        "activation": str,
-        "W_std": (int, float),
-        "b_std": (int, float),
-        "negative_slope": (int, float),
-        "kind": str,
-        "preset": str,
-        "spec": str,
-    },
-    "store": {"path": str, "tile": int, "dtype": str, "overwrite": bool},
-    "solver": {
-        "ridge": (int, float, list),
-        "ridge_absolute": bool,
-        "cv": int,
-        "holdout": (int, float),
-        "preconditioner": str,
-        "rank": int,
-        "tol": (int, float),
-        "max_iter": int,
-        "operator": str,
-        "checkpoint_every": int,
-        "seed": int,
-        "pivot_block": int,
-        "memory_budget_bytes": int,
-    },
-    "run": {
-        "workers": int,
-        "address": str,
-        "threads_per_worker": int,
-        "placement_timeout_s": (int, float),
-        "accelerator": str,
-        "allow_cpu": bool,
-        "gpu_wait_s": (int, float),
-    },
-    "output": {"dir": str, "task": str},
-}
-_REQUIRED = {"store": ("path",), "output": ("dir",)}
+TASKS = ("regression", "classification")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataFiles:
+    """[data] as array files (.npy, .npz[:key], .csv or Zarr; or a table: IngestOptions)."""
+
+    x_train: str | None = option(None, "training features", section="data")
+    y_train: str | None = option(None, "training targets (N,) or (N, C), or class labels",
+                                 section="data")  # fmt: skip
+    x_test: str | None = option(None, "test features (predictions.npy is written)",
+                                section="data")  # fmt: skip
+    y_test: str | None = option(None, "test targets (metrics.json holds the test error)",
+                                section="data")  # fmt: skip
+    table: str | None = option(None, "or a CSV / Parquet table (a file, glob or directory) "
+                               "ingested first, with features and target (IngestOptions)",
+                               section="data")  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSource:
+    """[kernel] naming the whole kernel (instead of FullyConnected's fields)."""
+
+    preset: str | None = option(None, "a preset stax network", section="kernel")
+    spec: str | None = option(None, "a kernel written by spec.to_json()", section="kernel")
+
+
+@dataclasses.dataclass(frozen=True)
+class StorePath:
+    path: str = option(help="the Gram store: a path relative to the config, or a URL",
+                       section="store")  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    dir: str = option(help="output directory: model, predictions, metrics", section="output")
+    task: str = option("regression", "regression or classification", section="output",
+                       choices=TASKS)  # fmt: skip
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+
+
+def schema() -> dict[str, dict[str, Any]]:
+    """The config's sections and keys, all from the option records' fields."""
+    from ntk_scale.ingest import IngestOptions
+
+    return toml_schema(DataFiles, IngestOptions, (FullyConnected, "kernel"), KernelSource,
+                       GramOptions, StorePath, SolveOptions, RunOptions, Output)  # fmt: skip
+
+
 #: The [data] keys that are paths (resolved against the config's directory).
 _DATA_PATHS = ("x_train", "y_train", "x_test", "y_test", "table", "test_table")
-TASKS = ("regression", "classification")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,34 +107,38 @@ def load_config(path: str) -> FitConfig:
             raw = tomllib.load(f)
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"{path}: not valid TOML ({err})") from None
-    _check_keys(path, raw)
+    values = check_toml(raw, schema(), path)
+    _check_required(path, values)
     base = os.path.dirname(os.path.abspath(path))
-    data = {k: resolve_path(base, v, f"data.{k}") if k in _DATA_PATHS else v
-            for k, v in raw.get("data", {}).items()}  # fmt: skip
-    table = _table(path, data)
-    kern = dict(raw.get("kernel", {}))
-    store = dict(raw["store"])
-    output = {"task": "regression", **raw["output"]}
-    output["dir"] = resolve_path(base, output["dir"], "output.dir")
-    if output["task"] not in TASKS:
-        raise ValueError(f"{path}: output.task={output['task']!r}; use one of {TASKS}")
-    run = {k: v for k, v in raw.get("run", {}).items() if v != ""}  # address = "": the default
-    _section(path, "kernel", GramOptions, _kind(kern))  # kernel.kind named as such in errors
+    data = {k: resolve_path(base, v, f"data.{k}") if k in _DATA_PATHS and v is not None else v
+            for k, v in values.get("data", {}).items() if v is not None}  # fmt: skip
+    out = from_toml(Output, values, path)
+    output = {"dir": resolve_path(base, out.dir, "output.dir"), "task": out.task}
     return FitConfig(
         source=path,
         data=data,
-        kernel=_kernel(path, base, _without(kern, "kind")),
-        store=resolve_path(base, store.pop("path"), "store.path"),
-        gram=_section(path, "store", GramOptions, {**store, **_kind(kern)}),
-        solver=_section(path, "solver", SolveOptions, dict(raw.get("solver", {}))),
-        run=_section(path, "run", RunOptions, run),
+        kernel=_kernel(path, base, values),
+        store=resolve_path(base, from_toml(StorePath, values, path).path, "store.path"),
+        gram=from_toml(GramOptions, values, path),
+        solver=from_toml(SolveOptions, values, path),
+        run=from_toml(RunOptions, values, path),
         output=output,
-        table=table,
+        table=_table(path, data, values),
     )
 
 
-def _table(path: str, data: dict[str, Any]) -> Any:
+def _check_required(path: str, values: dict[str, dict[str, Any]]) -> None:
+    """The keys without a default (store.path, output.dir) must be there."""
+    for record in (StorePath, Output):
+        for opt in options(record):
+            if opt.required and opt.key not in values.get(opt.section, {}):
+                raise ValueError(f"{path}: missing required key {opt.section}.{opt.key}")
+
+
+def _table(path: str, data: dict[str, Any], values: dict[str, dict[str, Any]]) -> Any:
     """[data] as a table to ingest (IngestOptions), or None for x_train / y_train arrays."""
+    from ntk_scale.ingest import IngestOptions
+
     arrays = [k for k in ("x_train", "y_train", "x_test", "y_test") if k in data]
     if "table" not in data:
         missing = [k for k in ("x_train", "y_train") if k not in data]
@@ -148,25 +155,18 @@ def _table(path: str, data: dict[str, Any]) -> Any:
     for key in ("features", "target"):
         if key not in data:
             raise ValueError(f"{path}: data.table needs data.{key}")
-    from ntk_scale.ingest import IngestOptions
-
-    names = {"test_table": "test_source"}
-    values = {names.get(k, k): v for k, v in data.items() if k != "table"}
-    for key in ("features", "categorical"):
-        if key in values:
-            values[key] = tuple(values[key])
-    try:
-        return IngestOptions(**values, overwrite=True)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{path}: [data] {err}") from None
+    paths = {"test_table": data.get("test_table")} if "test_table" in data else {}
+    return from_toml(IngestOptions, {**values, "data": {**values["data"], **paths}}, path,
+                     overwrite=True)  # fmt: skip
 
 
-def _kernel(path: str, base: str, kern: dict[str, Any]) -> Any:
+def _kernel(path: str, base: str, values: dict[str, dict[str, Any]]) -> Any:
     """[kernel]: FullyConnected fields, or ``preset = "myrtle5"``, or ``spec = "spec.json"``
-    (a file written by ``spec.to_json()``, relative to the config)."""
+    (a file written by ``spec.to_json()``, relative to the config). ``kind`` is GramOptions'."""
+    kern = {k: v for k, v in values.get("kernel", {}).items() if k != "kind"}
     named = [k for k in ("preset", "spec") if k in kern]
     if not named:
-        return _section(path, "kernel", FullyConnected, kern)
+        return from_toml(FullyConnected, values, path, section="kernel")
     if len(kern) > 1:
         raise ValueError(f"{path}: [kernel] {named[0]} = ... names the whole kernel; drop the "
                          f"other keys {sorted(set(kern) - {named[0]})}")  # fmt: skip
@@ -176,46 +176,6 @@ def _kernel(path: str, base: str, kern: dict[str, Any]) -> Any:
                              f"{sorted(PRESETS)} (or FullyConnected fields)")  # fmt: skip
         return PRESETS[kern["preset"]]()
     return load_kernel_spec(resolve_path(base, kern["spec"], "kernel.spec"))
-
-
-def _without(d: dict[str, Any], key: str) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if k != key}
-
-
-def _kind(kern: dict[str, Any]) -> dict[str, Any]:
-    return {"kind": kern["kind"]} if "kind" in kern else {}
-
-
-def _section(path: str, name: str, record: type, values: dict[str, Any]) -> Any:
-    """record(**values), its ValueError prefixed with the file and section."""
-    try:
-        return record(**values)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{path}: [{name}] {err}") from None
-
-
-def _check_keys(path: str, raw: dict[str, Any]) -> None:
-    for section, body in raw.items():
-        if section not in _SECTIONS:
-            raise ValueError(
-                f"{path}: unknown section [{section}]; valid sections: {sorted(_SECTIONS)}"
-            )
-        if not isinstance(body, dict):
-            raise ValueError(f"{path}: {section} must be a [section] table")
-        for key, value in body.items():
-            kinds = _SECTIONS[section].get(key)
-            if kinds is None:
-                raise ValueError(
-                    f"{path}: unknown key {section}.{key}; valid keys: {sorted(_SECTIONS[section])}"
-                )
-            if isinstance(value, bool) and kinds is not bool:
-                kinds = ()
-            if not isinstance(value, kinds):
-                raise ValueError(f"{path}: {section}.{key}={value!r} has the wrong type")
-    for section, keys in _REQUIRED.items():
-        for key in keys:
-            if key not in raw.get(section, {}):
-                raise ValueError(f"{path}: missing required key {section}.{key}")
 
 
 def resolve_path(base: str, value: str, name: str) -> str:

@@ -12,9 +12,13 @@ import time
 import numpy as np
 
 from ntk_scale.kernels import FullyConnected
+from ntk_scale.options import GramOptions, RunOptions, SolveOptions
 
 SPEC = FullyConnected(depth=3, activation="relu", W_std=1.4, b_std=0.1)
-RIDGE = 1e-4
+#: The demo's solver: SolveOptions' defaults (ridge, preconditioner, ...) but for a smaller
+#: rank (1,500 rows) and a tight tol, so the PCG answer can be compared with the dense one.
+SOLVER = SolveOptions(rank=300, tol=1e-8)
+RIDGE = SOLVER.ridge
 
 
 def load_digits_split(n: int | None = None):
@@ -50,7 +54,6 @@ def run_demo(out: str = "demo-output", workers: int | None = None, n: int | None
     from ntk_scale import stages
     from ntk_scale.kernels.stax import SmallConv
     from ntk_scale.model import Model
-    from ntk_scale.options import GramOptions, RunOptions, SolveOptions
 
     if kernel not in KERNELS:
         raise ValueError(f"demo kernel={kernel!r}; use one of {', '.join(KERNELS)}")
@@ -72,9 +75,8 @@ def run_demo(out: str = "demo-output", workers: int | None = None, n: int | None
     t0 = time.perf_counter()
     gram = stages.gram(x_train, spec, store, GramOptions(tile=512, overwrite=True), run)
     t1 = time.perf_counter()
-    solver = SolveOptions(ridge=RIDGE, preconditioner="rpcholesky", rank=300, tol=1e-8)
     solved = stages.solve(
-        store, onehot, solver, run, model_dir=model, extra={"task": "classification"}
+        store, onehot, SOLVER, run, model_dir=model, extra={"task": "classification"}
     )
     meta = solved.meta
     t2 = time.perf_counter()

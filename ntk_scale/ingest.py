@@ -24,9 +24,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from ntk_scale.options import option
 from ntk_scale.plan import DEFAULT_TILE
 from ntk_scale.progress import Progress
-from ntk_scale.tables import TableTransform, check_fill, learn, read_table
+from ntk_scale.tables import FILLS, TableTransform, check_fill, learn, read_table
 
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -43,18 +44,26 @@ class IngestOptions:
     per Zarr chunk. seed: of the split.
     """
 
-    features: tuple[str, ...]
-    target: str | None = None
-    categorical: tuple[str, ...] = ()
-    fill: str = "error"
-    test_fraction: float | None = None
-    test_source: str | None = None
-    train_rows: int | None = None
-    test_rows: int | None = None
-    standardize_target: bool = True
-    block: int = DEFAULT_TILE
-    seed: int = 0
-    overwrite: bool = False
+    features: tuple[str, ...] = option(help="feature columns, comma-separated", section="data")
+    target: str | None = option(None, "the (numeric) target column", section="data")
+    categorical: tuple[str, ...] = option((), "numeric columns to one-hot as categories (text "
+                                          "columns always are)", section="data")  # fmt: skip
+    fill: str = option("error", "missing values: error, drop the rows, or fill with the "
+                       "training mean (categorical: a '<missing>' category)", section="data",
+                       choices=FILLS)  # fmt: skip
+    test_fraction: float | None = option(None, "split this fraction of the rows off at random "
+                                         "as test rows", section="data")  # fmt: skip
+    test_source: str | None = option(None, "a separate table of test rows", section="data",
+                                     flag="--test", key="test_table")  # fmt: skip
+    train_rows: int | None = option(None, "keep this many training rows", section="data")
+    test_rows: int | None = option(None, "keep this many test rows", section="data")
+    standardize_target: bool = option(True, "solve for the target in its own units",
+                                      section="data", flag="--no-standardize-target",
+                                      const=False)  # fmt: skip
+    block: int = option(DEFAULT_TILE, "rows per chunk", section="data")
+    seed: int = option(0, "seed of the split", section="data")
+    overwrite: bool = option(False, "replace an earlier ingest at --out", section="data",
+                             key=None)  # fmt: skip
 
     def __post_init__(self) -> None:
         if not self.features:

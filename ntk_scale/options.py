@@ -373,7 +373,7 @@ def add_arguments(
             continue
         title = opt.section or record.__name__
         if title not in groups:
-            groups[title] = parser.add_argument_group(title)
+            groups[title] = parser.add_argument_group(title, f"[{title}] keys in a fit config")
         groups[title].add_argument(opt.flag, **argparse_kwargs(opt))
 
 
@@ -386,9 +386,9 @@ def argparse_kwargs(opt: Option) -> dict[str, Any]:
     else:
         kw["type"] = _cli_parser(opt)
         kw.update({"required": True} if opt.required else {"default": opt.default})
-        for name in ("choices", "metavar"):
-            if getattr(opt, name) is not None:
-                kw[name] = getattr(opt, name)
+        kw["metavar"] = opt.metavar or opt.flag.lstrip("-").replace("-", "_").upper()
+        if opt.choices is not None:
+            kw.update(choices=opt.choices, metavar=opt.metavar)  # argparse lists the choices
     shown = not (opt.switch or opt.required or opt.default in (None, ()))
     kw["help"] = (opt.help + (f" (default {_show(opt.default)})" if shown else "")).replace(
         "%", "%%"
