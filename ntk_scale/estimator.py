@@ -1,22 +1,39 @@
-"""The scikit-learn face: NTKRegressor and NTKClassifier (gram -> solve -> predict).
+"""The scikit-learn face: NTKRegressor and NTKClassifier (gram -> solve -> predict), and their
+CV twins that choose the ridge on held-out rows.
 
 Every fit keeps its Gram store in ``workdir`` under a name made of the kernel and data
 fingerprints, so refitting the same data with another ridge (GridSearchCV over ``ridge``)
 reuses the stored Gram and only solves again.
+
+Inputs are checked by scikit-learn's own helpers (``validate_data``, ``check_is_fitted``,
+``check_classification_targets``), so the estimators keep its contract (sparse input refused,
+``n_features_in_`` and ``feature_names_in_`` set and checked, its error messages); where
+scikit-learn's words do not say how to fix the input, the fix is appended.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ntk_scale.kernels import FullyConnected, Layer, Network, bind, check_features
+from ntk_scale import stages
+from ntk_scale.kernels import FullyConnected, Layer, Network, bind
+from ntk_scale.model import Model, save_model
 from ntk_scale.options import GramOptions, RunOptions, SolveOptions, default, pick
+from ntk_scale.solve import make_folds
+from ntk_scale.store import fingerprint_rows
+
+#: The dtypes X is converted to: float32 and float64 stay as they are (the store converts them
+#: to its own dtype), anything else numeric becomes float64.
+_FLOATS = (np.float64, np.float32)
 
 
 class NTKRegressor(RegressorMixin, BaseEstimator):
@@ -30,6 +47,11 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
     and its reason are kept in ``operator_choice_``).
     workers, address, accelerator, allow_cpu: as :class:`ntk_scale.RunOptions` (on a cluster
     the actors take GPUs, waited for a bounded time, unless allow_cpu lets them fall back).
+
+    Fitted: ``alpha_`` (N,) or (N, C); ``n_iter_`` the PCG iterations of the solve;
+    ``n_features_in_`` the width of a row the kernel sees (H·W·C for images);
+    ``feature_names_in_`` when X was a DataFrame with string column names; ``sample_shape_``;
+    ``store_``; ``solve_report_``; ``operator_`` and ``operator_choice_``.
     """
 
     def __init__(
@@ -55,6 +77,15 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
     ):
         _keep(self, locals())
 
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        # (N, C) targets are C columns of one PCG solve: multi-output regression is native.
+        tags.target_tags.multi_output = True
+        # Samples of any shape are accepted (images (N, H, W, C) for stax conv kernels; a
+        # fully connected kernel sees each sample flattened).
+        tags.input_tags.three_d_array = True
+        return tags
+
     # -- options ------------------------------------------------------------------------------
     def _options(self) -> tuple[GramOptions, SolveOptions, RunOptions]:
         """The stage options from this estimator's parameters (same names as the fields)."""
@@ -63,31 +94,33 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
     # -- fit ------------------------------------------------------------------------------------
     def fit(self, X: Any, y: Any) -> NTKRegressor:
         """X: (N, d) features or (N, H, W, C) images; y: (N,) or (N, C) targets."""
-        from ntk_scale import stages
-        from ntk_scale.solve import check_targets
+        X, y = _validate_fit(self, X, y, multi_output=True, y_numeric=True)
+        return self._fit_rows(X, np.asarray(y, dtype=np.float64))
 
+    def _fit_rows(self, X: np.ndarray, Y: np.ndarray) -> NTKRegressor:
+        """Gram, solve on validated rows X (N, d) and float64 targets Y (N,) or (N, C)."""
         go, so, run = self._options()
-        X, self.sample_shape_ = _rows(X)
-        check_targets(y, X.shape[0])
-        self.n_features_in_ = X.shape[1]
-        spec = bind(
-            self.kernel if self.kernel is not None else FullyConnected(), self.sample_shape_
-        )
+        spec = self._spec()
         self.store_ = self._store_path(spec, X, go)
-        y = np.asarray(y, dtype=np.float64)
-        inputs = stages.Inputs(X, y, None, None, None, self.sample_shape_)
+        inputs = stages.Inputs(X, Y, None, None, None, self.sample_shape_)
         report = stages.fit(inputs, spec, self.store_, go, so, run)
-        self.gram_report_, self.solve_result_ = report.gram, report.solve
-        self.solve_report_ = report.solve.report
-        self.operator_ = report.solve.decision.operator
-        self.operator_choice_ = report.solve.decision.reason
-        self.alpha_ = report.solve.alpha
+        self.gram_report_ = report.gram
+        self._keep_solve(report.solve)
         return self
+
+    def _spec(self) -> FullyConnected | Network:
+        kernel = self.kernel if self.kernel is not None else FullyConnected()
+        return bind(kernel, self.sample_shape_)
+
+    def _keep_solve(self, res: stages.SolveResult) -> None:
+        """The fitted attributes of a stage solve's result."""
+        self.solve_result_, self.solve_report_ = res, res.report
+        self.operator_, self.operator_choice_ = res.decision.operator, res.decision.reason
+        self.alpha_ = res.alpha
+        self.n_iter_ = int(res.report.result.iterations)
 
     def _store_path(self, spec: FullyConnected | Network, X: np.ndarray, go: GramOptions) -> str:
         """The Gram store for these data and kernel settings in workdir (reused by refits)."""
-        from ntk_scale.store import fingerprint_rows
-
         self.workdir_ = (
             self.workdir or getattr(self, "workdir_", None) or tempfile.mkdtemp(prefix="ntk-scale-")
         )
@@ -99,45 +132,38 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
     def predict(self, X: Any) -> np.ndarray:
         """X: (M, d) (or (M, *sample shape) as in fit) -> (M,) or (M, C) predictions
         K(X, X_train) @ alpha."""
-        from ntk_scale import stages
-        from ntk_scale.model import Model
-
-        check_is_fitted(self, "alpha_")
-        X, shape = _rows(X)
-        if len(shape) == len(self.sample_shape_) == 1:
-            check_features(X, "X", dim=self.n_features_in_)
-        elif shape != self.sample_shape_:
-            raise ValueError(f"X has samples of shape {shape}, the model was fitted on "
-                             f"{self.sample_shape_}; pass inputs shaped as in fit")  # fmt: skip
+        check_is_fitted(self)
+        X = _validate_predict(self, X)
         model = Model(self.alpha_, self.solve_result_.meta)
         return stages.predict(model, X, self._options()[2], store=self.store_)
 
     def save(self, path: str, extra: dict[str, Any] | None = None) -> None:
         """Write the model directory (alpha as Zarr + JSON metadata, as `ntk-scale solve`)."""
-        from ntk_scale.model import save_model
-
-        check_is_fitted(self, "alpha_")
+        check_is_fitted(self)
         save_model(path, self.alpha_, {**self.solve_result_.meta, **(extra or {})})
 
 
 class NTKClassifier(ClassifierMixin, NTKRegressor):
-    """Classification by regression on one-hot targets; predicts the argmax class."""
+    """Classification by regression on one-hot targets; predicts the argmax class.
+
+    ``decision_function``: (M, n_classes) regressed one-hot scores, or for two classes the
+    (M,) score of ``classes_[1]`` minus that of ``classes_[0]`` (scikit-learn's convention:
+    > 0 means ``classes_[1]``).
+    """
+
+    def __sklearn_tags__(self) -> Any:
+        return _classifier_tags(super().__sklearn_tags__())
 
     def fit(self, X: Any, y: Any) -> NTKClassifier:
-        y = np.asarray(y)
-        if y.ndim != 1:
-            raise ValueError(f"y must be a 1-D array of class labels, got shape {y.shape}")
-        self.classes_, codes = np.unique(y, return_inverse=True)
-        if len(self.classes_) < 2:
-            raise ValueError(f"y has a single class {self.classes_}; classification needs two")
-        onehot = np.eye(len(self.classes_))[codes]
-        return super().fit(X, onehot)
+        """X: (N, d) or (N, H, W, C); y: (N,) class labels (numbers or strings)."""
+        X, codes = _validate_labels(self, X, y)
+        return self._fit_rows(X, np.eye(len(self.classes_))[codes])
 
     def decision_function(self, X: Any) -> np.ndarray:
-        return super().predict(X)
+        return _binary(NTKRegressor.predict(self, X))
 
     def predict(self, X: Any) -> np.ndarray:
-        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+        return _labels(self, NTKRegressor.predict(self, X))
 
 
 def _keep(est: BaseEstimator, params: dict[str, Any]) -> None:
@@ -148,13 +174,96 @@ def _keep(est: BaseEstimator, params: dict[str, Any]) -> None:
             setattr(est, name, value)
 
 
-def _rows(X: Any) -> tuple[np.ndarray, tuple[int, ...]]:
-    """X as validated (N, d) rows and the shape of one sample ((d,) for features)."""
+# -- validation ---------------------------------------------------------------------------------
+#: A fix appended to scikit-learn's message (matched by a fragment of it) where its own words
+#: do not say how to fix the input.
+_FIXES = (
+    ("0 feature(s)", "pass at least one feature column"),
+    ("0 sample(s)", "pass at least one row"),
+    ("Complex data not supported", "pass real numbers, e.g. X.real or np.abs(X)"),
+    ("requires y to be passed", "call fit(X, y) with the targets y"),
+    ("Input y contains", "remove or impute the rows whose target is NaN or infinite"),
+    ("Input X contains infinity", "remove or clip the rows with infinite values"),
+    ("inconsistent numbers of samples", "pass one target per row of X"),
+    ("features, but", "pass rows with the features of the data the model was fitted on"),
+)
+
+
+@contextlib.contextmanager
+def _fix_appended() -> Iterator[None]:
+    """Re-raise a plain ValueError from scikit-learn's helpers with this project's fix."""
+    try:
+        yield
+    except ValueError as err:
+        fix = next((f for key, f in _FIXES if key in str(err)), None)
+        if type(err) is not ValueError or fix is None:
+            raise
+        raise ValueError(f"{str(err).rstrip().rstrip('.')}; {fix}") from None
+
+
+def _flat(X: Any) -> tuple[Any, tuple[int, ...] | None]:
+    """X with each sample of more than one axis (an image) flattened into a row, and the shape
+    of one sample then (None for rows: scikit-learn's validation reads their width)."""
+    shape = getattr(X, "shape", None)
+    if shape is None:  # a list, or an object that only converts itself (__array__)
+        X = np.asarray(X)
+        shape = X.shape
+    if len(shape) <= 2:
+        return X, None
     arr = np.asarray(X)
-    if arr.ndim > 2:
-        return check_features(arr.reshape(arr.shape[0], -1), "X"), tuple(arr.shape[1:])
-    arr = check_features(arr, "X")
-    return arr, (arr.shape[1],)
+    return arr.reshape(arr.shape[0], -1), tuple(int(v) for v in arr.shape[1:])
+
+
+def _validate_fit(est: NTKRegressor, X: Any, y: Any, **check: Any) -> tuple[np.ndarray, Any]:
+    """(X as (N, d) float rows, y) validated; sets n_features_in_, feature_names_in_ and
+    sample_shape_."""
+    X, shape = _flat(X)
+    with _fix_appended():
+        X, y = validate_data(est, X, y, dtype=_FLOATS, **check)
+    est.sample_shape_ = shape or (X.shape[1],)
+    return X, y
+
+
+def _validate_predict(est: NTKRegressor, X: Any) -> np.ndarray:
+    """X (M, *sample shape) as (M, d) float rows, checked against the fit's samples."""
+    X, shape = _flat(X)
+    if (shape or len(est.sample_shape_) > 1) and shape != est.sample_shape_:
+        have = shape or np.shape(X)[1:]
+        raise ValueError(f"X has samples of shape {have}, the model was fitted on "
+                         f"{est.sample_shape_}; pass inputs shaped as in fit")  # fmt: skip
+    with _fix_appended():
+        return validate_data(est, X, dtype=_FLOATS, reset=False)
+
+
+def _validate_labels(est: Any, X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(X rows, y as class codes 0..k-1); sets classes_. Refuses continuous y and one class."""
+    X, y = _validate_fit(est, X, y, multi_output=False)
+    check_classification_targets(y)
+    est.classes_, codes = np.unique(y, return_inverse=True)
+    if len(est.classes_) < 2:
+        raise ValueError(
+            f"y holds 1 class ({est.classes_[0]!r}) in n_samples={len(y)}; a classifier needs "
+            "at least 2 classes: pass rows of two or more classes"
+        )
+    return X, codes
+
+
+def _classifier_tags(tags: Any) -> Any:
+    """A classifier's tags over the regressor's: the one-hot targets are internal, so y is one
+    column of labels (no multi-output classification), and it is no regressor."""
+    tags.target_tags.multi_output = False
+    tags.regressor_tags = None
+    return tags
+
+
+def _binary(scores: np.ndarray) -> np.ndarray:
+    """Decision values from one-hot scores (M, k): for k = 2 the (M,) margin of class 1."""
+    return scores[:, 1] - scores[:, 0] if scores.shape[1] == 2 else scores
+
+
+def _labels(est: Any, scores: np.ndarray) -> np.ndarray:
+    """The argmax class of one-hot scores (M, k) (for k = 2: class 1 iff its margin > 0)."""
+    return est.classes_[np.argmax(scores, axis=1)]
 
 
 #: The ridges a CV estimator tries unless told: relative to mean(diag K), as Neural Tangents'
@@ -171,7 +280,9 @@ class NTKRegressorCV(NTKRegressor):
     at the best ridge. ridges: relative to mean(diag K) (absolute with ridge_absolute). cv: k
     folds (an int), one held-out fraction (a float in (0, 1)) or a scikit-learn splitter.
     Fitted: ``ridge_``, ``cv_results_`` (per ridge: mean and per-fold validation scores,
-    iterations), ``best_score_`` (higher is better: −MSE, or accuracy for the classifier).
+    iterations), ``best_score_`` (higher is better: −MSE, or accuracy for the classifier);
+    ``n_iter_`` the PCG iterations of the refit (the selection's, per ridge, are in
+    ``cv_results_["iterations"]``).
     """
 
     _metric = "mse"
@@ -206,37 +317,38 @@ class NTKRegressorCV(NTKRegressor):
         return pick(GramOptions, self), so, pick(RunOptions, self)
 
     def _folds(self, n: int, labels: Any) -> Any:
-        from ntk_scale.solve import make_folds
-
         cv = self.cv
         if hasattr(cv, "split"):
             return make_folds(n, splitter=cv, y=labels)
         if isinstance(cv, float) and 0 < cv < 1:
+            _enough_rows(cv, 2, n)
             return make_folds(n, holdout=cv, seed=self.seed)
-        if isinstance(cv, (int, np.integer)) and not isinstance(cv, bool):
+        if isinstance(cv, (int, np.integer)) and not isinstance(cv, bool) and cv >= 2:
+            _enough_rows(cv, int(cv), n)
             return make_folds(n, cv=int(cv), seed=self.seed)
         raise ValueError(f"cv={cv!r}: give k folds (an int >= 2), a held-out fraction (a float "
                          "in (0, 1)) or a scikit-learn splitter (KFold(5), ...)")  # fmt: skip
 
     def fit(self, X: Any, y: Any, labels: Any = None) -> NTKRegressorCV:
         """X: (N, d) or (N, H, W, C); y: (N,) or (N, C). labels: what a splitter stratifies."""
-        from ntk_scale import stages
-        from ntk_scale.solve import check_targets
+        X, y = _validate_fit(self, X, y, multi_output=True, y_numeric=True)
+        return self._fit_rows(X, np.asarray(y, dtype=np.float64), y if labels is None else labels)
 
+    def _fit_rows(self, X: np.ndarray, Y: np.ndarray, labels: Any = None) -> NTKRegressorCV:
+        """The ridge path on the folds of validated rows X (N, d), targets Y, then the refit."""
         go, so, run = self._options()
-        X, self.sample_shape_ = _rows(X)
-        check_targets(y, X.shape[0])
-        self.n_features_in_ = X.shape[1]
-        folds = self._folds(X.shape[0], y if labels is None else labels)
-        spec = bind(
-            self.kernel if self.kernel is not None else FullyConnected(), self.sample_shape_
-        )
+        folds = self._folds(X.shape[0], labels)
+        spec = self._spec()
         self.store_ = self._store_path(spec, X, go)
         self.gram_report_ = stages.gram(X, spec, self.store_, go, run)
         task = "classification" if self._metric == "accuracy" else "regression"
-        res = stages.solve(self.store_, np.asarray(y, dtype=np.float64), so, run, folds=folds,
-                           extra={"task": task})  # fmt: skip
-        sel = res.selection
+        res = stages.solve(self.store_, Y, so, run, folds=folds, extra={"task": task})
+        self._keep_selection(res.selection)
+        self._keep_solve(res)
+        return self
+
+    def _keep_selection(self, sel: Any) -> None:
+        """ridge_, best_score_ and cv_results_ of the ridge path (scores: higher is better)."""
         self.ridge_ = sel.ridge
         sign = -1.0 if sel.metric == "mse" else 1.0
         self.best_score_ = sign * float(sel.mean_scores[sel.best])
@@ -248,10 +360,12 @@ class NTKRegressorCV(NTKRegressor):
             "rank_test_score": (np.argsort(np.argsort(-sign * sel.mean_scores)) + 1),
         }
         self.selection_ = sel
-        self.solve_result_, self.solve_report_ = res, res.report
-        self.operator_, self.operator_choice_ = res.decision.operator, res.decision.reason
-        self.alpha_ = res.alpha
-        return self
+
+
+def _enough_rows(cv: Any, need: int, n: int) -> None:
+    if n < need:
+        raise ValueError(f"cv={cv!r} needs at least {need} rows, got n_samples={n}; pass more "
+                         "rows or a smaller cv")  # fmt: skip
 
 
 class NTKClassifierCV(ClassifierMixin, NTKRegressorCV):
@@ -259,17 +373,16 @@ class NTKClassifierCV(ClassifierMixin, NTKRegressorCV):
 
     _metric = "accuracy"
 
+    def __sklearn_tags__(self) -> Any:
+        return _classifier_tags(super().__sklearn_tags__())
+
     def fit(self, X: Any, y: Any) -> NTKClassifierCV:
-        y = np.asarray(y)
-        if y.ndim != 1:
-            raise ValueError(f"y must be a 1-D array of class labels, got shape {y.shape}")
-        self.classes_, codes = np.unique(y, return_inverse=True)
-        if len(self.classes_) < 2:
-            raise ValueError(f"y has a single class {self.classes_}; classification needs two")
-        return super().fit(X, np.eye(len(self.classes_))[codes], labels=codes)
+        """X: (N, d) or (N, H, W, C); y: (N,) class labels; a splitter stratifies on them."""
+        X, codes = _validate_labels(self, X, y)
+        return self._fit_rows(X, np.eye(len(self.classes_))[codes], labels=codes)
 
     def decision_function(self, X: Any) -> np.ndarray:
-        return NTKRegressor.predict(self, X)
+        return _binary(NTKRegressor.predict(self, X))
 
     def predict(self, X: Any) -> np.ndarray:
-        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+        return _labels(self, NTKRegressor.predict(self, X))
