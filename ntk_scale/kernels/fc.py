@@ -5,8 +5,24 @@ The recursion follows Neural Tangents' NTK parameterization (see ``shared/REFERE
     c = W² x·x'/d + b²,  q = W² |x|²/d + b²,  Θ = c
     for each hidden layer:  Θ ← Θ ṡ;  c ← W² s + b²;  q ← W² s(q, q) + b²;  Θ ← W² Θ + c
 
-Per-row quantities (the ``q`` chain and ``1/√q``) are computed once per row block in
-:func:`row_stats`; the per-entry work is a single fused elementwise chain after one matmul.
+The angle is never taken from cos θ = c/√(q q'). Beside c the recursion carries the gap
+δ = 1 − cos θ (and σ = 1 + cos θ), which every layer maps to the next layer's gap without
+subtracting nearly equal numbers, so δ keeps its *relative* accuracy for close pairs (rows far
+from the origin, clustered rows, raw table columns: every cosine within a few ulps of 1):
+
+* input layer: c, q and δ, σ from one matmul in float64 (the inputs are exact in float64; a
+  float32 tile upcasts them for this product only and rounds the results once);
+* ABReLU: √(s s') − s₁₂ = √(q q')·[ab·δ + (b − a)²/(2π)·((π − θ)δ + (θ − sin θ))], every term
+  ≥ 0 (ab < 0 loses at most a factor 2), θ − sin θ by its series for θ < 1;
+* erf: √(S S') − S₁₂ = [√(S S') − asin m] + [asin m − asin(m cos θ)], the second bracket as
+  asin(m sin²θ / (p + cos θ·r)) with r = √(1 − m²), p = √(1 − m² cos²θ) from per-row terms;
+* the bias: √((A + β)(B + β)) − (√(AB) + β) = β(√A − √B)² / (√((A+β)(B+β)) + √(AB) + β).
+
+Then θ = arccos(1 − δ) = √δ·P(1 − δ) is accurate to a few ulps relative, and so are sin θ,
+π − θ and ṡ. :mod:`ntk_scale.kernels.precision` bounds the float32 error of every entry.
+
+Per-row quantities (the ``q`` chain, √q) are computed once per row block in :func:`row_stats`
+and :func:`fc_tile`; the per-entry work is one matmul and one fused elementwise chain.
 """
 
 from __future__ import annotations
@@ -18,11 +34,12 @@ import jax
 import jax.numpy as jnp
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-_SNAP_F32 = 8 * float(jnp.finfo(jnp.float32).eps)
 _TWO_PI = 2.0 * math.pi
+_HALF_PI = 0.5 * math.pi
+_ASIN_DIRECT = 0.7  # asin(x) directly for x <= 0.7, else π/2 − asin(√(1 − x²)) from exact terms
 
-# Abramowitz & Stegun 4.4.46: acos(x) = sqrt(1 - x) * P(x) on [0, 1], |error| <= 2e-8.
-# Cheaper than XLA's atan2-based acos and exact to float32 rounding; used for float32 tiles only.
+# Abramowitz & Stegun 4.4.46: acos(x) = sqrt(1 - x) * P(x) on [0, 1], |error| <= 2e-8, and
+# relative error <= 3.2 ulp in float32 when sqrt(1 - x) is given exactly (here √δ, from δ).
 _ACOS_COEFFS = (
     -0.0012624911,
     0.0066700901,
@@ -33,6 +50,8 @@ _ACOS_COEFFS = (
     -0.2145988016,
     1.5707963050,
 )
+# θ − sin θ = θ³ Σ_k (−1)^k θ^(2k) / (2k + 3)!, six terms: relative error < 1e-9 for θ < 1.
+_TMS_COEFFS = tuple((-1) ** k / math.factorial(2 * k + 3) for k in range(5, -1, -1))
 
 
 class FCParams(NamedTuple):
@@ -59,22 +78,72 @@ class FCParams(NamedTuple):
         return cls(*static, *traced)
 
 
-def _pi_minus_theta(cos: jax.Array) -> jax.Array:
-    """π − arccos(cos) for cos in [-1, 1]; polynomial in float32, exact arccos otherwise."""
-    if cos.dtype != jnp.float32:
-        return math.pi - jnp.arccos(cos)
-    ax = jnp.abs(cos)
-    poly = jnp.full_like(ax, _ACOS_COEFFS[0])
+class _Pair(NamedTuple):
+    """Per-entry state entering a layer: c (value), δ = 1 − cos θ, σ = 1 + cos θ."""
+
+    c: jax.Array
+    delta: jax.Array
+    sigma: jax.Array
+
+
+class _Rows(NamedTuple):
+    """Per-row state of one side at one layer: q, √q, and √(q_next − b²) = √(W² s(q, q))."""
+
+    q: jax.Array
+    h: jax.Array
+    v: jax.Array
+    h_next: jax.Array
+
+
+# -- scalar helpers ------------------------------------------------------------------------------
+def _acos_parts(delta: jax.Array, sigma: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(θ, π − θ) from δ = 1 − cos θ and σ = 1 + cos θ, each accurate relative to itself."""
+    if delta.dtype != jnp.float32:
+        small = 2.0 * jnp.arcsin(jnp.sqrt(0.5 * jnp.minimum(delta, sigma)))
+        theta = jnp.where(delta <= 1.0, small, math.pi - small)
+        return theta, jnp.where(delta <= 1.0, math.pi - small, small)
+    near = delta <= 1.0
+    x = jnp.where(near, 1.0 - delta, delta - 1.0)  # |cos θ| in [0, 1]
+    poly = jnp.full_like(x, _ACOS_COEFFS[0])
     for coeff in _ACOS_COEFFS[1:]:
-        poly = poly * ax + coeff
-    acos_abs = jnp.sqrt(1.0 - ax) * poly
-    return jnp.where(cos < 0, acos_abs, math.pi - acos_abs)
+        poly = poly * x + coeff
+    small = jnp.sqrt(jnp.where(near, delta, sigma)) * poly  # θ (near) or π − θ (far)
+    return jnp.where(near, small, math.pi - small), jnp.where(near, math.pi - small, small)
 
 
-def _inv_sqrt(q: jax.Array) -> jax.Array:
-    """1/√q, and 0 where q == 0 (a zero-norm row with b_std = 0 has cos θ := 0, not NaN)."""
-    safe = jnp.where(q > 0, q, 1.0)
-    return jnp.where(q > 0, jax.lax.rsqrt(safe), 0.0)
+def _theta_minus_sin(theta: jax.Array, sin: jax.Array) -> jax.Array:
+    """θ − sin θ without cancellation: the series for θ < 1, the difference otherwise."""
+    t2 = theta * theta
+    poly = jnp.full_like(theta, _TMS_COEFFS[0])
+    for coeff in _TMS_COEFFS[1:]:
+        poly = poly * t2 + coeff
+    return jnp.where(theta < 1.0, theta * t2 * poly, theta - sin)
+
+
+def _asin_accurate(x: jax.Array, comp: jax.Array) -> jax.Array:
+    """asin(x) for x in [0, 1] given comp = √(1 − x²) computed without cancellation."""
+    direct = x <= _ASIN_DIRECT
+    s = jnp.arcsin(jnp.where(direct, x, comp))
+    return jnp.where(direct, s, _HALF_PI - s)
+
+
+def _safe_div(num: jax.Array, den: jax.Array, default: float) -> jax.Array:
+    """num / den, and ``default`` where den == 0 (no NaN in either branch)."""
+    ok = den > 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1.0), default)
+
+
+def _wide_dtype(dtype: Any) -> Any:
+    """float64 where 64-bit types are enabled (the input layer's product), else ``dtype``."""
+    wide = jax.dtypes.canonicalize_dtype(jnp.float64)
+    return wide if jnp.dtype(wide).itemsize > jnp.dtype(dtype).itemsize else dtype
+
+
+# -- per-row recursions --------------------------------------------------------------------------
+def _erf_self(q: jax.Array) -> jax.Array:
+    """asin(2q / (1 + 2q)) accurately also for large q (√(1 − ρ²) = √(1 + 4q) / (1 + 2q))."""
+    g = 1.0 + 2.0 * q
+    return _asin_accurate(2.0 * q / g, jnp.sqrt(1.0 + 4.0 * q) / g)
 
 
 def _diag_step(p: FCParams, q: jax.Array) -> jax.Array:
@@ -82,7 +151,7 @@ def _diag_step(p: FCParams, q: jax.Array) -> jax.Array:
     if p.act == "abrelu":
         return 0.5 * (p.a**2 + p.b**2) * q
     if p.act == "erf":
-        return (2.0 / math.pi) * jnp.arcsin(2.0 * q / (1.0 + 2.0 * q))
+        return (2.0 / math.pi) * _erf_self(q)
     return q
 
 
@@ -101,61 +170,117 @@ def row_stats(p: FCParams, x: jax.Array) -> jax.Array:
     return jnp.stack(qs)
 
 
-def _abrelu_step(p: FCParams, c, r1, r2, q1s, q2s):
-    cos = jnp.clip(c * r1[:, None] * r2[None, :], -1.0, 1.0)
-    if cos.dtype == jnp.float32:
-        # θ = √(2(1 − cos θ)) near cos θ = 1, so a rounding error of a few ulps in cos θ becomes
-        # θ ≈ 5e-4 for identical rows (1e-3 relative error after five layers). Within that
-        # noise a cosine is indistinguishable from 1: snap it, so that repeated rows are exact.
-        cos = jnp.where(cos > 1.0 - _SNAP_F32, 1.0, cos)
-    sin = jnp.sqrt(jnp.maximum(1.0 - cos * cos, 0.0))
-    pmt = _pi_minus_theta(cos)
+def _rows(p: FCParams, qs: jax.Array) -> list[_Rows]:
+    """_Rows for every hidden layer from :func:`row_stats`' (depth + 1, n) output."""
+    out = []
+    for layer in range(p.depth):
+        q = qs[layer]
+        v = jnp.sqrt(jnp.maximum(p.w_var * _diag_step(p, q), 0.0))
+        out.append(_Rows(q, jnp.sqrt(q), v, jnp.sqrt(qs[layer + 1])))
+    return out
+
+
+# -- per-entry layers ----------------------------------------------------------------------------
+def _input_layer(p: FCParams, x1: jax.Array, x2: jax.Array) -> _Pair:
+    """c, δ, σ of the input layer: one matmul in float64 (where enabled), rounded once."""
+    dtype, wide = x1.dtype, _wide_dtype(x1.dtype)
+    a, b = x1.astype(wide), x2.astype(wide)
+    w, beta, d = jnp.asarray(p.w_var, wide), jnp.asarray(p.b_var, wide), x1.shape[1]
+    c = w * jnp.dot(a, b.T, precision=_HIGHEST) / d + beta
+    h1 = jnp.sqrt(w * jnp.sum(a * a, axis=1) / d + beta)
+    h2 = jnp.sqrt(w * jnp.sum(b * b, axis=1) / d + beta)
+    cos = jnp.clip(_safe_div(c, h1[:, None] * h2[None, :], 0.0), -1.0, 1.0)
+    return _Pair(c.astype(dtype), (1.0 - cos).astype(dtype), (1.0 + cos).astype(dtype))
+
+
+def _bias_gap(p: FCParams, r1: _Rows, r2: _Rows, hh_next: jax.Array) -> jax.Array:
+    """√((A + β)(B + β)) − (√(AB) + β) for A = W² s(q, q), B = W² s(q', q'), without cancelling."""
+    dv = r1.v[:, None] - r2.v[None, :]
+    den = hh_next + r1.v[:, None] * r2.v[None, :] + p.b_var
+    return _safe_div(p.b_var * dv * dv, den, 0.0)
+
+
+def _next_pair(p, c_new, g, r1: _Rows, r2: _Rows) -> _Pair:
+    """The next layer's state from c' and g = √(s s') − s₁₂ ≥ 0 (computed without cancelling)."""
+    hh_next = r1.h_next[:, None] * r2.h_next[None, :]
+    gap = p.w_var * jnp.maximum(g, 0.0) + _bias_gap(p, r1, r2, hh_next)
+    delta = jnp.clip(_safe_div(gap, hh_next, 1.0), 0.0, 2.0)
+    return _Pair(c_new, delta, 2.0 - delta)
+
+
+def _abrelu_layer(p: FCParams, st: _Pair, r1: _Rows, r2: _Rows, need_gap: bool):
+    theta, pmt = _acos_parts(st.delta, st.sigma)
+    cos = jnp.where(st.delta <= 1.0, 1.0 - st.delta, st.sigma - 1.0)
+    sin = jnp.sqrt(st.delta * st.sigma)
+    hh = r1.h[:, None] * r2.h[None, :]
     scale = (p.b - p.a) ** 2 / _TWO_PI
-    j = (q1s[:, None] * q2s[None, :]) * (sin + pmt * cos)
-    s = p.a * p.b * c + scale * j
-    sdot = p.a * p.b + scale * pmt
-    return s, sdot
-
-
-def _erf_step(c, q1, q2):
-    g1, g2 = 1.0 + 2.0 * q1, 1.0 + 2.0 * q2
-    prod = g1[:, None] * g2[None, :]
-    ratio = jnp.clip(2.0 * c * jax.lax.rsqrt(prod), -1.0, 1.0)
-    s = (2.0 / math.pi) * jnp.arcsin(ratio)
-    sdot = (4.0 / math.pi) * jax.lax.rsqrt(jnp.maximum(prod - 4.0 * c * c, jnp.finfo(c.dtype).tiny))
-    return s, sdot
-
-
-def _layer(p: FCParams, c, theta, q1, q2, compute_ntk: bool):
-    if p.act == "abrelu":
-        s, sdot = _abrelu_step(p, c, _inv_sqrt(q1), _inv_sqrt(q2), jnp.sqrt(q1), jnp.sqrt(q2))
-    elif p.act == "erf":
-        s, sdot = _erf_step(c, q1, q2)
-    else:
-        s, sdot = c, 1.0
+    ab = p.a * p.b
+    s = ab * st.c + scale * hh * (sin + pmt * cos)
+    sdot = ab + scale * pmt
     c_new = p.w_var * s + p.b_var
-    theta_new = p.w_var * theta * sdot + c_new if compute_ntk else None
-    return c_new, theta_new
+    if not need_gap:
+        return _Pair(c_new, st.delta, st.sigma), sdot
+    # √(s s') − s₁₂ over √(q q'): every term >= 0 when ab >= 0. When ab < 0 (abs, leaky slopes
+    # < 0) and θ > π/2, the same value written in π − θ and σ cancels by at most a small factor.
+    g_near = ab * st.delta + scale * (pmt * st.delta + _theta_minus_sin(theta, sin))
+    g_far = (
+        0.5 * (p.a + p.b) ** 2
+        - ab * st.sigma
+        - scale * (pmt * st.sigma - _theta_minus_sin(pmt, sin))
+    )
+    g = hh * jnp.where((ab < 0) & (st.delta > 1.0), g_far, g_near)
+    return _next_pair(p, c_new, g, r1, r2), sdot
+
+
+def _erf_layer(p: FCParams, st: _Pair, r1: _Rows, r2: _Rows, need_gap: bool):
+    t1, t2 = jax.lax.rsqrt(1.0 + 2.0 * r1.q), jax.lax.rsqrt(1.0 + 2.0 * r2.q)
+    tt = t1[:, None] * t2[None, :]
+    m = 2.0 * (r1.h * t1)[:, None] * (r2.h * t2)[None, :]  # 2c / √(g g') at cos θ = 1
+    r = jnp.sqrt(1.0 + 2.0 * r1.q[:, None] + 2.0 * r2.q[None, :]) * tt  # √(1 − m²)
+    ds = st.delta * st.sigma  # sin²θ
+    pp = jnp.sqrt(r * r + m * m * ds)  # √(1 − m² cos²θ)
+    sdot = (4.0 / math.pi) * _safe_div(tt, pp, 0.0)
+    mu = jnp.minimum(st.delta, st.sigma)
+    y = jnp.clip(m * (1.0 - mu), 0.0, 1.0)  # |2c / √(g g')|
+    big_m = _asin_accurate(jnp.minimum(m, 1.0), r)
+    a_x = jnp.arcsin(jnp.clip(_safe_div(m * ds, pp + (1.0 - mu) * r, 0.0), 0.0, 1.0))
+    s12 = jnp.where(y <= 0.5, jnp.arcsin(y), big_m - a_x)
+    s12 = jnp.where(st.delta <= 1.0, s12, -s12)
+    c_new = p.w_var * (2.0 / math.pi) * s12 + p.b_var
+    if not need_gap:
+        return _Pair(c_new, st.delta, st.sigma), sdot
+    self1, self2 = jnp.sqrt(_erf_self(r1.q)), jnp.sqrt(_erf_self(r2.q))
+    gap1 = jnp.maximum(self1[:, None] * self2[None, :] - big_m, 0.0)
+    gap2 = jnp.where(st.delta < 0.5, a_x, big_m - s12)
+    return _next_pair(p, c_new, (2.0 / math.pi) * (gap1 + gap2), r1, r2), sdot
+
+
+def _layer(p: FCParams, st: _Pair, r1: _Rows, r2: _Rows, need_gap: bool):
+    if p.act == "abrelu":
+        return _abrelu_layer(p, st, r1, r2, need_gap)
+    if p.act == "erf":
+        return _erf_layer(p, st, r1, r2, need_gap)
+    return _Pair(p.w_var * st.c + p.b_var, st.delta, st.sigma), 1.0
 
 
 def fc_tile(p: FCParams, x1: jax.Array, x2: jax.Array, kind: str) -> jax.Array:
     """One kernel tile. x1: (n1, d), x2: (n2, d) -> (n1, n2), dtype of the inputs.
 
-    kind: "ntk" or "nngp". Rows need not be distinct; cosines are clipped to [-1, 1].
+    kind: "ntk" or "nngp". Rows need not be distinct; zero rows (q = 0) have cos θ := 0.
     """
-    d = x1.shape[1]
-    qs1, qs2 = row_stats(p, x1), row_stats(p, x2)
-    c = p.w_var * jnp.dot(x1, x2.T, precision=_HIGHEST) / d + p.b_var
+    rows1, rows2 = _rows(p, row_stats(p, x1)), _rows(p, row_stats(p, x2))
+    st = _input_layer(p, x1, x2)
     compute_ntk = kind == "ntk"
-    theta = c
+    theta = st.c
     for layer in range(p.depth):
-        c, theta_next = _layer(p, c, theta, qs1[layer], qs2[layer], compute_ntk)
-        theta = theta_next if compute_ntk else c
-    return theta if compute_ntk else c
+        need_gap = p.act != "identity" and layer + 1 < p.depth
+        st, sdot = _layer(p, st, rows1[layer], rows2[layer], need_gap)
+        theta = p.w_var * theta * sdot + st.c if compute_ntk else st.c
+    return theta if compute_ntk else st.c
 
 
 def fc_diag(p: FCParams, x: jax.Array, kind: str) -> jax.Array:
-    """The diagonal K(x_i, x_i). x: (n, d) -> (n,). Exact (no arccos near 1)."""
+    """The diagonal K(x_i, x_i). x: (n, d) -> (n,). Exact (cos θ = 1 by construction)."""
     qs = row_stats(p, x)
     if kind == "nngp":
         return qs[-1]
@@ -175,10 +300,8 @@ def _diag_sdot(p: FCParams, q: jax.Array) -> jax.Array:
 
 
 def fc_tile_symmetric(p: FCParams, x: jax.Array, kind: str) -> jax.Array:
-    """A diagonal tile K(x, x): (n, d) -> (n, n), exactly symmetric, diagonal from :func:`fc_diag`.
-
-    arccos loses precision for cos θ ≈ 1 (θ ≈ √(2ε)); the diagonal entries are exact this way.
-    """
+    """A diagonal tile K(x, x): (n, d) -> (n, n), exactly symmetric, diagonal from
+    :func:`fc_diag`."""
     # The barrier materialises the tile once: XLA may otherwise recompute the transposed copy in
     # another fusion, with other rounding, and the result would not be exactly symmetric.
     tile = jax.lax.optimization_barrier(fc_tile(p, x, x, kind))
