@@ -30,9 +30,7 @@ import numpy as np
 
 from ntk_scale.cluster import cluster_gpus, ensure_ray, joins_cluster, wait_for_gpus
 from ntk_scale.errors import GPUUnavailableError, PlacementError
-from ntk_scale.kernels import Network, fixed_shape
-from ntk_scale.kernels.network import chunk_shape
-from ntk_scale.kernels.products import bucket, panel_matmul_function, split_blocks
+from ntk_scale.kernels.products import bucket, panel_matmul_function
 from ntk_scale.panels import (
     add_products,
     block_rows,
@@ -42,7 +40,7 @@ from ntk_scale.panels import (
     tile_products,
     tiles_touching,
 )
-from ntk_scale.plan import BlockPlan, pad_rows
+from ntk_scale.plan import BlockPlan, locate, split_blocks
 from ntk_scale.store import GramStore
 
 #: Tests only: "i.j" makes a GramTileWorker SIGKILL its own process when it starts tile (i, j),
@@ -60,23 +58,19 @@ class GramTileWorker:
     """
 
     def __init__(self, store_url: str):
-        from ntk_scale.kernels import tile_function
-
         self.store = GramStore.open(store_url, mode="r+")
         meta = self.store.meta
         spec, self.size = meta.spec, meta.tile
-        self._fn = tile_function(spec, meta.kind, meta.dtype)
-        self._sym = tile_function(spec, meta.kind, meta.dtype, symmetric=True)
+        self._fn = spec.tile_function(meta.kind, meta.dtype)
+        self._sym = spec.tile_function(meta.kind, meta.dtype, symmetric=True)
         self._lock = threading.Lock()
         self._fault = os.environ.get(FAULT_KILL_TILE_ENV)
         self._warm_up(spec, meta)
 
     def _warm_up(self, spec: Any, meta: Any) -> None:
-        """Compile now, not inside the first tile's timing. A stax network compiles per chunk
-        of pairs: one chunk's worth of rows suffices (its whole tile can take hours)."""
-        rows = (self.size, self.size)
-        if isinstance(spec, Network):
-            rows = chunk_shape(spec.layer, spec.sample_shape, meta.kind, meta.dtype, *rows)
+        """Compile now, not inside the first tile's timing. A kernel computed in chunks of
+        pairs compiles per chunk: one chunk's worth of rows suffices (a tile can take hours)."""
+        rows = spec.tile_chunk(meta.kind, meta.dtype, self.size, self.size)
         zeros = np.zeros((max(rows), meta.d), dtype=meta.dtype)
         np.asarray(self._fn(zeros[: rows[0]], zeros[: rows[1]]))
         if meta.symmetric:
@@ -84,8 +78,7 @@ class GramTileWorker:
 
     def _rows(self, side: str, b: int) -> np.ndarray:
         """Block b's inputs, padded to the tile when the kernel compiles one shape."""
-        x = self.store.x_block(side, b)
-        return pad_rows(x, self.size) if fixed_shape(self.store.meta.spec) else x
+        return self.store.meta.spec.pad_block(self.store.x_block(side, b), self.size)
 
     def compute(self, i: int, j: int) -> dict[str, Any]:
         """Compute, write and mark tile (i, j). Returns where and how long it took."""
@@ -242,9 +235,7 @@ class ProductWorker:
         if self.fixed is None:
             raise ValueError("this ProductWorker has no fixed P; pass P= when creating it")
         rows = x_rows.shape[0]
-        x1 = np.asarray(x_rows, dtype=self.dtype)
-        if fixed_shape(self.spec):
-            x1 = pad_rows(x1, self.plan.tile)
+        x1 = self.spec.pad_block(np.asarray(x_rows, dtype=self.dtype), self.plan.tile)
         with self._lock, jax.enable_x64(True):
             out = np.asarray(self.panel(x1, -1, self.xs, self.fixed))
         self.products += 1
@@ -255,19 +246,17 @@ class ProductWorker:
 
         Entries K(x_k, x_k) come from the exact diagonal formula, as in a stored Gram.
         """
-        from ntk_scale.kernels import tile_function
-
-        tile_fn = tile_function(self.spec, self.kind, str(self.dtype))
+        tile_fn = self.spec.tile_function(self.kind, str(self.dtype))
         idx = np.asarray(idx, dtype=np.int64)
         out = np.empty((self.r1 - self.r0, len(idx)), dtype=np.float64)
-        t, fixed = self.plan.tile, fixed_shape(self.spec)
+        t = self.plan.tile
         for j in range(0, len(idx), t):
             cols = idx[j : j + t]
-            x2 = self.x_host[cols // t, cols % t]
-            x2 = pad_rows(x2, min(bucket(len(cols)), t)) if fixed else x2
+            x2 = self.x_host[locate(cols, t)]
+            x2 = self.spec.pad_block(x2, min(bucket(len(cols)), t))
             for i in range(self.a, self.b):
                 r0, r1 = self.plan.row_range(i)
-                x1 = self.x_host[i] if fixed else self.x_host[i][: r1 - r0]
+                x1 = self.spec.pad_block(self.x_host[i][: r1 - r0], t)
                 tile = np.asarray(tile_fn(x1, x2))
                 out[r0 - self.r0 : r1 - self.r0, j : j + len(cols)] = tile[: r1 - r0, : len(cols)]
         mine = np.flatnonzero((idx >= self.r0) & (idx < self.r1))

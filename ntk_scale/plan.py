@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -139,3 +140,30 @@ def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
     out = np.zeros((rows, x.shape[1]), dtype=x.dtype)
     out[:n] = x
     return out
+
+
+def n_blocks(n: int, tile: int) -> int:
+    """Blocks of ``tile`` rows that hold n rows: ceil(n / tile)."""
+    return -(-int(n) // int(tile))
+
+
+def rows_in_block(n: int, tile: int, b: int) -> int:
+    """Real (unpadded) rows of block b of n rows cut into blocks of ``tile``: 0 past the end."""
+    return max(0, min(int(tile), int(n) - int(b) * int(tile)))
+
+
+def locate(idx: Any, tile: int) -> tuple[np.ndarray, np.ndarray]:
+    """(block, offset) of each global row index: idx (m,) ints in [0, n) -> two (m,) int64
+    arrays, row idx[k] being row offset[k] of block block[k] (blocks of ``tile`` rows)."""
+    idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+    if idx.size and idx.min() < 0:
+        raise IndexError(f"row index {int(idx.min())} is negative; indices are in [0, n)")
+    return idx // int(tile), idx % int(tile)
+
+
+def split_blocks(a: np.ndarray, tile: int, dtype: Any) -> np.ndarray:
+    """a: (n, k) -> (ceil(n / tile), tile, k) in ``dtype``, the last block zero-padded."""
+    nb = n_blocks(a.shape[0], tile)
+    out = np.zeros((nb * tile, a.shape[1]), dtype=dtype)
+    out[: a.shape[0]] = a
+    return out.reshape(nb, tile, a.shape[1])

@@ -19,7 +19,7 @@ import numpy as np
 
 from ntk_scale.actors import ProductWorker, pool_for
 from ntk_scale.io import as_rows
-from ntk_scale.kernels import Network, check_features
+from ntk_scale.kernels import check_features
 from ntk_scale.options import RunOptions
 from ntk_scale.plan import BlockPlan
 from ntk_scale.progress import Progress
@@ -119,15 +119,8 @@ def flat_samples(x_star: Any, spec: Any, d: int) -> Any:
     """x_star as (M, d) rows, lazily (values are checked block by block as they are read):
     (M, d) features, or (M, *S) samples of a network bound to S."""
     rows, sample = as_rows(x_star, "x_star")
-    if not isinstance(spec, Network) and len(sample) > 1:
-        raise ValueError(
-            f"x_star has shape {(rows.shape[0], *sample)}; the model takes (M, {d}) feature rows"
-        )
-    if isinstance(spec, Network) and len(sample) > 1 and sample != spec.sample_shape:
-        raise ValueError(
-            f"x_star has samples of shape {sample}, the model was fitted "
-            f"on {spec.sample_shape}; reshape them to (M, *{spec.sample_shape})"
-        )
+    if len(sample) > 1:
+        spec.check_input(tuple(sample), "x_star")
     if rows.shape[1] != d:
         raise ValueError(
             f"x_star has {rows.shape[1]} features but the model's X has {d}; predict on inputs "

@@ -32,12 +32,9 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from ntk_scale.kernels import FullyConnected, Network, tile_function
-from ntk_scale.kernels.network import chunk_shape, pair_bytes, pair_flops
+from ntk_scale.kernels import Kernel
 from ntk_scale.plan import DEFAULT_TILE, BlockPlan
 
-# Elementwise work per entry and hidden layer of the recursion (arccos polynomial, sqrt, ...).
-_FLOPS_PER_ENTRY_LAYER = 40
 _PROBE_PREFIX = ".ntk-probe-"
 _PROBE_FILE_BYTES = 16 << 20
 #: The disk's write rate is probed with the store's bytes up to this much: a small probe sees
@@ -122,7 +119,7 @@ class GramPlan:
 def plan_gram(
     n: int,
     d: int,
-    spec: FullyConnected | Network,
+    spec: Kernel,
     kind: str = "ntk",
     dtype: str = "float32",
     tile: int = DEFAULT_TILE,
@@ -178,13 +175,7 @@ def kernel_costs(spec: Any, d: int, kind: str, dtype: str, t: int) -> tuple[floa
     A fully-connected tile is one matmul and an elementwise chain over the whole tile; a stax
     network's tile is computed c1 x c2 pairs at a time, its covariance tensors within the
     worker's kernel memory budget (:data:`ntk_scale.kernels.network.DEFAULT_KERNEL_MEMORY`)."""
-    item = np.dtype(dtype).itemsize
-    if isinstance(spec, Network):
-        c1, c2 = chunk_shape(spec.layer, spec.sample_shape, kind, dtype, t, t)
-        memory = c1 * c2 * pair_bytes(spec.layer, spec.sample_shape, kind, dtype)
-        return pair_flops(spec.layer, spec.sample_shape), memory + 3 * t * d * item, (c1, c2)
-    # inputs + the recursion's live tiles
-    return 2 * d + _FLOPS_PER_ENTRY_LAYER * spec.depth, item * (2 * t * d + 6 * t * t), None
+    return tuple(spec.cost(d, kind, dtype, t))
 
 
 def _timing(
@@ -225,7 +216,7 @@ def _bound(compute: float | None, write: float | None) -> tuple[str | None, floa
 
 
 def time_worker_tile(
-    spec: FullyConnected | Network,
+    spec: Kernel,
     kind: str,
     dtype: str,
     t: int,
@@ -275,20 +266,10 @@ def _worker_tile_main(argv: list[str]) -> None:
     )
     rng = np.random.default_rng(0)
     x1, x2 = (rng.normal(size=(t, d)).astype(dtype) for _ in range(2))
-    if isinstance(spec, Network):
-        compute, diagonal = _network_tile_seconds(spec, kind, dtype, x1, x2)
-        print(json.dumps({"compute": compute, "diagonal": diagonal, "write": None}), flush=True)
-        return
-    fn, sym = tile_function(spec, kind, dtype), tile_function(spec, kind, dtype, symmetric=True)
-    fn(x1, x2).block_until_ready()
-    sym(x1, x1).block_until_ready()
-    start = time.perf_counter()
-    values = np.asarray(fn(x1, x2))
-    compute, write = time.perf_counter() - start, None
-    start = time.perf_counter()
-    np.asarray(sym(x1, x1))
-    diagonal = time.perf_counter() - start
-    if where:
+    compute, diagonal = spec.tile_seconds(kind, dtype, x1, x2)
+    write = None
+    if where:  # a chunk's write costs its bytes (no compression), whatever their values
+        values = rng.normal(size=(t, t)).astype(dtype)
         fs = url_fs(where)[0]
         times = []
         for k in range(3):
@@ -298,27 +279,6 @@ def _worker_tile_main(argv: list[str]) -> None:
             times.append(time.perf_counter() - start)
         write = float(np.median(times))
     print(json.dumps({"compute": compute, "diagonal": diagonal, "write": write}), flush=True)
-
-
-def _network_tile_seconds(spec: Network, kind: str, dtype: str, x1, x2) -> tuple[float, float]:
-    """(off-diagonal, diagonal) seconds of a (t, t) tile of a stax network, from one chunk of
-    pairs and the self pass of its images timed here (a tile of a conv kernel can take hours:
-    it is t² pairs at a measured cost per pair plus 2t images at a cost per image)."""
-    t = x1.shape[0]
-    compiled = spec.compiled(kind, dtype)
-    c1, c2 = chunk_shape(spec.layer, spec.sample_shape, kind, dtype, t, t)
-    a, b = spec.rows(x1[:c1]), spec.rows(x2[:c2])
-    compiled.tile(a, b)  # compiles
-    a = spec.rows(x1[c1 : 2 * c1]) if len(x1) >= 2 * c1 else a + 1.0  # rows not seen yet
-    start = time.perf_counter()
-    stats_a = compiled.self_stats(a)
-    per_image = (time.perf_counter() - start) / c1
-    stats_b = compiled.self_stats(b)
-    start = time.perf_counter()
-    compiled.tile(a, b, stats_a, stats_b)
-    per_pair = (time.perf_counter() - start) / (c1 * c2)
-    upper = t * (t + min(c1, c2)) / 2  # a diagonal tile computes its upper chunks only
-    return t * t * per_pair + 2 * t * per_image, upper * per_pair + t * per_image
 
 
 def _bytes(n: float) -> str:

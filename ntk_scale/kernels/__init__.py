@@ -1,10 +1,12 @@
-"""Analytic infinite-width kernels (pure JAX; no Ray, no I/O).
+"""Analytic infinite-width kernels (pure JAX; no Ray, no I/O), all behind one protocol
+(:class:`Kernel`, :mod:`ntk_scale.kernels.protocol`) that the rest of the package calls.
 
 Tile-times-matrix products (the matrix-free operator's and predict's one fused path) live in
 :mod:`ntk_scale.kernels.products`."""
 
 from ntk_scale.kernels import stax
 from ntk_scale.kernels.network import Network
+from ntk_scale.kernels.protocol import Kernel, KernelCost
 from ntk_scale.kernels.spec import (
     ACTIVATIONS,
     KERNEL_CODE_VERSION,
@@ -25,6 +27,8 @@ __all__ = [
     "ACTIVATIONS",
     "KERNEL_CODE_VERSION",
     "FullyConnected",
+    "Kernel",
+    "KernelCost",
     "Layer",
     "Myrtle",
     "Network",

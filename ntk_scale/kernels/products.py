@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntk_scale.kernels import fc
+from ntk_scale.plan import rows_in_block
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -48,24 +49,26 @@ def panel_matmul_function(
 ) -> Callable:
     """(x1 (t, d), i, xs (nb, t, d), ps (nb, t, c) float64) -> K(x1, X) @ P as (t, c) float64.
 
-    xs and ps are X and P split into nb blocks of t rows (zero-padded, see :func:`split_blocks`).
-    i: the column block equal to x1 in a square K(X, X) (its diagonal then comes from the exact
-    formula), or -1 for a rectangular K(X*, X). n_rows: X's rows before padding (a stax
-    network's tiles then skip the padding rows). Tiles are computed in ``dtype`` ("highest"
-    matmul precision: float32 is never TF32), products and the sum in float64. Call it with
-    64-bit types enabled (``jax.enable_x64(True)``).
+    xs and ps are X and P split into nb blocks of t rows (zero-padded, see
+    :func:`ntk_scale.plan.split_blocks`). i: the column block equal to x1 in a square K(X, X)
+    (its diagonal then comes from the exact formula), or -1 for a rectangular K(X*, X).
+    n_rows: X's rows before padding (a stax network's tiles then skip the padding rows). Tiles
+    are computed in ``dtype`` ("highest" matmul precision: float32 is never TF32), products and
+    the sum in float64. Call it with 64-bit types enabled (``jax.enable_x64(True)``).
+    The kernel's :meth:`~ntk_scale.kernels.protocol.Kernel.panel_function`.
     """
-    from ntk_scale.kernels.network import Network
+    return spec.panel_function(kind, dtype, n_rows)
 
-    if isinstance(spec, Network):
-        return _network_panel(spec, kind, dtype, n_rows)
+
+def fc_panel_function(spec: Any, kind: str, dtype: str) -> Callable:
+    """FullyConnected's panel product: the fused scan of :func:`_compiled_panel`."""
     static, traced = spec.params.split()
     fn = _compiled_panel(static, kind)
     hyper = tuple(np.asarray(v, dtype=dtype) for v in traced)
     return lambda x1, i, xs, ps: fn(hyper, x1, np.int32(i), xs, ps)
 
 
-def _network_panel(spec: Any, kind: str, dtype: str, n_rows: int | None) -> Callable:
+def network_panel_function(spec: Any, kind: str, dtype: str, n_rows: int | None) -> Callable:
     """The same product for a stax network: tile by tile (each tile is itself computed in
     chunks of pairs; the self pass of a block seen before is reused), the diagonal block i from
     the symmetric tile, padding rows of X skipped (a conv pair is expensive), in float64."""
@@ -73,7 +76,7 @@ def _network_panel(spec: Any, kind: str, dtype: str, n_rows: int | None) -> Call
 
     def real(xs: Any, j: int) -> int:
         t = xs.shape[1]
-        return t if n_rows is None else max(0, min(t, n_rows - j * t))
+        return t if n_rows is None else rows_in_block(n_rows, t, j)
 
     def panel(x1, i, xs, ps):
         rows = x1.shape[0]
@@ -89,14 +92,6 @@ def _network_panel(spec: Any, kind: str, dtype: str, n_rows: int | None) -> Call
         return acc
 
     return panel
-
-
-def split_blocks(a: np.ndarray, tile: int, dtype: Any) -> np.ndarray:
-    """a: (n, k) -> (ceil(n / tile), tile, k) in ``dtype``, the last block zero-padded."""
-    nb = -(-a.shape[0] // tile)
-    out = np.zeros((nb * tile, a.shape[1]), dtype=dtype)
-    out[: a.shape[0]] = a
-    return out.reshape(nb, tile, a.shape[1])
 
 
 def bucket(c: int) -> int:

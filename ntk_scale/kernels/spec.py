@@ -13,10 +13,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from ntk_scale.kernels import fc
+from ntk_scale.kernels import fc, products, timing
 from ntk_scale.kernels.network import Network
+from ntk_scale.kernels.protocol import Kernel, KernelCost
 from ntk_scale.kernels.stax import Layer, layer_from_dict
 from ntk_scale.kernels.validate import DTYPES, KINDS, check_choice, check_features
+from ntk_scale.plan import pad_rows
 
 #: Bumped whenever a change to the kernel code could change a computed value: stores made by
 #: another version are refused (their fingerprint differs).
@@ -24,6 +26,8 @@ KERNEL_CODE_VERSION = 1
 
 ACTIVATIONS = ("relu", "erf", "abs", "identity", "leaky_relu")
 _ABRELU_SLOPES = {"relu": (0.0, 1.0), "abs": (-1.0, 1.0)}
+# Elementwise work per entry and hidden layer of the recursion (arccos polynomial, sqrt, ...).
+_FLOPS_PER_ENTRY_LAYER = 40
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +108,62 @@ class FullyConnected:
         check_choice("dtype", dtype, DTYPES)
         return np.asarray(diag_function(self, kind, dtype)(check_features(x)))
 
+    # -- the kernel protocol (:class:`ntk_scale.kernels.protocol.Kernel`) -----------------------
+    @property
+    def d(self) -> None:
+        """Any number of features: Dense layers on x (n, d)."""
+        return None
+
+    @property
+    def fixed_shape(self) -> bool:
+        """True: the fused tile compiles once per input shape, so edge blocks are padded."""
+        return True
+
+    def rows(self, x: Any, name: str = "x") -> np.ndarray:
+        return check_features(x, name)
+
+    def check_input(self, sample_shape: tuple[int, ...], name: str = "x") -> None:
+        shape = tuple(sample_shape)
+        if len(shape) != 1:
+            raise ValueError(
+                f"{name} has samples of shape {shape}; a FullyConnected kernel takes (n, d) "
+                f"feature rows: pass {name}.reshape(n, -1)"
+            )
+
+    def pad_block(self, x: np.ndarray, rows: int) -> np.ndarray:
+        return pad_rows(x, rows)
+
+    def tile_function(
+        self, kind: str = "ntk", dtype: str = "float32", symmetric: bool = False
+    ) -> Callable[..., jax.Array]:
+        return _bind(self, kind, dtype, "symmetric" if symmetric else "tile")
+
+    def diag_function(self, kind: str = "ntk", dtype: str = "float32") -> Callable:
+        return _bind(self, kind, dtype, "diag")
+
+    def panel_function(
+        self, kind: str = "ntk", dtype: str = "float32", n_rows: int | None = None
+    ) -> Callable:
+        """The fused scan (padding rows of X cost what real ones do: n_rows is not needed)."""
+        return products.fc_panel_function(self, kind, dtype)
+
+    def self_stats(self, x: Any, kind: str = "ntk", dtype: str = "float32") -> None:
+        """No self pass: a tile needs only x1 and x2."""
+        return None
+
+    def tile_chunk(self, kind: str, dtype: str, n1: int, n2: int) -> tuple[int, int]:
+        return n1, n2
+
+    def cost(self, d: int, kind: str, dtype: str, t: int) -> KernelCost:
+        """One matmul and an elementwise chain over the whole tile; memory: the inputs and the
+        recursion's live tiles."""
+        item = np.dtype(dtype).itemsize
+        flops = 2 * d + _FLOPS_PER_ENTRY_LAYER * self.depth
+        return KernelCost(float(flops), item * (2 * t * d + 6 * t * t), None)
+
+    def tile_seconds(self, kind: str, dtype: str, x1: Any, x2: Any) -> tuple[float, float]:
+        return timing.whole_tile_seconds(self, kind, dtype, x1, x2)
+
 
 def _check_float(name: str, value: Any, ok: Callable[[float], bool], fix: str) -> None:
     try:
@@ -168,38 +228,31 @@ def _bind(spec: FullyConnected, kind: str, dtype: str, what: str) -> Callable[..
 
 
 def tile_function(
-    spec: FullyConnected, kind: str = "ntk", dtype: str = "float32", symmetric: bool = False
+    spec: Kernel, kind: str = "ntk", dtype: str = "float32", symmetric: bool = False
 ) -> Callable[..., jax.Array]:
-    """A jitted tile function (x1 (n1, d), x2 (n2, d)) -> (n1, n2) jax array in ``dtype``.
+    """A tile function (x1 (n1, d), x2 (n2, d)) -> (n1, n2) array in ``dtype``
+    (:meth:`Kernel.tile_function`).
 
-    Compiled once per input shape (pad edge tiles to keep one shape). With ``symmetric=True`` it
-    must be called with x1 == x2 (a diagonal tile): the result is exactly symmetric and its
-    diagonal comes from the exact formula.
+    FullyConnected compiles once per input shape (pad edge tiles to keep one shape). With
+    ``symmetric=True`` it must be called with x1 == x2 (a diagonal tile): the result is exactly
+    symmetric and its diagonal comes from the exact formula.
     """
-    if isinstance(spec, Network):
-        compiled = spec.compiled(kind, dtype)
-        if symmetric:
-            return lambda x1, x2: compiled.tile(spec.rows(x1)).astype(dtype)
-        return lambda x1, x2: compiled.tile(spec.rows(x1), spec.rows(x2)).astype(dtype)
-    return _bind(spec, kind, dtype, "symmetric" if symmetric else "tile")
+    return spec.tile_function(kind, dtype, symmetric)
 
 
-def diag_function(spec: FullyConnected, kind: str = "ntk", dtype: str = "float32") -> Callable:
-    """A jitted diagonal function x (n, d) -> (n,) in ``dtype``."""
-    if isinstance(spec, Network):
-        compiled = spec.compiled(kind, dtype)
-        return lambda x: compiled.diag(spec.rows(x)).astype(dtype)
-    return _bind(spec, kind, dtype, "diag")
+def diag_function(spec: Kernel, kind: str = "ntk", dtype: str = "float32") -> Callable:
+    """A diagonal function x (n, d) -> (n,) in ``dtype`` (:meth:`Kernel.diag_function`)."""
+    return spec.diag_function(kind, dtype)
 
 
 def diag_blocks(
-    spec: FullyConnected, x: Any, kind: str = "ntk", dtype: str = "float32", block: int = 2048
+    spec: Kernel, x: Any, kind: str = "ntk", dtype: str = "float32", block: int = 2048
 ) -> np.ndarray:
     """The exact diagonal K(x_i, x_i) of x (n, d) -> (n,) float64, computed in ``dtype``.
 
     x may be anything sliceable (numpy, memmap, Zarr, dask): it is read ``block`` rows at a
-    time, and (for FullyConnected, :func:`fixed_shape`) every block is padded with zero rows to
-    ``block`` rows, so one shape compiles
+    time, and (where the kernel has a :attr:`Kernel.fixed_shape`) every block is padded with
+    zero rows to ``block`` rows, so one shape compiles
     (``block`` is clamped to n, as a store clamps its tile). XLA's results can depend on the
     array shape in the last bit: pass a store's tile as ``block`` and this diagonal is bitwise
     the one its diagonal tiles hold.
@@ -212,35 +265,31 @@ def diag_blocks(
     if len(getattr(x, "shape", ())) != 2:
         x = check_features(x, "x")
     n, d = x.shape
-    if isinstance(spec, Network) and d != spec.d:
-        raise ValueError(f"x has {d} features, the kernel takes samples of shape "
-                         f"{spec.sample_shape} ({spec.d} features)")  # fmt: skip
+    spec.check_input((d,), "x")
     block = min(int(block), max(n, 1))
-    fn, out = diag_function(spec, kind, dtype), np.empty(n, dtype=np.float64)
+    fn, out = spec.diag_function(kind, dtype), np.empty(n, dtype=np.float64)
     for r0 in range(0, n, block):
-        part = np.asarray(x[r0 : r0 + block], dtype=dtype)
-        if fixed_shape(spec):
-            part = np.concatenate([part, np.zeros((block - len(part), d), dtype=dtype)])
+        part = spec.pad_block(np.asarray(x[r0 : r0 + block], dtype=dtype), block)
         out[r0 : min(r0 + block, n)] = np.asarray(fn(part))[: min(block, n - r0)]
     return out
 
 
-def fixed_shape(spec: Any) -> bool:
-    """Whether callers should pad inputs to one number of rows (:func:`ntk_scale.plan.pad_rows`).
+def fixed_shape(spec: Kernel) -> bool:
+    """Whether callers should pad inputs to one number of rows (:attr:`Kernel.fixed_shape`):
     FullyConnected compiles its tile function once per shape; a stax network chunks its pairs
     itself, and a padding row of a conv kernel costs as much as a real one."""
-    return not isinstance(spec, Network)
+    return spec.fixed_shape
 
 
 def check_spec(spec: Any) -> None:
-    """Raise ValueError unless ``spec`` is a kernel the system computes: FullyConnected, or a
-    stax network bound to its input shape (:func:`bind`)."""
+    """Raise ValueError unless ``spec`` is a kernel the system computes (it implements
+    :class:`Kernel`): FullyConnected, or a stax network bound to its input shape (:func:`bind`)."""
     if isinstance(spec, Layer):
         raise ValueError(
             "a stax network must be bound to its input shape first: ntk_scale.kernels.bind("
             "spec, x.shape[1:]) (the stages, the estimators and the CLI do this themselves)"
         )
-    if not isinstance(spec, (FullyConnected, Network)):
+    if not isinstance(spec, Kernel):
         raise ValueError(
             f"kernel must be a FullyConnected spec or a stax network, got {type(spec).__name__}"
         )

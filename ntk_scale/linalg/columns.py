@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from ntk_scale.kernels import FullyConnected, Network, fixed_shape, tile_function
-from ntk_scale.plan import BlockPlan, pad_rows
+from ntk_scale.kernels import Kernel
+from ntk_scale.plan import BlockPlan, locate
 
 
 def kernel_columns(
-    spec: FullyConnected | Network,
+    spec: Kernel,
     kind: str,
     dtype: str,
     plan: BlockPlan,
@@ -28,8 +28,9 @@ def kernel_columns(
 
     x_block(b): the rows of X in row block b, (<= plan.tile, d). diag: (N,) the exact diagonal,
     placed where a pivot meets its own row (as in a stored Gram). idx: (m,) ints in [0, N).
-    Each block of X holding pivots is read once; for FullyConnected the pivots are padded to a
-    power of two rows and every block to plan.tile rows, so few shapes compile.
+    Each block of X holding pivots is read once; where the kernel compiles per input shape
+    the pivots are padded to a power of two rows and every block to plan.tile rows
+    (:meth:`Kernel.pad_block`), so few shapes compile.
     """
     if not plan.symmetric:
         raise ValueError("columns are defined for symmetric Gram matrices K(X, X)")
@@ -37,17 +38,15 @@ def kernel_columns(
     out = np.empty((plan.n_rows, idx.size), dtype=np.float64)
     if not idx.size:
         return out
-    tile = plan.tile
-    held = {int(b): x_block(int(b)) for b in np.unique(idx // tile)}
-    pivots = np.stack([held[int(i) // tile][int(i) % tile] for i in idx])
-    fixed = fixed_shape(spec)
+    blocks, offsets = locate(idx, plan.tile)
+    held = {int(b): x_block(int(b)) for b in np.unique(blocks)}
+    pivots = np.stack([held[int(b)][int(o)] for b, o in zip(blocks, offsets, strict=True)])
     width = 1 << max(0, int(idx.size - 1).bit_length())  # few shapes: few compilations
-    xp = pad_rows(pivots, width) if fixed else pivots
-    fn = tile_function(spec, kind, dtype)
+    xp = spec.pad_block(pivots, width)
+    fn = spec.tile_function(kind, dtype)
     for b in range(plan.row_blocks):
         r0, r1 = plan.row_range(b)
-        rows = x_block(b)
-        block = np.asarray(fn(pad_rows(rows, tile) if fixed else rows, xp))
+        block = np.asarray(fn(spec.pad_block(x_block(b), plan.tile), xp))
         out[r0:r1] = block[: r1 - r0, : idx.size]
     out[idx, np.arange(idx.size)] = np.asarray(diag, dtype=np.float64)[idx]
     return out

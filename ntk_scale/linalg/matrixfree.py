@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ntk_scale.actors import ProductWorker, pool_for
-from ntk_scale.kernels import FullyConnected, check_features
+from ntk_scale.kernels import Kernel, check_features
 from ntk_scale.kernels.validate import DTYPES, KINDS, check_choice
 from ntk_scale.linalg.operators import check_block, check_indices
 from ntk_scale.options import RunOptions
@@ -51,7 +51,7 @@ class MatrixFreeOperator:
 
     def __init__(
         self,
-        spec: FullyConnected,
+        spec: Kernel,
         X: Any,
         kind: str = "ntk",
         dtype: str = "float32",
@@ -156,7 +156,7 @@ class PrecisionReport(NamedTuple):
 
 
 def precision_report(
-    spec: FullyConnected,
+    spec: Kernel,
     X: Any,
     P: np.ndarray,
     kind: str = "ntk",

@@ -10,8 +10,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ntk_scale.kernels import FullyConnected, check_features
 from ntk_scale.plan import DEFAULT_TILE
+from ntk_scale.kernels import Kernel, check_features
 
 
 @runtime_checkable
@@ -113,7 +113,7 @@ class KernelOperator:
 
     def __init__(
         self,
-        spec: FullyConnected,
+        spec: Kernel,
         X: Any,
         kind: str = "ntk",
         dtype: str = "float64",

@@ -20,7 +20,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from ntk_scale.errors import StoreFormatError, StoreMismatchError, TileCorruptError
-from ntk_scale.kernels import FullyConnected, Network
+from ntk_scale.kernels import Kernel
 from ntk_scale.plan import DEFAULT_TILE, BlockPlan, Tile
 from ntk_scale.store.codec import check_array_format, chunk_body, decode_chunk
 from ntk_scale.store.fsio import atomic_put, sweep_temporaries, url_fs, zarr_store
@@ -85,7 +85,7 @@ class GramStore:
     def create(
         cls,
         url: str,
-        spec: FullyConnected | Network,
+        spec: Kernel,
         x: Any,
         x_cols: Any = None,
         kind: str = "ntk",

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ntk_scale.kernels import FullyConnected, Network, check_features, check_spec, spec_from_dict
+from ntk_scale.kernels import Kernel, check_features, check_spec, spec_from_dict
 from ntk_scale.kernels.validate import DTYPES, KINDS, check_choice
 from ntk_scale.plan import DEFAULT_TILE, BlockPlan
 
@@ -39,7 +39,7 @@ class StoreMeta:
     format_version: int = FORMAT_VERSION
 
     @property
-    def spec(self) -> FullyConnected | Network:
+    def spec(self) -> Kernel:
         return spec_from_dict(self.kernel)
 
     @property
@@ -88,11 +88,7 @@ def make_meta(spec, x, x_cols, kind, dtype, tile) -> StoreMeta:
     if len(getattr(x, "shape", ())) != 2:
         check_features(x, "x")
     n, d = x.shape
-    if isinstance(spec, Network) and d != spec.d:
-        raise ValueError(
-            f"x has {d} features per row; the kernel takes samples of shape "
-            f"{spec.sample_shape} = {spec.d} features: pass x.reshape(n, -1)"
-        )
+    spec.check_input((d,), "x")
     fp_rows = fingerprint_rows(x, dtype, name="x")
     if x_cols is None:
         m, fp_cols = n, fp_rows
