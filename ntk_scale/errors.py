@@ -44,3 +44,13 @@ class GPUUnavailableError(RuntimeError):
     """A run asked for GPUs (on a cluster, by default) and none of the kind asked for joined
     within the wait: the message names the wait and the fixes (--allow-cpu, or the GPU worker
     group). Exit code 3 of the CLI."""
+
+
+class SolverError(ValueError):
+    """PCG met a non-positive curvature or a NaN/Inf: K + λI is not (numerically) SPD. The
+    message names the fix (a larger ridge, a float64 store)."""
+
+
+class ConvergenceWarning(UserWarning):
+    """PCG reached max_iter with columns above tol; the message names the settings to change
+    (max_iter, the preconditioner, the ridge)."""

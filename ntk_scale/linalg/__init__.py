@@ -3,13 +3,12 @@
 Gram operators, preconditioners, block PCG and its checkpoints.
 """
 
+from ntk_scale.errors import ConvergenceWarning, SolverError
 from ntk_scale.linalg.checkpoint import checkpoint_every, load_checkpoint, save_checkpoint
 from ntk_scale.linalg.operators import DenseOperator, GramOperator, KernelOperator
 from ntk_scale.linalg.pcg import (
-    ConvergenceWarning,
     PCGResult,
     PCGState,
-    SolverError,
     resolve_ridge,
     solve_pcg,
 )

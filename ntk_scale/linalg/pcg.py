@@ -18,19 +18,12 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ntk_scale.errors import ConvergenceWarning, SolverError
 from ntk_scale.linalg.operators import GramOperator
 from ntk_scale.linalg.preconditioners import PerGroup, Preconditioner, identity
 from ntk_scale.options import SolveOptions
 
 STATE_FIELDS = ("x", "r", "z", "p", "rz", "iteration", "active", "residuals")
-
-
-class SolverError(ValueError):
-    """PCG met a non-positive curvature or a NaN/Inf: K + λI is not (numerically) SPD."""
-
-
-class ConvergenceWarning(UserWarning):
-    """PCG reached max_iter with columns above tol."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
