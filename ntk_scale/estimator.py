@@ -198,7 +198,9 @@ def _fix_appended() -> Iterator[None]:
         fix = next((f for key, f in _FIXES if key in str(err)), None)
         if type(err) is not ValueError or fix is None:
             raise
-        raise ValueError(f"{str(err).rstrip().rstrip('.')}; {fix}") from None
+        # After the first line: scikit-learn may print the offending array below it.
+        head, sep, rest = str(err).rstrip().partition("\n")
+        raise ValueError(f"{head.rstrip('.')}; {fix}{sep}{rest}") from None
 
 
 def _flat(X: Any) -> tuple[Any, tuple[int, ...] | None]:
