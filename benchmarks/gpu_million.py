@@ -38,9 +38,9 @@ jax.config.update("jax_default_matmul_precision", "highest")  # never TF32 for f
 from results_io import RESULTS, machine, write_json
 
 from ntk_scale import FullyConnected
-from ntk_scale.actors import ProductWorker
 from ntk_scale.linalg import nystrom, solve_pcg
 from ntk_scale.linalg.matrixfree import MatrixFreeOperator, precision_report
+from ntk_scale.roles import ProductWorker
 
 SPEC = FullyConnected(depth=3, activation="relu", W_std=2**0.5, b_std=0.0)
 

@@ -5,9 +5,11 @@ options record; the estimators, the CLI and the config run through them.
 """
 
 from ntk_scale.errors import (
+    ConvergenceWarning,
     GPUUnavailableError,
     GramRunError,
     PlacementError,
+    SolverError,
     StoreFormatError,
     StoreLockedError,
     StoreMismatchError,
@@ -16,7 +18,6 @@ from ntk_scale.errors import (
 )
 from ntk_scale.estimator import NTKClassifier, NTKClassifierCV, NTKRegressor, NTKRegressorCV
 from ntk_scale.kernels import FullyConnected, Myrtle, spec_from_json, stax
-from ntk_scale.linalg import ConvergenceWarning, SolverError
 from ntk_scale.options import GramOptions, RunOptions, SolveOptions
 from ntk_scale.stages import fit, gram, predict, solve, verify
 from ntk_scale.store import GramStore
@@ -27,7 +28,7 @@ __version__ = "0.1.0"
 def shutdown() -> None:
     """Stop this process's worker actors (they stop at exit anyway); the next stage starts new
     ones."""
-    from ntk_scale.actors import shutdown_pools
+    from ntk_scale.pool import shutdown_pools
 
     shutdown_pools()
 

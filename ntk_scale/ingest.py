@@ -181,8 +181,8 @@ def _scheduler(address: str | None) -> Iterator[None]:
         return
     from ray.util.dask import ray_dask_get
 
-    from ntk_scale.actors import shutdown_pools
     from ntk_scale.cluster import ensure_ray
+    from ntk_scale.pool import shutdown_pools
 
     ensure_ray(address)
     # The graph runs as Ray tasks of one CPU each: this process's idle pool would hold every CPU

@@ -1,6 +1,6 @@
 """Predictions K(X*, X) @ A on the pool's hosts: rectangular tiles computed and multiplied at once.
 
-Nothing of K(X*, X) is stored: each host holds a :class:`ntk_scale.actors.ProductWorker` (X and
+Nothing of K(X*, X) is stored: each host holds a :class:`ntk_scale.roles.ProductWorker` (X and
 A, the same fused tile-times-matrix path as the matrix-free operator) and takes one row block of
 X* at a time. Row blocks are queued on the hosts; a block on a host that dies runs again on
 another. Memory per host: X, A and one tile; on the driver, one row block of X* (it is read
@@ -17,12 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from ntk_scale.actors import ProductWorker, pool_for
 from ntk_scale.io import as_rows
 from ntk_scale.kernels import check_features
 from ntk_scale.options import RunOptions
 from ntk_scale.plan import BlockPlan
+from ntk_scale.pool import pool_for
 from ntk_scale.progress import Progress
+from ntk_scale.roles import ProductWorker
 from ntk_scale.store import GramStore, fingerprint_rows
 from ntk_scale.store.meta import shift_row
 from ntk_scale.store.predictions import PredictionArray

@@ -13,10 +13,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ntk_scale.actors import GramTileWorker, pool_for
 from ntk_scale.options import RunOptions
 from ntk_scale.plan import Tile
+from ntk_scale.pool import pool_for
 from ntk_scale.progress import Progress
+from ntk_scale.roles import GramTileWorker
 from ntk_scale.store import GramStore
 from ntk_scale.tasks import RoleGroup, run_queue
 

@@ -2,7 +2,7 @@
 
 The CLI, the TOML config, the estimators and the demo all call these functions, and nothing else
 orchestrates a run. Every input is validated before the first byte is written. All stages share
-the process's persistent worker pool (:mod:`ntk_scale.actors`): actors start once and serve
+the process's persistent worker pool (:mod:`ntk_scale.pool`): actors start once and serve
 gram, solve and predict, and estimator refits.
 """
 
@@ -20,7 +20,7 @@ import fsspec
 import numpy as np
 
 from ntk_scale.io import as_rows
-from ntk_scale.kernels import FullyConnected, Layer, Network, bind, diag_blocks
+from ntk_scale.kernels import Kernel, Layer, bind, diag_blocks
 from ntk_scale.linalg import PCGState
 from ntk_scale.model import Model, load_model, save_model
 from ntk_scale.options import GramOptions, RunOptions, SolveOptions
@@ -53,7 +53,7 @@ __all__ = [
 # -- gram ---------------------------------------------------------------------------------------
 def gram(
     x: Any,
-    spec: FullyConnected | Layer | Network,
+    spec: Kernel | Layer,
     store: str,
     options: GramOptions | None = None,
     run: RunOptions | None = None,
@@ -101,7 +101,7 @@ class OperatorDecision:
 
 
 def choose_solver_operator(
-    operator: str, spec: FullyConnected, n: int, d: int, o: GramOptions, run: RunOptions,
+    operator: str, spec: Kernel, n: int, d: int, o: GramOptions, run: RunOptions,
     store: str,
 ) -> OperatorDecision:  # fmt: skip
     """The solver operator for ``operator`` (resolving "auto": the cheaper per product of
@@ -115,7 +115,7 @@ def choose_solver_operator(
 
 @functools.lru_cache(maxsize=32)
 def _auto_choice(
-    spec: FullyConnected, n: int, d: int, o: GramOptions, workers: int, where: str
+    spec: Kernel, n: int, d: int, o: GramOptions, workers: int, where: str
 ) -> OperatorDecision:
     """Measured once per process and problem: refits (GridSearchCV) do not time a tile and
     write a read-rate probe again."""
@@ -127,7 +127,7 @@ def _auto_choice(
 
 
 def _default_workers(run: RunOptions) -> int:
-    from ntk_scale.actors import pool_for
+    from ntk_scale.pool import pool_for
 
     return pool_for(run).default_workers()
 
@@ -374,7 +374,7 @@ class FitReport:
 
 def fit(
     inputs: Inputs,
-    spec: FullyConnected | Layer | Network,
+    spec: Kernel | Layer,
     store: str,
     gram_options: GramOptions | None = None,
     solve_options: SolveOptions | None = None,

@@ -19,9 +19,9 @@ import warnings
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
-from ntk_scale.actors import Pool, Slot
 from ntk_scale.errors import GramRunError, PlacementError, WorkerLostError
 from ntk_scale.options import RunOptions
+from ntk_scale.pool import Pool, Slot
 
 
 @dataclasses.dataclass

@@ -21,8 +21,8 @@ import pytest
 from processes import SCRIPTS
 
 from ntk_scale import FullyConnected, stages
-from ntk_scale.actors import pool_for
 from ntk_scale.options import GramOptions, RunOptions, SolveOptions
+from ntk_scale.pool import pool_for
 from ntk_scale.predict import predict_from_store
 from ntk_scale.store import GramStore
 

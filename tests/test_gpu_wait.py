@@ -20,10 +20,10 @@ import pytest
 from processes import SCRIPTS, stop_group
 
 from ntk_scale import NTKRegressor
-from ntk_scale.actors import HostRequest, host_request
 from ntk_scale.cluster import joins_cluster, wait_for_gpus
 from ntk_scale.errors import GPUUnavailableError
 from ntk_scale.options import RunOptions
+from ntk_scale.pool import HostRequest, host_request
 
 BIN = Path(sys.executable).parent
 

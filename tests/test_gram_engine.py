@@ -180,7 +180,7 @@ def test_second_driver_is_refused_and_stale_lock_taken_over(clean_store):
 
 def test_memory_url_store_without_ray():
     """Any fsspec URL works: memory:// in one process, tiles written by a plain GramTileWorker."""
-    from ntk_scale.actors import GramTileWorker
+    from ntk_scale.roles import GramTileWorker
 
     x = _x(70)
     url = "memory://ntk-scale-test/gram"

@@ -9,12 +9,12 @@ import pytest
 from operator_contract import OperatorContract
 
 from ntk_scale import FullyConnected, stages
-from ntk_scale.actors import ProductWorker
 from ntk_scale.kernels.products import panel_matmul_function
 from ntk_scale.linalg import nystrom, solve_pcg
 from ntk_scale.linalg.matrixfree import MatrixFreeOperator, precision_report
 from ntk_scale.linalg.stored import StoredOperator
 from ntk_scale.options import GramOptions, RunOptions
+from ntk_scale.roles import ProductWorker
 
 SPEC = FullyConnected(depth=3, activation="relu", W_std=1.4, b_std=0.1)
 #: 3 row blocks of tile 128, the last one short (77 rows): padding is exercised.

@@ -12,13 +12,13 @@ import scipy.linalg
 from operator_contract import OperatorContract
 
 from ntk_scale import FullyConnected, stages
-from ntk_scale.actors import PanelWorker
 from ntk_scale.linalg import identity, nystrom, solve_pcg
 from ntk_scale.linalg.distributed import DistributedOperator
 from ntk_scale.linalg.stored import StoredOperator
 from ntk_scale.options import GramOptions, RunOptions
 from ntk_scale.panels import partition_blocks, tiles_touching
 from ntk_scale.plan import BlockPlan
+from ntk_scale.roles import PanelWorker
 from ntk_scale.store import GramStore
 
 SPEC = FullyConnected(depth=3, activation="relu", W_std=1.4, b_std=0.1)

@@ -13,8 +13,8 @@ import pytest
 from processes import SCRIPTS
 
 from ntk_scale import FullyConnected, NTKRegressor, stages
-from ntk_scale.actors import pool_for
 from ntk_scale.options import GramOptions, RunOptions, SolveOptions
+from ntk_scale.pool import pool_for
 
 SPEC = FullyConnected(depth=2, W_std=1.4, b_std=0.1)
 RUN = RunOptions(workers=2, progress=False, wait_seconds=0.5)

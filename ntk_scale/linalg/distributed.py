@@ -1,6 +1,6 @@
 """DistributedOperator: K @ P over row panels held by the pool's hosts.
 
-Each host holds a :class:`ntk_scale.actors.PanelWorker` for a contiguous range of row blocks
+Each host holds a :class:`ntk_scale.roles.PanelWorker` for a contiguous range of row blocks
 [a, b) and answers with its rows of K @ P. The driver puts P into the object store once per
 product, so it travels once per node; the answers are concatenated in row order. A host that
 dies is replaced, its panels loaded again and its rows computed again: the product is the same
@@ -13,12 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from ntk_scale.actors import PanelWorker, pool_for
 from ntk_scale.linalg.operators import check_block
 from ntk_scale.linalg.stored import StoreBacked
 from ntk_scale.options import RunOptions, default
 from ntk_scale.options import SolveOptions as _Solve
 from ntk_scale.panels import open_symmetric, partition_blocks
+from ntk_scale.pool import pool_for
+from ntk_scale.roles import PanelWorker
 from ntk_scale.tasks import RoleGroup
 
 DEFAULT_BUDGET = default(_Solve, "memory_budget_bytes")

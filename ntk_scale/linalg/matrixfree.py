@@ -9,7 +9,7 @@ not per tile, which matters on a GPU at N = 10^6), and the diagonal entries K(x,
 exact formula, as in the Gram store, so the operator agrees with a stored K to float32 rounding.
 (Blocks (i, j) and (j, i) are computed separately, so K is symmetric to float32 rounding only.)
 
-Work is split by row panel: a :class:`ntk_scale.actors.ProductWorker` owns row blocks [a, b)
+Work is split by row panel: a :class:`ntk_scale.roles.ProductWorker` owns row blocks [a, b)
 and answers with its rows of K @ P (or of K[:, idx]), through the same fused tile-times-matrix
 path as predict. ``local=True`` runs one in this process (one device, e.g. a single GPU);
 otherwise the pool's hosts run one each, X reaching them once through the object store and P
@@ -26,13 +26,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ntk_scale.actors import ProductWorker, pool_for
 from ntk_scale.kernels import Kernel, check_features
 from ntk_scale.kernels.validate import DTYPES, KINDS, check_choice
 from ntk_scale.linalg.operators import check_block, check_indices
 from ntk_scale.options import RunOptions
 from ntk_scale.panels import partition_blocks
 from ntk_scale.plan import DEFAULT_TILE, BlockPlan
+from ntk_scale.pool import pool_for
+from ntk_scale.roles import ProductWorker
 from ntk_scale.tasks import RoleGroup
 
 

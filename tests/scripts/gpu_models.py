@@ -12,9 +12,9 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import ray
 
-from ntk_scale.actors import pool_for
 from ntk_scale.errors import GPUUnavailableError
 from ntk_scale.options import RunOptions
+from ntk_scale.pool import pool_for
 
 if __name__ == "__main__":
     ray.init(num_cpus=2, num_gpus=2, resources={"accelerator_type:A100": 1},

@@ -16,8 +16,8 @@ import numpy as np
 import ray
 
 from ntk_scale import FullyConnected, stages
-from ntk_scale.actors import pool_for
 from ntk_scale.options import GramOptions, RunOptions, SolveOptions
+from ntk_scale.pool import pool_for
 
 if __name__ == "__main__":
     out = sys.argv[1]

@@ -1,0 +1,278 @@
+"""Every actor role of ntk_scale, as plain classes (no Ray inside: testable in-process).
+
+Named by what they do:
+
+    GramTileWorker   computes tiles of one Gram store and writes each (chunk, then marker)
+    PanelWorker      holds (or streams) the row panels [a, b) of a stored Gram for K @ P
+    ProductWorker    K(rows, X) @ P with every tile recomputed: the matrix-free operator's rows
+                     of K(X, X) @ P, and predict's K(X*, X) @ A
+
+A stage attaches the role it needs to a host of the pool (:mod:`ntk_scale.pool`). Roles call
+only the kernel protocol (:class:`ntk_scale.kernels.Kernel`), never ask which kernel they hold.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from ntk_scale.kernels.products import bucket, panel_matmul_function
+from ntk_scale.panels import (
+    add_products,
+    block_rows,
+    open_symmetric,
+    panel_product,
+    stream_tiles,
+    tile_products,
+    tiles_touching,
+)
+from ntk_scale.plan import BlockPlan, locate, split_blocks
+from ntk_scale.store import GramStore
+
+#: Tests only: "i.j" makes a GramTileWorker SIGKILL its own process when it starts tile (i, j),
+#: as a tile that runs its worker out of memory would.
+FAULT_KILL_TILE_ENV = "NTK_SCALE_FAULT_KILL_TILE"
+
+
+class GramTileWorker:
+    """Computes tiles of one store and writes each (chunk, then marker) itself.
+
+    It reads its input rows from the store's copy of X, so X travels to each worker once per
+    block it needs, never through the driver. The tile function is compiled once, for the one
+    padded tile shape, when the role is attached.
+    """
+
+    def __init__(self, store_url: str):
+        self.store = GramStore.open(store_url, mode="r+")
+        meta = self.store.meta
+        spec, self.size = meta.spec, meta.tile
+        self._fn = spec.tile_function(meta.kind, meta.dtype)
+        self._sym = spec.tile_function(meta.kind, meta.dtype, symmetric=True)
+        self._lock = threading.Lock()
+        self._fault = os.environ.get(FAULT_KILL_TILE_ENV)
+        self._warm_up(spec, meta)
+
+    def _warm_up(self, spec: Any, meta: Any) -> None:
+        """Compile now, not inside the first tile's timing. A kernel computed in chunks of
+        pairs compiles per chunk: one chunk's worth of rows suffices (a tile can take hours)."""
+        rows = spec.tile_chunk(meta.kind, meta.dtype, self.size, self.size)
+        zeros = np.zeros((max(rows), meta.d), dtype=meta.dtype)
+        np.asarray(self._fn(zeros[: rows[0]], zeros[: rows[1]]))
+        if meta.symmetric:
+            np.asarray(self._sym(zeros[: min(rows)], zeros[: min(rows)]))
+
+    def _rows(self, side: str, b: int) -> np.ndarray:
+        """Block b's inputs, padded to the tile when the kernel compiles one shape."""
+        return self.store.meta.spec.pad_block(self.store.x_block(side, b), self.size)
+
+    def compute(self, i: int, j: int) -> dict[str, Any]:
+        """Compute, write and mark tile (i, j). Returns where and how long it took."""
+        tile = self.store.plan.tile_at(i, j)
+        with self._lock:
+            if self._fault == f"{i}.{j}":
+                os.kill(os.getpid(), signal.SIGKILL)
+            t0, started = time.perf_counter(), time.time()
+            x1 = self._rows("rows", i)
+            if tile.diagonal and self.store.meta.symmetric:
+                values = np.asarray(self._sym(x1, x1))
+            else:
+                values = np.asarray(self._fn(x1, self._rows("cols", j)))
+            values = values[: tile.shape[0], : tile.shape[1]]
+            t1 = time.perf_counter()
+        info = {"node": node_id(), "host": socket.gethostname(), "pid": os.getpid()}
+        info.update(compute_s=t1 - t0, start=started)
+        self.store.write_tile(tile, values, info)
+        info.update(write_s=time.perf_counter() - t1, end=time.time(), bytes=values.nbytes)
+        info["entries"] = values.size
+        return {"i": i, "j": j, **info}
+
+
+class PanelWorker:
+    """Holds (or streams) the row panels of row blocks [a, b) of a symmetric store.
+
+    memory_budget_bytes: the panels are kept in memory, in the storage dtype, when their bytes
+    (rows x N x itemsize) fit; otherwise each product streams the tiles, ``read_ahead`` ahead.
+    With the symmetric layout both paths read each needed stored tile once: tile (i, j), i <= j,
+    gives block (i, j) when i is owned and block (j, i) = tileᵀ when j is owned.
+    """
+
+    def __init__(
+        self, store_url: str, a: int, b: int, memory_budget_bytes: int, read_ahead: int = 2
+    ) -> None:
+        self.store = open_symmetric(store_url)
+        plan = self.store.plan
+        self.a, self.b, self.read_ahead = int(a), int(b), int(read_ahead)
+        self.r0, self.r1 = plan.row_range(self.a)[0], plan.row_range(self.b - 1)[1]
+        self.tiles = tiles_touching(plan, self.a, self.b)
+        self.panel_bytes = (self.r1 - self.r0) * plan.n_cols * self.store.dtype.itemsize
+        self.bytes_read = 0
+        self.panels: list[np.ndarray] | None = None
+        if self.panel_bytes <= memory_budget_bytes:
+            self.panels = self._load_panels()
+
+    def _load_panels(self) -> list[np.ndarray]:
+        """Row panel i (rows_i, N) for each owned block, each needed stored tile read once."""
+        plan, dtype = self.store.plan, self.store.dtype
+        panels = [
+            np.empty((block_rows(plan, i), plan.n_cols), dtype=dtype) for i in range(self.a, self.b)
+        ]
+        for t, nbytes, values in stream_tiles(self.store, self.tiles, None, self.read_ahead):
+            self.bytes_read += nbytes
+            if self.a <= t.i < self.b:
+                panels[t.i - self.a][:, t.cols] = values
+            if t.i != t.j and self.a <= t.j < self.b:
+                panels[t.j - self.a][:, t.rows] = values.T
+        return panels
+
+    def matmat(self, P: np.ndarray) -> np.ndarray:
+        """Rows r0:r1 of K @ P. P: (N, C) float64 -> (r1 - r0, C) float64."""
+        P = np.asarray(P, dtype=np.float64)
+        if self.panels is not None:
+            return np.vstack([panel_product(panel, P, self.store.plan) for panel in self.panels])
+        out = np.zeros_like(P)
+
+        def products(t, values):
+            return tile_products(t, values, P, self.a, self.b)
+
+        for t, nbytes, parts in stream_tiles(self.store, self.tiles, products, self.read_ahead):
+            self.bytes_read += nbytes
+            add_products(out, t, parts)
+        return out[self.r0 : self.r1].copy()
+
+    def stats(self) -> dict[str, Any]:
+        """What this worker holds: its blocks, rows, panel bytes, mode and bytes read so far."""
+        return {
+            "blocks": (self.a, self.b),
+            "rows": (self.r0, self.r1),
+            "panel_bytes": self.panel_bytes,
+            "in_memory": self.panels is not None,
+            "bytes_read": self.bytes_read,
+            "pid": os.getpid(),
+        }
+
+
+class ProductWorker:
+    """K(rows, X) @ P with every tile recomputed, through the one fused path
+    (:func:`ntk_scale.kernels.products.panel_matmul_function`).
+
+    spec, kind, dtype: the kernel. X: (N, d) the column inputs. tile: rows per block.
+    Square use (the matrix-free operator): row blocks [a, b) of X itself (default all), whose
+    diagonal entries K(x, x) come from the exact formula. Rectangular use (predict): any rows
+    x* (:meth:`product`), with a fixed right-hand block ``P`` (N, C) given here once.
+    Memory: X and P padded (N x d in dtype, N x C float64), one tile and a (tile x C) result.
+    """
+
+    def __init__(
+        self,
+        spec: Any,
+        X: np.ndarray,
+        kind: str,
+        dtype: str,
+        tile: int,
+        a: int = 0,
+        b: int | None = None,
+        P: np.ndarray | None = None,
+    ) -> None:
+        import jax
+
+        X = np.asarray(X)
+        self.plan = BlockPlan.square(X.shape[0], tile)
+        self.a, self.b = int(a), int(self.plan.row_blocks if b is None else b)
+        self.r0, self.r1 = self.plan.row_range(self.a)[0], self.plan.row_range(self.b - 1)[1]
+        self.dtype = np.dtype(dtype)
+        self.x_host = split_blocks(X, tile, self.dtype)
+        with jax.enable_x64(True):
+            self.xs = jax.device_put(self.x_host)
+        self.panel = panel_matmul_function(spec, kind, dtype, X.shape[0])
+        self.spec, self.kind = spec, kind
+        self.diag = np.asarray(spec.diag(X[self.r0 : self.r1], kind, dtype), dtype=np.float64)
+        self.fixed = None if P is None else self._device_block(np.asarray(P, dtype=np.float64))
+        self.products, self.seconds = 0, 0.0
+        self._lock = threading.Lock()
+
+    def _device_block(self, P: np.ndarray) -> Any:
+        """P (N, c) as (nb, tile, bucket(c)) float64 on the device."""
+        import jax
+
+        nb, t = self.xs.shape[0], self.plan.tile
+        padded = np.zeros((nb * t, bucket(P.shape[1])))
+        padded[: P.shape[0], : P.shape[1]] = P
+        with jax.enable_x64(True):
+            return jax.device_put(padded.reshape(nb, t, -1))
+
+    def matmat(self, P: np.ndarray) -> np.ndarray:
+        """Rows r0:r1 of K(X, X) @ P. P: (N, C) float64 -> (r1 - r0, C) float64."""
+        import jax
+
+        start, c = time.perf_counter(), P.shape[1]
+        with self._lock, jax.enable_x64(True):
+            ps = self._device_block(np.asarray(P, dtype=np.float64))
+            parts = [self.panel(self.xs[i], i, self.xs, ps) for i in range(self.a, self.b)]
+            out = np.concatenate([np.asarray(part) for part in parts])  # dispatched async
+        self.products += 1
+        self.seconds += time.perf_counter() - start
+        return out[: self.r1 - self.r0, :c]
+
+    def product(self, x_rows: np.ndarray, c: int) -> np.ndarray:
+        """K(x_rows, X) @ P for the fixed P. x_rows: (r <= tile, d) -> (r, c) float64."""
+        import jax
+
+        if self.fixed is None:
+            raise ValueError("this ProductWorker has no fixed P; pass P= when creating it")
+        rows = x_rows.shape[0]
+        x1 = self.spec.pad_block(np.asarray(x_rows, dtype=self.dtype), self.plan.tile)
+        with self._lock, jax.enable_x64(True):
+            out = np.asarray(self.panel(x1, -1, self.xs, self.fixed))
+        self.products += 1
+        return out[:rows, :c]
+
+    def columns(self, idx: np.ndarray) -> np.ndarray:
+        """Rows r0:r1 of K[:, idx]. idx: (m,) int -> (r1 - r0, m) float64.
+
+        Entries K(x_k, x_k) come from the exact diagonal formula, as in a stored Gram.
+        """
+        tile_fn = self.spec.tile_function(self.kind, str(self.dtype))
+        idx = np.asarray(idx, dtype=np.int64)
+        out = np.empty((self.r1 - self.r0, len(idx)), dtype=np.float64)
+        t = self.plan.tile
+        for j in range(0, len(idx), t):
+            cols = idx[j : j + t]
+            x2 = self.x_host[locate(cols, t)]
+            x2 = self.spec.pad_block(x2, min(bucket(len(cols)), t))
+            for i in range(self.a, self.b):
+                r0, r1 = self.plan.row_range(i)
+                x1 = self.spec.pad_block(self.x_host[i][: r1 - r0], t)
+                tile = np.asarray(tile_fn(x1, x2))
+                out[r0 - self.r0 : r1 - self.r0, j : j + len(cols)] = tile[: r1 - r0, : len(cols)]
+        mine = np.flatnonzero((idx >= self.r0) & (idx < self.r1))
+        out[idx[mine] - self.r0, mine] = self.diag[idx[mine] - self.r0]
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """Blocks and rows owned, device, pid, products computed and their total seconds."""
+        return {
+            "blocks": (self.a, self.b),
+            "rows": (self.r0, self.r1),
+            "device": str(self.xs.devices().pop()),
+            "pid": os.getpid(),
+            "products": self.products,
+            "product_seconds": self.seconds,
+        }
+
+
+def node_id() -> str:
+    """The Ray node this process runs on (its host name outside Ray)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # pragma: no cover - outside Ray there is no node id
+        pass
+    return socket.gethostname()
