@@ -234,8 +234,13 @@ def _input_distance(inp: Inputs, layout: str) -> jax.Array:
     if layout == "diag":
         return _centred_distance(x1, x2, "ahwk,bhwk->abhw", ch)
     if ch <= _DIRECT_CHANNELS:
-        diff = x1[:, :, :, None, None, None, :] - x2[None, None, None, :, :, :, :]
-        return jnp.sum(diff * diff, axis=-1) / ch
+        # One fused loop over the pair tensor per channel (a reduction over a minor axis of
+        # size C measured several times slower).
+        total = None
+        for k in range(ch):
+            diff = x1[:, :, :, None, None, None, k] - x2[None, None, None, :, :, :, k]
+            total = diff * diff if total is None else total + diff * diff
+        return total / ch
     # One common centre for all positions: the mean pixel of the chunk's x1.
     m = jnp.mean(x1, axis=(0, 1, 2), keepdims=True)
     a, b = x1 - m, x2 - m
@@ -344,10 +349,7 @@ def _linear(z: Any, op: Op, layout: str, ntk: bool, r1: tuple,
         z = _input_distance(z, layout)
     if name == "Conv":
         args = (op.hw, p["filter_shape"], p["strides"], p["padding"])
-        z = spatial.conv(z, layout, *args)[0]
-        if layout == "full":
-            edges = spatial.conv_edges(r1[0], (r1 if r2 is None else r2)[0], *args)
-            z = z if edges is None else z + edges
+        z = spatial.conv(z, layout, *args, edges=(r1[0], (r1 if r2 is None else r2)[0]))[0]
         return _weights(z, p, ntk, v1, v2, layout), r1
     if name == "Dense":
         return _weights(z, p, ntk, v1, v2, layout if op.hw is not None else "dense"), r1
