@@ -133,6 +133,11 @@ def _safe_div(num: jax.Array, den: jax.Array, default: float) -> jax.Array:
     return jnp.where(ok, num / jnp.where(ok, den, 1.0), default)
 
 
+def _inv(h: jax.Array) -> jax.Array:
+    """1/h per row, and 0 where h == 0 (a zero-norm row with b_std = 0 has cos θ := 0)."""
+    return jnp.where(h > 0, 1.0 / jnp.where(h > 0, h, 1.0), 0.0)
+
+
 def _wide_dtype(dtype: Any) -> Any:
     """float64 where 64-bit types are enabled (the input layer's product), else ``dtype``."""
     wide = jax.dtypes.canonicalize_dtype(jnp.float64)
@@ -203,8 +208,9 @@ def _bias_gap(p: FCParams, r1: _Rows, r2: _Rows, hh_next: jax.Array) -> jax.Arra
 def _next_pair(p, c_new, g, r1: _Rows, r2: _Rows) -> _Pair:
     """The next layer's state from c' and g = √(s s') − s₁₂ ≥ 0 (computed without cancelling)."""
     hh_next = r1.h_next[:, None] * r2.h_next[None, :]
+    inv = _inv(r1.h_next)[:, None] * _inv(r2.h_next)[None, :]  # no per-entry division
     gap = p.w_var * jnp.maximum(g, 0.0) + _bias_gap(p, r1, r2, hh_next)
-    delta = jnp.clip(_safe_div(gap, hh_next, 1.0), 0.0, 2.0)
+    delta = jnp.where(inv > 0, jnp.clip(gap * inv, 0.0, 2.0), 1.0)
     return _Pair(c_new, delta, 2.0 - delta)
 
 
@@ -222,13 +228,11 @@ def _abrelu_layer(p: FCParams, st: _Pair, r1: _Rows, r2: _Rows, need_gap: bool):
         return _Pair(c_new, st.delta, st.sigma), sdot
     # √(s s') − s₁₂ over √(q q'): every term >= 0 when ab >= 0. When ab < 0 (abs, leaky slopes
     # < 0) and θ > π/2, the same value written in π − θ and σ cancels by at most a small factor.
-    g_near = ab * st.delta + scale * (pmt * st.delta + _theta_minus_sin(theta, sin))
-    g_far = (
-        0.5 * (p.a + p.b) ** 2
-        - ab * st.sigma
-        - scale * (pmt * st.sigma - _theta_minus_sin(pmt, sin))
-    )
-    g = hh * jnp.where((ab < 0) & (st.delta > 1.0), g_far, g_near)
+    far = (ab < 0) & (st.delta > 1.0)
+    tms = _theta_minus_sin(jnp.where(far, pmt, theta), sin)
+    g_near = ab * st.delta + scale * (pmt * st.delta + tms)
+    g_far = 0.5 * (p.a + p.b) ** 2 - ab * st.sigma - scale * (pmt * st.sigma - tms)
+    g = hh * jnp.where(far, g_far, g_near)
     return _next_pair(p, c_new, g, r1, r2), sdot
 
 
@@ -241,11 +245,12 @@ def _erf_layer(p: FCParams, st: _Pair, r1: _Rows, r2: _Rows, need_gap: bool):
     pp = jnp.sqrt(r * r + m * m * ds)  # √(1 − m² cos²θ)
     sdot = (4.0 / math.pi) * _safe_div(tt, pp, 0.0)
     mu = jnp.minimum(st.delta, st.sigma)
-    y = jnp.clip(m * (1.0 - mu), 0.0, 1.0)  # |2c / √(g g')|
+    # 2c / √(g g') from the carried c, relatively accurate also where cos θ ≈ 0 (1 − δ is not).
+    y = jnp.clip(2.0 * st.c * tt, -1.0, 1.0)
     big_m = _asin_accurate(jnp.minimum(m, 1.0), r)
     a_x = jnp.arcsin(jnp.clip(_safe_div(m * ds, pp + (1.0 - mu) * r, 0.0), 0.0, 1.0))
-    s12 = jnp.where(y <= 0.5, jnp.arcsin(y), big_m - a_x)
-    s12 = jnp.where(st.delta <= 1.0, s12, -s12)
+    near_one = jnp.where(st.delta <= 1.0, big_m - a_x, a_x - big_m)  # |y| close to m
+    s12 = jnp.where(jnp.abs(y) <= 0.5, jnp.arcsin(y), near_one)
     c_new = p.w_var * (2.0 / math.pi) * s12 + p.b_var
     if not need_gap:
         return _Pair(c_new, st.delta, st.sigma), sdot
