@@ -31,6 +31,7 @@ from ntk_scale.options import (
     add_arguments,
     default,
     pick,
+    toml_help,
 )
 
 
@@ -337,8 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     _ingest_parser(sub)
 
-    p = sub.add_parser("fit", help="all stages from one TOML config")
-    p.add_argument("config", help="CONFIG.toml (see README: [data] [kernel] [store] …)")
+    from ntk_scale.config import schema
+
+    p = sub.add_parser("fit", help="all stages from one TOML config",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="CONFIG.toml sections and keys (defaults shown):\n\n"
+                       + toml_help(schema()))  # fmt: skip
+    p.add_argument("config", help="CONFIG.toml: the sections and keys below")
     add_arguments(p, RunOptions, only=("allow_cpu",))
     p.set_defaults(func=cmd_fit)
 

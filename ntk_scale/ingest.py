@@ -44,7 +44,8 @@ class IngestOptions:
     per Zarr chunk. seed: of the split.
     """
 
-    features: tuple[str, ...] = option(help="feature columns, comma-separated", section="data")
+    features: tuple[str, ...] = option(help="with a table: its feature columns (comma-separated "
+                                       "on the command line)", section="data")  # fmt: skip
     target: str | None = option(None, "the (numeric) target column", section="data")
     categorical: tuple[str, ...] = option((), "numeric columns to one-hot as categories (text "
                                           "columns always are)", section="data")  # fmt: skip

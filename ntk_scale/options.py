@@ -198,9 +198,9 @@ class RunOptions:
                                   section="run", metavar="S")  # fmt: skip
     call_timeout_s: float = option(3600.0, "seconds one call to an actor may take",
                                    section="run", metavar="S")  # fmt: skip
-    progress: bool | None = option(None, "no progress output (default: progress where it "
-                                   "helps: a live bar in a terminal, a line every few seconds "
-                                   "in a log)", section="run", flag="--no-progress",
+    progress: bool | None = option(None, "false (--no-progress): no progress output (default: "
+                                   "where it helps, a live bar in a terminal or a line every "
+                                   "few seconds in a log)", section="run", flag="--no-progress",
                                    const=False, record=False)  # fmt: skip
     accelerator: str = option("auto", "auto (GPUs required on a cluster; CPUs on a local Ray "
                               "without GPUs), gpu, cpu, or a GPU model: A10G, L4, A100, H100",
@@ -514,6 +514,20 @@ def _toml_literal(value: Any) -> str:
     if isinstance(value, tuple):
         return "[" + ", ".join(_toml_literal(v) for v in value) + "]"
     return repr(value) if isinstance(value, float) else json.dumps(value)
+
+
+def toml_help(schema: Schema) -> str:
+    """Every section and key of ``schema`` as commented TOML: the default (or the type) and
+    the field's help (``ntk-scale fit --help`` shows it)."""
+    lines: list[str] = []
+    for section, keys in schema.items():
+        lines += [""] * bool(lines) + [f"[{section}]"]
+        for key, opt in keys.items():
+            value = (f"<{_kind_names(_toml_kinds(opt.type))}>" if opt.default in (None, _MISSING)
+                     else _toml_literal(opt.default))  # fmt: skip
+            note = " (required)" if opt.required else ""
+            lines.append(f"{key} = {value}" + (f"  # {opt.help}{note}" if opt.help else ""))
+    return "\n".join(lines)
 
 
 def from_toml(

@@ -193,6 +193,18 @@ def test_help_text_comes_from_the_field(capsys):
     assert "--memory-budget-bytes BYTES" in out
 
 
+def test_fit_help_lists_every_config_key(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = capsys.readouterr().out
+    for section, keys in schema().items():
+        assert f"[{section}]" in out
+        for key in keys:
+            assert f"\n{key} = " in out, f"[{section}] {key}"
+    assert "stall_seconds = 900.0  # no finished task in this many seconds ends the run" in out
+    assert "path = <a string>  # the Gram store" in out and "(required)" in out
+
+
 # -- a new option is one field ------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Widgets:
