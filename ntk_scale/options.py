@@ -24,6 +24,7 @@ import functools
 import json
 import keyword
 import re
+import sys
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -109,7 +110,7 @@ class Option:
 def options(record: type, section: str | None = None) -> tuple[Option, ...]:
     """The options of a dataclass ``record``, in field order. ``section`` is the TOML section
     of fields whose metadata names none (a record without option metadata, e.g. a kernel spec)."""
-    hints = typing.get_type_hints(record)
+    hints = _hints(record)
     out = []
     for f in dataclasses.fields(record):
         m = f.metadata
@@ -122,6 +123,22 @@ def options(record: type, section: str | None = None) -> tuple[Option, ...]:
             keyword=m.get("keyword", True), recorded=m.get("record", True),
         ))  # fmt: skip
     return tuple(out)
+
+
+def _hints(record: type) -> dict[str, Any]:
+    """The fields' resolved annotations; one that does not resolve (a name imported only for
+    type checkers) is Any: any TOML value, checked by the record itself."""
+    try:
+        return typing.get_type_hints(record)
+    except (NameError, TypeError):
+        space = vars(sys.modules[record.__module__])
+        out = {}
+        for f in dataclasses.fields(record):
+            try:
+                out[f.name] = eval(f.type, space) if isinstance(f.type, str) else f.type
+            except Exception:  # noqa: BLE001 - unresolvable: the record validates the value
+                out[f.name] = Any
+        return out
 
 
 def _members(tp: Any) -> tuple[Any, ...]:
@@ -493,12 +510,14 @@ def toml_value(opt: Option, value: Any, where: str) -> Any:
 
 _TOML_KINDS = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
 _KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-               list: "a list"}  # fmt: skip
+               list: "a list", object: "a value"}  # fmt: skip
 
 
 def _toml_kinds(tp: Any) -> tuple[type, ...]:
     kinds: list[type] = []
     for m in _members(tp):
+        if m is Any:
+            return (object,)
         if typing.get_origin(m) in (tuple, list) or m in (tuple, list):
             kinds.append(list)
         kinds.extend(_TOML_KINDS.get(m, ()))

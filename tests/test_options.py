@@ -247,6 +247,22 @@ def test_a_choice_is_one_edit_of_the_field():
     )
 
 
+def test_an_annotation_that_does_not_resolve_takes_any_value():
+    """A kernel spec's field annotated with a name only type checkers import must not break
+    the schema (nor the CLI, whose fit --help lists it): the record checks the value."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Spec:
+        depth: int = 3
+        shape: "NotImportedHere" = None  # noqa: F821
+
+    sch = toml_schema((Spec, "kernel"))
+    values = opts.check_toml({"kernel": {"shape": [8, 8], "depth": 2}}, sch, "k.toml")
+    assert opts.from_toml(Spec, values, "k.toml", section="kernel") == Spec(2, [8, 8])
+    with pytest.raises(ValueError, match="kernel.depth='2' has the wrong type; expected an int"):
+        opts.check_toml({"kernel": {"depth": "2"}}, sch, "k.toml")
+
+
 def test_one_key_declared_twice_is_refused():
     @dataclasses.dataclass(frozen=True)
     class Clash:
