@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ntk_scale.kernels.products import bucket, panel_matmul_function
+from ntk_scale.linalg.columns import kernel_columns
 from ntk_scale.panels import (
     add_products,
     block_rows,
@@ -32,7 +33,7 @@ from ntk_scale.panels import (
     tile_products,
     tiles_touching,
 )
-from ntk_scale.plan import BlockPlan, locate, split_blocks
+from ntk_scale.plan import BlockPlan, rows_in_block, split_blocks
 from ntk_scale.store import GramStore
 
 #: Tests only: "i.j" makes a GramTileWorker SIGKILL its own process when it starts tile (i, j),
@@ -235,24 +236,17 @@ class ProductWorker:
     def columns(self, idx: np.ndarray) -> np.ndarray:
         """Rows r0:r1 of K[:, idx]. idx: (m,) int -> (r1 - r0, m) float64.
 
-        Entries K(x_k, x_k) come from the exact diagonal formula, as in a stored Gram.
+        Entries K(x_k, x_k) come from the exact diagonal formula, as in a stored Gram
+        (:func:`ntk_scale.linalg.columns.kernel_columns`, the one path computing columns).
         """
-        tile_fn = self.spec.tile_function(self.kind, str(self.dtype))
-        idx = np.asarray(idx, dtype=np.int64)
-        out = np.empty((self.r1 - self.r0, len(idx)), dtype=np.float64)
-        t = self.plan.tile
-        for j in range(0, len(idx), t):
-            cols = idx[j : j + t]
-            x2 = self.x_host[locate(cols, t)]
-            x2 = self.spec.pad_block(x2, min(bucket(len(cols)), t))
-            for i in range(self.a, self.b):
-                r0, r1 = self.plan.row_range(i)
-                x1 = self.spec.pad_block(self.x_host[i][: r1 - r0], t)
-                tile = np.asarray(tile_fn(x1, x2))
-                out[r0 - self.r0 : r1 - self.r0, j : j + len(cols)] = tile[: r1 - r0, : len(cols)]
-        mine = np.flatnonzero((idx >= self.r0) & (idx < self.r1))
-        out[idx[mine] - self.r0, mine] = self.diag[idx[mine] - self.r0]
-        return out
+        n, t = self.plan.n_rows, self.plan.tile
+
+        def x_block(k: int) -> np.ndarray:
+            return self.x_host[k][: rows_in_block(n, t, k)]
+
+        spec, plan, blocks = self.spec, self.plan, (self.a, self.b)
+        dtype = str(self.dtype)
+        return kernel_columns(spec, self.kind, dtype, plan, x_block, self.diag, idx, blocks)
 
     def stats(self) -> dict[str, Any]:
         """Blocks and rows owned, device, pid, products computed and their total seconds."""

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ntk_scale.plan import BlockPlan, pad_rows
+from ntk_scale.plan import BlockPlan, locate, n_blocks, pad_rows, rows_in_block, split_blocks
 
 
 def _coverage(plan: BlockPlan) -> np.ndarray:
@@ -72,3 +72,32 @@ def test_pad_rows():
     p = pad_rows(x, 5)
     assert p.shape == (5, 2) and p.dtype == np.float32 and (p[3:] == 0).all()
     assert pad_rows(x, 3) is x
+
+
+@given(n=st.integers(1, 300), tile=st.integers(1, 128), data=st.data())
+@settings(max_examples=200, deadline=None)
+def test_index_arithmetic_agrees_with_the_plan(n, tile, data):
+    """locate / rows_in_block / n_blocks / split_blocks against the plan's own row ranges (a
+    brute-force oracle: the block whose range holds each row)."""
+    plan = BlockPlan.square(n, tile)
+    assert n_blocks(n, tile) == plan.row_blocks
+    ranges = [plan.row_range(b) for b in range(plan.row_blocks)]
+    assert [rows_in_block(n, tile, b) for b in range(plan.row_blocks)] == [
+        r1 - r0 for r0, r1 in ranges
+    ]
+    assert rows_in_block(n, tile, plan.row_blocks) == 0
+    idx = np.array(data.draw(st.lists(st.integers(0, n - 1), max_size=40)), dtype=np.int64)
+    blocks, offsets = locate(idx, tile)
+    want = [next(b for b, (r0, r1) in enumerate(ranges) if r0 <= i < r1) for i in idx]
+    assert blocks.tolist() == want
+    assert [ranges[b][0] + o for b, o in zip(blocks, offsets, strict=True)] == idx.tolist()
+    x = np.arange(n * 2, dtype=np.float64).reshape(n, 2)
+    xs = split_blocks(x, tile, np.float32)
+    assert xs.shape == (plan.row_blocks, tile, 2) and xs.dtype == np.float32
+    np.testing.assert_array_equal(xs[blocks, offsets], x[idx].astype(np.float32))
+    assert not xs.reshape(-1, 2)[n:].any()  # the padding is zeros
+
+
+def test_locate_refuses_negative_indices():
+    with pytest.raises(IndexError, match="negative"):
+        locate([3, -1], 4)

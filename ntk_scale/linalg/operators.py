@@ -10,8 +10,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ntk_scale.plan import DEFAULT_TILE
 from ntk_scale.kernels import Kernel, check_features
+from ntk_scale.linalg.columns import kernel_columns
+from ntk_scale.plan import DEFAULT_TILE, BlockPlan
 
 
 @runtime_checkable
@@ -153,12 +154,12 @@ class KernelOperator:
         return self._diag.copy()
 
     def columns(self, idx: Any) -> np.ndarray:
-        """K[:, idx] = K[idx, :]ᵀ (K is symmetric). idx: (m,) int -> (N, m) float64."""
+        """K[:, idx]. idx: (m,) int -> (N, m) float64 (the one columns path, blocks of
+        ``block`` rows: :func:`ntk_scale.linalg.columns.kernel_columns`)."""
         idx = check_indices(idx, self.shape[0])
-        out = np.empty((self.shape[0], len(idx)), dtype=np.float64)
-        for j in range(0, len(idx), self.block):
-            out[:, j : j + self.block] = self._tile(idx[j : j + self.block]).T
-        return out
+        plan = BlockPlan.square(self.shape[0], min(self.block, self.shape[0]))
+        rows = lambda b: self.X[slice(*plan.row_range(b))]  # noqa: E731
+        return kernel_columns(self.spec, self.kind, str(self.dtype), plan, rows, self._diag, idx)
 
     def __repr__(self) -> str:
         return (

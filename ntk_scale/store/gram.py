@@ -21,7 +21,7 @@ from zarr.codecs import Crc32cCodec
 
 from ntk_scale.errors import StoreFormatError, StoreMismatchError, TileCorruptError
 from ntk_scale.kernels import Kernel
-from ntk_scale.plan import DEFAULT_TILE, BlockPlan, Tile
+from ntk_scale.plan import DEFAULT_TILE, BlockPlan, Tile, locate
 from ntk_scale.store.codec import check_array_format, chunk_body, decode_chunk
 from ntk_scale.store.fsio import atomic_put, sweep_temporaries, url_fs, zarr_store
 from ntk_scale.store.lock import LOCK_STALE_SECONDS, StoreLock
@@ -210,13 +210,14 @@ class GramStore:
 
         To compute columns from the inputs instead (N x len(idx) kernel entries, far cheaper
         than reading block columns), use :func:`ntk_scale.linalg.columns.kernel_columns`.
+        This is the one path that reads them.
         """
         idx = np.asarray(list(idx), dtype=np.int64)
         out = np.empty((self.meta.n_rows, idx.size), dtype=np.float64)
-        tile = self.plan.tile
-        for jb in np.unique(idx // tile):
-            sel = np.nonzero(idx // tile == jb)[0]
-            local = idx[sel] - jb * tile
+        col_block, offset = locate(idx, self.plan.tile)
+        for jb in np.unique(col_block):
+            sel = np.nonzero(col_block == jb)[0]
+            local = offset[sel]
             for ib in range(self.plan.row_blocks):
                 r0, r1 = self.plan.row_range(ib)
                 out[r0:r1, sel] = self.block(ib, int(jb))[:, local]
