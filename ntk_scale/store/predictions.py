@@ -21,6 +21,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from ntk_scale.plan import n_blocks
 from ntk_scale.store.codec import chunk_body
 from ntk_scale.store.fsio import atomic_put, url_fs, zarr_store
 from ntk_scale.store.markers import Markers
@@ -64,7 +65,7 @@ class PredictionArray:
 
     @property
     def n_blocks(self) -> int:
-        return -(-self.shape[0] // self.block)
+        return n_blocks(self.shape[0], self.block)
 
     def _chunk_path(self, i: int) -> str:
         return f"{self.root}/c/{i}/0"
