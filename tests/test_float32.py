@@ -63,6 +63,8 @@ def oracle(x1, x2, depth, act, w_std, b_std, kind, slope=0.01):
             s = 2 / np.pi * np.arcsin(np.clip(2 * c / np.sqrt(g), -1, 1))
             sdot = 4 / np.pi / np.sqrt(g - 4 * c * c)
             s1, s2 = (2 / np.pi * np.arcsin(2 * q / (1 + 2 * q)) for q in (q1, q2))
+        elif act == "identity":
+            s, sdot, s1, s2 = c, 1.0, q1, q2
         else:
             hh = np.sqrt(np.outer(q1, q2))
             cos = np.clip(np.divide(c, hh, out=np.zeros_like(c), where=hh > 0), -1, 1)
