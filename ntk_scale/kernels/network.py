@@ -1,18 +1,26 @@
-"""Evaluating a stax spec: the layer tree interpreted on covariance tensors, in chunks of pairs.
+"""Evaluating a stax spec: the layer tree interpreted on pair tensors, in chunks of pairs.
 
 A tile K(x1, x2) of n1 x n2 pairs is computed as
 
 1. the **self pass**, once per image of each side (not per pair): the image paired with itself
-   through the whole network, recording the per-position variances every activation needs
-   (and the diagonal K(x_i, x_i));
+   through the whole network, carrying its per-position variance map v and recording, per
+   segment, what the cross pass needs of each image: v at the input of every linear layer and
+   activation, each pooling layer's own pooled distance g (and the diagonal K(x_i, x_i));
 2. the **cross pass**, chunk by chunk: c1 x c2 pairs at a time, the chunk sized so that its
-   covariance tensors fit a memory budget (:func:`chunk_shape`). A diagonal tile computes only
-   the chunks on and above its diagonal and mirrors them.
+   tensors fit a memory budget (:func:`chunk_shape`). A diagonal tile computes only the chunks
+   on and above its diagonal and mirrors them.
 
-The per-pair work is the minimum the layers need: the first convolution is one matmul of image
-patches; a network without pooling keeps only same-position entries (``diag`` layout, O(HW)
-per pair); all taps of a filter are summed in one pass over the padded tensor; readouts reduce
-inside the chunk. The maps themselves live in :mod:`ntk_scale.kernels.spatial`.
+The tensors hold the pair distance D = E(z1 − z2)² (and Θ for the NTK), not the covariance
+K = (v1 + v2 − D)/2: in float32 the covariance form cancels for inputs far from the origin or
+close together (θ = arccos(K/√(v1 v2)) lost half its digits: 5e-5 of the diagonal on clustered
+images), while every layer maps D without cancellation and the activations take 1 − cos θ from
+it. Θ' = W²Θ + K' at each weighted layer, from D' and the recorded variances.
+
+The per-pair work is the minimum the layers need: a network without pooling keeps only
+same-position entries (``diag`` layout, O(HW) per pair) and its first convolution is one
+centred matmul of image patches; all taps of a filter are summed in one pass over the padded
+tensor; readouts reduce inside the chunk. The maps themselves live in
+:mod:`ntk_scale.kernels.spatial`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
-"""The tile arithmetic of convolutional kernels: pure JAX maps on covariance tensors.
+"""The tile arithmetic of convolutional kernels: pure JAX maps on pair tensors.
 
-Two layouts hold the covariance of a chunk of c1 x c2 pairs of images:
+The tensors hold the pair distance D = E(z1 − z2)² (the network's interpreter carries D, not
+the covariance; see :mod:`ntk_scale.kernels.network`), or Θ; the linear maps are the same for
+either, except a SAME convolution's zero-padded frame and pooling's self terms, which D needs.
+Two layouts hold the tensor of a chunk of c1 x c2 pairs of images:
 
 - ``full``: (c1, H, W, c2, H, W), entry [a, h1, w1, b, h2, w2] = cov(z_a(h1, w1), z_b(h2, w2)).
   Needed by pooling and global average pooling, which mix positions.
@@ -9,7 +12,7 @@ Two layouts hold the covariance of a chunk of c1 x c2 pairs of images:
   maps same-position entries to same-position entries, so O(HW) per pair suffices.
 
 A dense state (after a readout, or a dense-only network) is (c1, c2). Every map here is linear
-in the tensor except the activations, which take the per-position variances of each side,
+in the tensor except the activations, which also take the per-position variances of each side,
 ``v1`` (c1, H, W) and ``v2`` (c2, H, W) ((c1,) and (c2,) for a dense state).
 
 Conventions follow Neural Tangents' NTK parameterization exactly: a convolution divides by
