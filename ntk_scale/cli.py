@@ -86,9 +86,14 @@ def cmd_plan(a: argparse.Namespace) -> int:
     deadline = None if a.deadline is None else cost.parse_duration(a.deadline)
     assume = pick(cost.CloudAssumptions, a)
     spec, d = _plan_spec(a)
-    plan = plan_gram(a.n, d, spec, a.kind, a.dtype, a.tile, a.workers or 1, measure,
+    # dtype auto: the plan assumes the larger float64 (float32 is taken only where its error
+    # bound is far below λ, which needs the data): --dtype float32 plans the smaller store.
+    dtype = "float64" if a.dtype == "auto" else a.dtype
+    plan = plan_gram(a.n, d, spec, a.kind, dtype, a.tile, a.workers or 1, measure,
                      store_url=store, probe_bytes=probe)  # fmt: skip
     rows, read = plan.rows(), None
+    if a.dtype == "auto":
+        rows.append(("dtype", "float64 assumed by dtype auto (--dtype float32 to plan float32)"))
     if measure:
         read = measure_read_rate(a.store_dir, **({"nbytes": probe} if probe else {}))
         pick_op = choose_operator(plan, read)

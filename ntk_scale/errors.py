@@ -54,3 +54,9 @@ class SolverError(ValueError):
 class ConvergenceWarning(UserWarning):
     """PCG reached max_iter with columns above tol; the message names the settings to change
     (max_iter, the preconditioner, the ridge)."""
+
+
+class PrecisionWarning(UserWarning):
+    """A float32 Gram whose per-entry error bound is not small against the ridge λ
+    (:func:`ntk_scale.kernels.precision.float32_risk`): the message names the fix (a float64
+    or ``dtype="auto"`` Gram, or a larger ridge)."""

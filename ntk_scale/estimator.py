@@ -25,9 +25,9 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ntk_scale import stages
-from ntk_scale.kernels import FullyConnected, Layer, Network, bind
+from ntk_scale.kernels import FullyConnected, Network, bind
 from ntk_scale.model import Model, save_model
-from ntk_scale.options import GramOptions, RunOptions, SolveOptions, default, pick
+from ntk_scale.options import GramOptions, RunOptions, SolveOptions, estimator_init, pick
 from ntk_scale.solve import make_folds
 from ntk_scale.store import fingerprint_rows
 
@@ -51,31 +51,16 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
     Fitted: ``alpha_`` (N,) or (N, C); ``n_iter_`` the PCG iterations of the solve;
     ``n_features_in_`` the width of a row the kernel sees (H·W·C for images);
     ``feature_names_in_`` when X was a DataFrame with string column names; ``sample_shape_``;
-    ``store_``; ``solve_report_``; ``operator_`` and ``operator_choice_``.
+    ``store_``; ``solve_report_``; ``operator_`` and ``operator_choice_``; ``dtype_`` the
+    Gram's dtype and ``dtype_choice_`` why (``dtype="auto"``: float32 only where its error
+    bound is far below λ).
     """
 
-    def __init__(
-        self,
-        kernel: FullyConnected | Layer | None = None,
-        kind: str = default(GramOptions, "kind"),
-        ridge: float = default(SolveOptions, "ridge"),
-        ridge_absolute: bool = default(SolveOptions, "ridge_absolute"),
-        workdir: str | None = None,
-        dtype: str = default(GramOptions, "dtype"),
-        tile: int = default(GramOptions, "tile"),
-        preconditioner: str = default(SolveOptions, "preconditioner"),
-        rank: int = default(SolveOptions, "rank"),
-        tol: float = default(SolveOptions, "tol"),
-        max_iter: int | None = default(SolveOptions, "max_iter"),
-        operator: str = default(SolveOptions, "operator"),
-        workers: int | None = default(RunOptions, "workers"),
-        address: str | None = default(RunOptions, "address"),
-        accelerator: str = default(RunOptions, "accelerator"),
-        allow_cpu: bool = default(RunOptions, "allow_cpu"),
-        seed: int = default(SolveOptions, "seed"),
-        progress: bool = False,
-    ):
-        _keep(self, locals())
+    # Every option record's keyword fields, with their one default (ntk_scale.options).
+    __init__ = estimator_init(
+        GramOptions, SolveOptions, RunOptions,
+        before={"kernel": None}, after={"workdir": None}, defaults={"progress": False},
+    )  # fmt: skip
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
@@ -101,9 +86,11 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
         """Gram, solve on validated rows X (N, d) and float64 targets Y (N,) or (N, C)."""
         go, so, run = self._options()
         spec = self._spec()
+        go = self._resolve_dtype(X, spec, go, so)
         self.store_ = self._store_path(spec, X, go)
         inputs = stages.Inputs(X, Y, None, None, None, self.sample_shape_)
-        report = stages.fit(inputs, spec, self.store_, go, so, run)
+        report = stages.fit(inputs, spec, self.store_, go, so, run,
+                            extra={"dtype_choice": self.dtype_choice_})  # fmt: skip
         self.gram_report_ = report.gram
         self._keep_solve(report.solve)
         return self
@@ -118,6 +105,15 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
         self.operator_, self.operator_choice_ = res.decision.operator, res.decision.reason
         self.alpha_ = res.alpha
         self.n_iter_ = int(res.report.result.iterations)
+
+    def _resolve_dtype(self, X: np.ndarray, spec: Any, go: GramOptions,
+                       so: SolveOptions) -> GramOptions:  # fmt: skip
+        """go with dtype "auto" resolved at the smallest ridge, before the store is named (a
+        refit at another ridge may need the other dtype, hence another store)."""
+        go, self.dtype_choice_ = stages.resolve_dtype(X, spec, go, min(so.ridges),
+                                                      so.ridge_absolute)  # fmt: skip
+        self.dtype_ = go.dtype
+        return go
 
     def _store_path(self, spec: FullyConnected | Network, X: np.ndarray, go: GramOptions) -> str:
         """The Gram store for these data and kernel settings in workdir (reused by refits)."""
@@ -164,14 +160,6 @@ class NTKClassifier(ClassifierMixin, NTKRegressor):
 
     def predict(self, X: Any) -> np.ndarray:
         return _labels(self, NTKRegressor.predict(self, X))
-
-
-def _keep(est: BaseEstimator, params: dict[str, Any]) -> None:
-    """Store every __init__ argument unchanged under its own name (scikit-learn's contract:
-    get_params / clone read them back)."""
-    for name, value in params.items():
-        if name not in ("self", "__class__"):
-            setattr(est, name, value)
 
 
 # -- validation ---------------------------------------------------------------------------------
@@ -289,29 +277,11 @@ class NTKRegressorCV(NTKRegressor):
 
     _metric = "mse"
 
-    def __init__(
-        self,
-        kernel: FullyConnected | Layer | None = None,
-        ridges: Any = DEFAULT_RIDGES,
-        cv: Any = 5,
-        kind: str = default(GramOptions, "kind"),
-        ridge_absolute: bool = default(SolveOptions, "ridge_absolute"),
-        workdir: str | None = None,
-        dtype: str = default(GramOptions, "dtype"),
-        tile: int = default(GramOptions, "tile"),
-        preconditioner: str = default(SolveOptions, "preconditioner"),
-        rank: int = default(SolveOptions, "rank"),
-        tol: float = default(SolveOptions, "tol"),
-        max_iter: int | None = default(SolveOptions, "max_iter"),
-        operator: str = default(SolveOptions, "operator"),
-        workers: int | None = default(RunOptions, "workers"),
-        address: str | None = default(RunOptions, "address"),
-        accelerator: str = default(RunOptions, "accelerator"),
-        allow_cpu: bool = default(RunOptions, "allow_cpu"),
-        seed: int = default(SolveOptions, "seed"),
-        progress: bool = False,
-    ):
-        _keep(self, locals())
+    __init__ = estimator_init(
+        GramOptions, SolveOptions, RunOptions,
+        before={"kernel": None, "ridges": DEFAULT_RIDGES, "cv": 5}, after={"workdir": None},
+        defaults={"progress": False}, exclude=("ridge",),
+    )  # fmt: skip
 
     def _options(self) -> tuple[GramOptions, SolveOptions, RunOptions]:
         so = pick(SolveOptions, self, ridge=tuple(np.atleast_1d(self.ridges).tolist()),
@@ -341,10 +311,12 @@ class NTKRegressorCV(NTKRegressor):
         go, so, run = self._options()
         folds = self._folds(X.shape[0], labels)
         spec = self._spec()
+        go = self._resolve_dtype(X, spec, go, so)
         self.store_ = self._store_path(spec, X, go)
         self.gram_report_ = stages.gram(X, spec, self.store_, go, run)
         task = "classification" if self._metric == "accuracy" else "regression"
-        res = stages.solve(self.store_, Y, so, run, folds=folds, extra={"task": task})
+        res = stages.solve(self.store_, Y, so, run, folds=folds,
+                           extra={"task": task, "dtype_choice": self.dtype_choice_})  # fmt: skip
         self._keep_selection(res.selection)
         self._keep_solve(res)
         return self

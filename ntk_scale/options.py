@@ -268,7 +268,9 @@ class GramOptions:
 
     kind: str = option("ntk", "ntk (the neural tangent kernel) or nngp (the network's Gaussian "
                        "process kernel)", section="kernel", choices=KINDS)  # fmt: skip
-    dtype: str = option("float32", "dtype of the stored tiles", section="store", choices=DTYPES)
+    dtype: str = option("auto", "dtype of the stored tiles: auto (float32 only where its error "
+                        "bound is far below λ, else float64), float32 or float64",
+                        section="store", choices=("auto", *DTYPES))  # fmt: skip
     tile: int = option(DEFAULT_TILE, "tile side: rows and columns per chunk (edge tiles are "
                        "padded)", section="store")  # fmt: skip
     overwrite: bool = option(False, "replace a store made for other inputs", section="store",

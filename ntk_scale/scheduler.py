@@ -41,6 +41,9 @@ class GramReport:
     records: tuple[dict[str, Any], ...] = ()
     deaths: int = 0
     worker_pids: tuple[int, ...] = ()
+    #: The store's dtype and why (``dtype="auto"`` says what it compared; else "asked for").
+    dtype: str = ""
+    dtype_reason: str = ""
 
     @property
     def entries_per_second(self) -> float:
@@ -52,6 +55,7 @@ class GramReport:
             f"{self.tiles_total} tiles: {self.computed} computed, {self.reused} reused, "
             f"{self.retried} retried on {self.workers} workers{lost} in "
             f"{self.wall_seconds:.1f} s ({self.entries_per_second:.3g} entries/s)"
+            + (f"; {self.dtype} ({self.dtype_reason})" if self.dtype else "")
         )
 
 

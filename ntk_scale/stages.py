@@ -13,17 +13,19 @@ import functools
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import fsspec
 import numpy as np
 
+from ntk_scale.errors import PrecisionWarning, SolverError
 from ntk_scale.io import as_rows
-from ntk_scale.kernels import Kernel, Layer, bind, diag_blocks
+from ntk_scale.kernels import Kernel, Layer, bind, diag_blocks, precision
 from ntk_scale.linalg import PCGState
 from ntk_scale.model import Model, load_model, save_model
-from ntk_scale.options import GramOptions, RunOptions, SolveOptions
+from ntk_scale.options import GramOptions, RunOptions, SolveOptions, default, to_json
 from ntk_scale.predict import predict_from_store
 from ntk_scale.scheduler import GramReport, run_store
 from ntk_scale.solve import (
@@ -36,7 +38,8 @@ from ntk_scale.solve import (
     select_ridge,
     solve_store,
 )
-from ntk_scale.store import GramStore
+from ntk_scale.store import GramStore, read_meta
+from ntk_scale.store import exists as store_exists
 from ntk_scale.tables import TableTransform
 
 __all__ = [
@@ -46,6 +49,8 @@ __all__ = [
     "fit",
     "gram",
     "predict",
+    "precision_check",
+    "resolve_dtype",
     "solve",
 ]
 
@@ -76,6 +81,7 @@ def gram(
         x_cols, shape_cols = as_rows(x_cols, "x_cols")
         if shape_cols != shape:
             raise ValueError(f"x_cols has samples of shape {shape_cols}, x has {shape}")
+    o, why = resolve_dtype(x, spec, o, store=store)
 
     def diag() -> np.ndarray:
         # In blocks of the tile: XLA rounds by shape, so this equals the tiles' own diagonal.
@@ -87,8 +93,34 @@ def gram(
     )  # fmt: skip
     if not compute_tiles:
         total = g.plan.n_tiles
-        return GramReport(g.url, total, 0, total - len(g.missing()), 0, 0, 0.0, 0)
-    return run_store(g, run, on_tile)
+        report = GramReport(g.url, total, 0, total - len(g.missing()), 0, 0, 0.0, 0)
+    else:
+        report = run_store(g, run, on_tile)
+    return dataclasses.replace(report, dtype=o.dtype, dtype_reason=why)
+
+
+def resolve_dtype(
+    x: Any, spec: Kernel, o: GramOptions, ridge: float | None = None,
+    ridge_absolute: bool = False, store: str | None = None,
+) -> tuple[GramOptions, str]:  # fmt: skip
+    """``o`` with ``dtype="auto"`` resolved, and why: float32 only where its per-entry error
+    bound is far below λ (:func:`ntk_scale.kernels.precision.choose_dtype`), else float64.
+
+    x: (n, d) rows (array-like; read once for the float64 diagonal); spec: a bound kernel.
+    ridge: the smallest ridge the Gram will be solved at (relative to mean(diag K) unless
+    ridge_absolute); None: SolveOptions' default (a Gram computed before its solve). A store
+    already at ``store`` for these inputs keeps its dtype.
+    """
+    if o.dtype != "auto":
+        return o, "asked for"
+    if store is not None and not o.overwrite and store_exists(store):
+        held = read_meta(store).dtype
+        return dataclasses.replace(o, dtype=held), f"auto: the store already holds {held}"
+    r = default(SolveOptions, "ridge") if ridge is None else float(ridge)
+    diag = diag_blocks(spec, x, o.kind, "float64", block=o.tile)
+    lam = r if ridge_absolute else r * float(np.mean(diag))
+    choice = precision.choose_dtype(spec, o.kind, diag, lam)
+    return dataclasses.replace(o, dtype=choice.dtype), choice.reason
 
 
 # -- operator choice ----------------------------------------------------------------------------
@@ -196,16 +228,24 @@ def solve(
     )  # fmt: skip
     opts = dataclasses.replace(opts, operator=decision.operator)
     ckpt = None if model_dir is None else f"{model_dir.rstrip('/')}/checkpoint"
+    rounding = precision_check(g, opts)
     selection = None
-    if opts.selects or folds is not None:
-        selection = _select(store, y, opts, run, folds, extra, ckpt, overwrite, g.meta.n_rows)
-        opts = dataclasses.replace(opts, ridge=selection.ridge, cv=None, holdout=None)
-    else:
-        _check_ridges(opts)
-    warm = None if selection is None else selection.warm_start  # the folds' solutions
-    report = solve_store(store, y, opts, run, out_dir=ckpt, overwrite=overwrite, callback=callback,
-                         x0=warm)  # fmt: skip
+    try:
+        if opts.selects or folds is not None:
+            selection = _select(store, y, opts, run, folds, extra, ckpt, overwrite,
+                                g.meta.n_rows)  # fmt: skip
+            opts = dataclasses.replace(opts, ridge=selection.ridge, cv=None, holdout=None)
+        else:
+            _check_ridges(opts)
+        warm = None if selection is None else selection.warm_start  # the folds' solutions
+        report = solve_store(store, y, opts, run, out_dir=ckpt, overwrite=overwrite,
+                             callback=callback, x0=warm)  # fmt: skip
+    except SolverError as err:
+        if "positive definite" not in str(err):
+            raise
+        raise SolverError(f"{err}. {rounding['explain']}") from err
     meta = model_meta(g, report, opts, decision, extra)
+    meta["rounding"] = {k: v for k, v in rounding.items() if k != "explain"}
     if selection is not None:
         meta["ridge_path"] = {
             "metric": selection.metric,
@@ -223,6 +263,26 @@ def solve(
                                                  selection.metric, selection.best,
                                                  f"{model_dir}/validation.png"))  # fmt: skip
     return SolveResult(report, meta, decision, selection)
+
+
+def precision_check(g: GramStore, opts: SolveOptions) -> dict[str, Any]:
+    """How the store's rounding compares with the smallest ridge λ of ``opts`` (model.json's
+    "rounding"); warns (PrecisionWarning) where a float32 store's bound is not small against λ.
+    "explain": the likely cause of a 'not positive definite' failure, and its fix."""
+    diag, spec, kind = g.diagonal(), g.meta.spec, g.meta.kind
+    r = min(opts.ridges)
+    lam = r if opts.ridge_absolute else r * float(np.mean(diag))
+    bound = precision.entry_bound(spec, kind, float(np.max(diag)))
+    risk = precision.float32_risk(spec, kind, diag, lam)
+    if risk is not None and g.meta.dtype == "float32":
+        warnings.warn(risk, PrecisionWarning, stacklevel=3)
+    return {
+        "dtype": g.meta.dtype,
+        "float32_entry_bound": bound,
+        "lam": lam,
+        "float32_ok": risk is None,
+        "explain": precision.explain_indefinite(spec, kind, g.meta.dtype, diag, lam),
+    }
 
 
 def _check_ridges(opts: SolveOptions) -> None:
@@ -258,6 +318,8 @@ def model_meta(
         "lam": report.lam,
         "store": g.url,
         "store_fingerprint": g.fingerprint,
+        # every solver option as its record holds it (the one definition: ntk_scale.options)
+        "options": {"solver": to_json(o)},
         "solver": {
             "operator": decision.operator,
             "operator_reason": decision.reason,
@@ -396,14 +458,16 @@ def fit(
     n, d = inputs.x_train.shape
     spec = bind(spec, inputs.sample_shape or (d,))
     _check_ridges(so)  # before the Gram is computed
+    go, why = resolve_dtype(inputs.x_train, spec, go, min(so.ridges), so.ridge_absolute, store)
     decision = choose_solver_operator(so.operator, spec, n, d, go, run, store)
     so = dataclasses.replace(so, operator=decision.operator)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     g = gram(inputs.x_train, spec, store, go, run, compute_tiles=so.operator != "matrixfree")
+    g = dataclasses.replace(g, dtype_reason=why)
     seconds["gram"] = time.perf_counter() - t0
     classes = None if inputs.classes is None else inputs.classes.tolist()
-    more = {"classes": classes, **(extra or {})}
+    more = {"classes": classes, "dtype_choice": why, **(extra or {})}
     s = solve(store, inputs.y_train, so, run, model_dir=model_dir, extra=more, transform=transform)
     s = dataclasses.replace(s, decision=decision)
     seconds["solve"] = time.perf_counter() - t0 - seconds["gram"]

@@ -238,13 +238,16 @@ def test_a_new_option_reaches_every_face():
 
 def test_a_choice_is_one_edit_of_the_field():
     """GramOptions.dtype's choices are the field's: argparse offers them and the record
-    checks them (adding "auto" is an edit of that field alone)."""
+    checks them ("auto" was added by an edit of that field alone)."""
     action = next(a for a in _subparser("gram")._actions if a.dest == "dtype")
     assert (
         tuple(action.choices)
-        == DTYPES
+        == ("auto", *DTYPES)
         == next(o.choices for o in opts.options(GramOptions) if o.name == "dtype")
     )
+    assert action.default == GramOptions().dtype == "auto"
+    with pytest.raises(ValueError, match="dtype='float16' is not supported; use one of auto"):
+        GramOptions(dtype="float16")
 
 
 def test_an_annotation_that_does_not_resolve_takes_any_value():

@@ -73,7 +73,9 @@ entry_bound = L·(256u + [NTK]·√(8u))·diag_max. It does not try to be tight.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 UNIT_ROUNDOFF_F32 = 2.0**-24
 SAFETY = 2.0
@@ -158,3 +160,77 @@ def _count_layers(layer: Any) -> int:
     if not children:
         return 1
     return sum(_count_layers(child) for child in children)
+
+
+# -- what the stages do with the bound ----------------------------------------------------------
+#: dtype="auto" takes float32 only where its entry bound is at least this many times below λ.
+#: Measured (benchmarks/float32_bound.py): the relative gap between float32 and float64 kernel
+#: ridge predictions stayed below about 4 x (max entry error) / λ, so at this margin float32
+#: predictions are within a few percent of float64's in the worst case and far closer typically.
+AUTO_MARGIN = 100.0
+
+#: float64's unit roundoff over float32's: the float64 bound is the float32 one scaled by this.
+_F64_OVER_F32 = 2.0**-53 / UNIT_ROUNDOFF_F32
+
+
+class DtypeChoice(NamedTuple):
+    """dtype: "float32" or "float64"; bound: entry_bound (absolute); lam: the ridge λ it was
+    compared with; reason: one line for logs, the CLI and model.json."""
+
+    dtype: str
+    bound: float
+    lam: float
+    reason: str
+
+
+def choose_dtype(spec: Any, kind: str, diag: Any, lam: float) -> DtypeChoice:
+    """What ``dtype="auto"`` takes for a Gram with diagonal ``diag`` (n,) solved at ridge λ
+    (absolute): float32 where entry_bound · AUTO_MARGIN <= λ, else float64."""
+    bound = entry_bound(spec, kind, float(np.max(diag)))
+    if bound * AUTO_MARGIN <= lam:
+        why = f"float32's entry error bound {bound:.3g} is {lam / bound:.3g}x below λ = {lam:.3g}"
+        return DtypeChoice("float32", bound, lam, f"auto: float32 ({why})")
+    why = (f"float32's entry error bound {bound:.3g} is not {AUTO_MARGIN:.0f}x below "
+           f"λ = {lam:.3g}")  # fmt: skip
+    return DtypeChoice("float64", bound, lam, f"auto: float64 ({why})")
+
+
+def float32_risk(spec: Any, kind: str, diag: Any, lam: float) -> str | None:
+    """None where a float32 Gram is accurate enough at λ, else what to do (a warning's text)."""
+    diag = np.asarray(diag, dtype=np.float64)
+    bound = entry_bound(spec, kind, float(np.max(diag)))
+    if bound * AUTO_MARGIN <= lam:
+        return None
+    ridge = AUTO_MARGIN * bound / float(np.mean(diag))
+    return (
+        f"this float32 Gram's entries may be off by up to {bound:.3g} (float32 rounding), not "
+        f"small against λ = {lam:.3g}: the solution may be inaccurate, or PCG may stop on a "
+        "matrix that is not positive definite. Recompute the Gram in float64 (dtype='float64' "
+        f"or 'auto'; --dtype float64; [store] dtype) or use a relative ridge >= {ridge:.2g}"
+    )
+
+
+def explain_indefinite(spec: Any, kind: str, dtype: str, diag: Any, lam: float) -> str:
+    """The likely cause of 'K + λI is not positive definite' on a Gram with diagonal ``diag``
+    (n,) stored in ``dtype``, and its fix."""
+    diag = np.asarray(diag, dtype=np.float64)
+    n, bound = len(diag), entry_bound(spec, kind, float(np.max(diag)))
+    if dtype == "float64":
+        bound *= _F64_OVER_F32
+    # ||E||_2 <= n · max |E_ij|: rounding can move an eigenvalue by up to n · bound.
+    if n * bound < lam:
+        return ("the kernel's rounding cannot explain it (n x the entry error bound = "
+                f"{n * bound:.2g} < λ = {lam:.3g}): check the Gram (ntk-scale verify)")  # fmt: skip
+    ridge = n * bound / float(np.mean(diag))
+    if dtype == "float32":
+        return (
+            f"likely cause: float32 rounding at this ridge (entries off by up to {bound:.3g}; "
+            f"over {n} rows that moves eigenvalues by up to {n * bound:.2g} >= λ = {lam:.3g}). "
+            "Fix: compute the Gram in float64 (dtype='float64' or 'auto'; --dtype float64) or "
+            f"use a relative ridge >= {ridge:.2g}"
+        )
+    return (
+        f"likely cause: a ridge below the kernel's float64 rounding (entries off by up to "
+        f"{bound:.3g}; over {n} rows up to {n * bound:.2g} >= λ = {lam:.3g}). Fix: use a "
+        f"relative ridge >= {ridge:.2g}"
+    )

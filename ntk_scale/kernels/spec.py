@@ -22,7 +22,7 @@ from ntk_scale.plan import pad_rows
 
 #: Bumped whenever a change to the kernel code could change a computed value: stores made by
 #: another version are refused (their fingerprint differs).
-KERNEL_CODE_VERSION = 1
+KERNEL_CODE_VERSION = 2
 
 ACTIVATIONS = ("relu", "erf", "abs", "identity", "leaky_relu")
 _ABRELU_SLOPES = {"relu": (0.0, 1.0), "abs": (-1.0, 1.0)}
