@@ -70,7 +70,7 @@ def run_demo(out: str = "demo-output", workers: int | None = None, n: int | None
     store = os.path.join(out, name)
     shape = "8x8x1 images" if conv else "64 features"
     print(f"digits: {len(x_train)} train / {len(x_test)} test, {shape}, 10 classes")
-    print(f"kernel: {spec.to_json()} (NTK, float32 tiles)")
+    print(f"kernel: {spec.to_json()} (NTK; tile dtype auto: float32 only far below λ)")
     run = RunOptions(workers=workers)
     t0 = time.perf_counter()
     gram = stages.gram(x_train, spec, store, GramOptions(tile=512, overwrite=True), run)
@@ -96,7 +96,7 @@ def run_demo(out: str = "demo-output", workers: int | None = None, n: int | None
         f"[{t2 - t1:.1f} s]",
         f"predict: {len(x_test)} rows on Ray (the same worker processes)  [{t3 - t2:.1f} s]",
         "",
-        f"test accuracy  ntk_scale (float32 store + PCG): {ours['accuracy']:.4f}",
+        f"test accuracy  ntk_scale ({gram.dtype} store + PCG): {ours['accuracy']:.4f}",
         f"test accuracy  exact dense solve (float64 Cholesky): {exact['accuracy']:.4f}  "
         f"[{t4 - t3:.1f} s]",
         f"same predicted class on {agree:.1%} of test rows; max |Δ prediction| / max |pred| "
