@@ -32,7 +32,7 @@ import hashlib
 import json
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -289,20 +289,22 @@ def _weighted_variance(v: jax.Array, op: Op) -> jax.Array:
     return p["W_std"] ** 2 * v + (p["b_std"] or 0.0) ** 2
 
 
+def _pool_args(p: dict[str, Any], hw: tuple[int, int]) -> tuple:
+    return (hw, p["window_shape"], p["strides"], p["padding"], p["normalize_edges"])
+
+
+def _pool_variance(v: jax.Array, op: Op, rec: tuple) -> jax.Array:
+    """v'[P] = s_P·(w·v)[P] − g[P]: the pooled self-covariance at equal positions."""
+    args = _pool_args(op.layer.p, op.hw)
+    sums = spatial.pool_map(jnp.ones((1, *op.hw), v.dtype), *args)
+    return sums * spatial.pool_map(v, *args) - rec[1]
+
+
 def _next_variance(v: jax.Array, op: Op, rec: tuple) -> jax.Array:
     """The self pass's variance map after a linear layer (rec: that layer's record)."""
-    name, p = op.layer.name, op.layer.p
-    if name in ("Conv", "Dense"):
-        return _weighted_variance(v, op)
-    if name == "AvgPool":
-        args = (op.hw, p["window_shape"], p["strides"], p["padding"], p["normalize_edges"])
-        sums = spatial.pool_map(jnp.ones((1, *op.hw), v.dtype), *args)
-        return sums * spatial.pool_map(v, *args) - rec[1]
-    if op.hw is None or name == "Identity":
+    if op.hw is None and op.layer.name in _READOUTS:  # a readout of a vector is the identity
         return v
-    if name == "GlobalAvgPool":
-        return jnp.mean(v, axis=(1, 2)) - rec[1]
-    return jnp.mean(v, axis=(1, 2))  # Flatten
+    return _RULES[op.layer.name].variance(v, op, rec)
 
 
 def _conv_first(inp: Inputs, p: dict[str, Any]) -> jax.Array:
@@ -317,8 +319,7 @@ def _pool(z: jax.Array, op: Op, r1: tuple, r2: tuple | None) -> tuple[jax.Array,
     D'[P1, P2] = L(D12) − g1[P1] − g2[P2] + (s_P1 − s_P2)(w·v1[P1] − w·v2[P2]), where
     g[P] = ½ L(D11)[P, P] is each image's own pooled distance at equal positions (the self pass
     computes it, r2 None, and records it)."""
-    p = op.layer.p
-    args = (op.hw, p["window_shape"], p["strides"], p["padding"], p["normalize_edges"])
+    args = _pool_args(op.layer.p, op.hw)
     pooled = spatial.avg_pool(z, *args)[0]
     if r2 is None:
         g = 0.5 * spatial.same_position(jnp.real(pooled))[:, 0]
@@ -341,33 +342,68 @@ def _global_pool(z: jax.Array, r1: tuple, r2: tuple | None) -> tuple[jax.Array, 
     return pooled - spatial.outer_sum(r1[1], r2[1], "dense"), r1
 
 
+def _conv_rule(z: Any, op: Op, layout: str, ntk: bool, r1: tuple, r2: tuple | None):
+    p = op.layer.p
+    v1 = _weighted_variance(r1[0], op)
+    v2 = v1 if r2 is None else _weighted_variance(r2[0], op)
+    if isinstance(z, Inputs):
+        if layout == "diag":
+            return _weights(_conv_first(z, p), p, ntk, v1, v2, layout), r1
+        z = _input_distance(z, layout)
+    args = (op.hw, p["filter_shape"], p["strides"], p["padding"])
+    z = spatial.conv(z, layout, *args, edges=(r1[0], (r1 if r2 is None else r2)[0]))[0]
+    return _weights(z, p, ntk, v1, v2, layout), r1
+
+
+def _dense_rule(z: Any, op: Op, layout: str, ntk: bool, r1: tuple, r2: tuple | None):
+    v1 = _weighted_variance(r1[0], op)
+    v2 = v1 if r2 is None else _weighted_variance(r2[0], op)
+    layout = layout if op.hw is not None else "dense"
+    return _weights(_materialise(z, layout), op.layer.p, ntk, v1, v2, layout), r1
+
+
+def _materialise(z: Any, layout: str) -> jax.Array:
+    return _input_distance(z, layout) if isinstance(z, Inputs) else z
+
+
+class Rule(NamedTuple):
+    """What a linear layer owns: its map of the carried array (z, op, layout, ntk, r1, r2) ->
+    (z', record), its map of the self pass's variances (v, op, record) -> v', and the taps
+    per output entry its map costs (for :func:`pair_flops`)."""
+
+    cross: Callable
+    variance: Callable
+    taps: Callable = lambda p: 0
+
+
+_RULES = {
+    "Conv": Rule(_conv_rule, lambda v, op, rec: _weighted_variance(v, op),
+                 lambda p: p["filter_shape"][0] * p["filter_shape"][1]),
+    "Dense": Rule(_dense_rule, lambda v, op, rec: _weighted_variance(v, op)),
+    "AvgPool": Rule(lambda z, op, lay, ntk, r1, r2: _pool(_materialise(z, lay), op, r1, r2),
+                    _pool_variance, lambda p: p["window_shape"][0] * p["window_shape"][1]),
+    "GlobalAvgPool": Rule(lambda z, op, lay, ntk, r1, r2: _global_pool(_materialise(z, lay), r1,
+                                                                       r2),
+                          lambda v, op, rec: jnp.mean(v, axis=(1, 2)) - rec[1]),
+    "Flatten": Rule(lambda z, op, lay, ntk, r1, r2: (spatial.flatten(_materialise(z, lay), lay),
+                                                     r1),
+                    lambda v, op, rec: jnp.mean(v, axis=(1, 2))),
+    "Identity": Rule(lambda z, op, lay, ntk, r1, r2: (_materialise(z, lay), r1),
+                     lambda v, op, rec: v),
+}  # fmt: skip
+#: Layers that map an image to a vector, and a vector to itself.
+_READOUTS = ("Flatten", "GlobalAvgPool")
+
+
 def _linear(z: Any, op: Op, layout: str, ntk: bool, r1: tuple,
             r2: tuple | None) -> tuple[jax.Array, tuple]:  # fmt: skip
     """One linear layer on the carried array -> (z', the layer's record of side 1).
 
     r1, r2: the layer's records of each side, (input variance map, ...); r2 None in the self
     pass, which computes the rest of its own record."""
-    name, p = op.layer.name, op.layer.p
-    if name in ("Conv", "Dense"):
-        v1 = _weighted_variance(r1[0], op)
-        v2 = v1 if r2 is None else _weighted_variance(r2[0], op)
-    if isinstance(z, Inputs):
-        if name == "Conv" and layout == "diag":
-            return _weights(_conv_first(z, p), p, ntk, v1, v2, layout), r1
-        z = _input_distance(z, layout)
-    if name == "Conv":
-        args = (op.hw, p["filter_shape"], p["strides"], p["padding"])
-        z = spatial.conv(z, layout, *args, edges=(r1[0], (r1 if r2 is None else r2)[0]))[0]
-        return _weights(z, p, ntk, v1, v2, layout), r1
-    if name == "Dense":
-        return _weights(z, p, ntk, v1, v2, layout if op.hw is not None else "dense"), r1
-    if name == "AvgPool":
-        return _pool(z, op, r1, r2)
-    if op.hw is None or name == "Identity":  # a readout of a vector is the identity
-        return z, r1
-    if name == "GlobalAvgPool":
-        return _global_pool(z, r1, r2)
-    return spatial.flatten(z, layout), r1
+    if op.hw is None and op.layer.name in _READOUTS:
+        return _materialise(z, layout), r1
+    return _RULES[op.layer.name].cross(z, op, layout, ntk, r1, r2)
 
 
 def _act_args(layer: Layer) -> tuple[str, tuple[float, ...]]:
@@ -842,9 +878,8 @@ def pair_flops(layer: Layer, sample_shape: tuple[int, ...]) -> float:
         e = float(_entries(out, a.layout if out is not None else "dense"))
         if node.name in _ACTIVATIONS:
             total.append(e * _FLOPS["activation"])
-        elif node.name in ("Conv", "AvgPool"):
-            window = node.p["filter_shape"] if node.name == "Conv" else node.p["window_shape"]
-            total.append(e * _FLOPS["tap"] * window[0] * window[1])
+        elif node.name in _RULES:
+            total.append(e * _FLOPS["tap"] * _RULES[node.name].taps(node.p))
         return out
 
     walk(layer, hw0)
