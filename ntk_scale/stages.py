@@ -118,6 +118,8 @@ def resolve_dtype(
         return dataclasses.replace(o, dtype=held), f"auto: the store already holds {held}"
     r = default(SolveOptions, "ridge") if ridge is None else float(ridge)
     diag = diag_blocks(spec, x, o.kind, "float64", block=o.tile)
+    if not np.all(np.isfinite(diag)):  # bad rows: the store's own checks name them
+        return dataclasses.replace(o, dtype="float64"), "auto: float64 (non-finite diagonal)"
     lam = r if ridge_absolute else r * float(np.mean(diag))
     choice = precision.choose_dtype(spec, o.kind, diag, lam)
     return dataclasses.replace(o, dtype=choice.dtype), choice.reason

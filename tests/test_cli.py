@@ -47,7 +47,8 @@ def test_plan_answers_for_a_million_samples(capsys, tmp_path, monkeypatch):
     (tmp_path / "cwd").mkdir()
     (tmp_path / "store").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
-    args = ["plan", "--n", "1000000", "--d", "784", "--tile", "512", "--workers", "8"]
+    args = ["plan", "--n", "1000000", "--d", "784", "--tile", "512", "--workers", "8", "--dtype",
+            "float32"]  # fmt: skip
     assert main([*args, "--store-dir", str(tmp_path / "store")]) == 0
     assert not list((tmp_path / "cwd").iterdir()) and not list((tmp_path / "store").iterdir())
     out = capsys.readouterr().out

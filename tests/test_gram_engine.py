@@ -63,7 +63,8 @@ def test_stored_gram_equals_one_call(clean_store):
 
 def test_float32_store_equals_one_call(ray_local, tmp_path):
     x = _x(300, seed=1)
-    report = stages.gram(x, SPEC, str(tmp_path / "g32"), GramOptions(tile=128), OPTS)
+    g32 = GramOptions(dtype="float32", tile=128)
+    report = stages.gram(x, SPEC, str(tmp_path / "g32"), g32, OPTS)
     store = GramStore.open(str(tmp_path / "g32"))
     assert store.dtype == np.float32 and report.computed == 6
     np.testing.assert_allclose(store.to_dask().compute(), SPEC.kernel(x), rtol=2e-6)

@@ -125,7 +125,8 @@ def test_n_1e6_table_from_a_plan():
 
 
 def test_cli_plan_prints_the_table_without_measuring(capsys):
-    argv = ["plan", "--n", "1000000", "--d", "3072", "--no-measure", "--deadline", "2d",
+    argv = ["plan", "--n", "1000000", "--d", "3072", "--no-measure", "--dtype", "float32",
+            "--deadline", "2d",
             "--iterations", "40", "--head-gbps", "10"]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out

@@ -77,7 +77,8 @@ def test_fit_config_with_a_spec_file(ray_local, images, capsys):
 @pytest.mark.cluster  # starts a subprocess or Ray itself
 def test_plan_measures_a_myrtle_tile(capsys, tmp_path):
     argv = ["plan", "--n", "50000", "--sample-shape", "32,32,3", "--kernel", "myrtle5",
-            "--tile", "256", "--store-dir", str(tmp_path), "--json"]  # fmt: skip
+            "--tile", "256", "--dtype", "float32", "--store-dir", str(tmp_path),
+            "--json"]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
     c1, c2 = chunk_shape(Myrtle(5), (32, 32, 3), "ntk", "float32", 256, 256)
