@@ -192,7 +192,8 @@ class RunOptions:
     ``accelerator_type``): one GPU of that model per actor, required. "cpu": CPU actors.
     Required GPUs are waited for up to gpu_wait_s (the autoscaler is asked for them meanwhile);
     then the run fails with GPUUnavailableError, unless allow_cpu: then it goes on with CPU
-    actors and warns. Nothing falls back to CPUs silently.
+    actors and warns. Nothing falls back to CPUs silently. Fewer GPUs than ``workers`` after
+    the wait fail the same way, unless allow_fewer_workers: then it goes on with those, warning.
     """
 
     workers: int | None = option(None, "actors (default: one per GPU of the cluster, else one "
@@ -226,11 +227,15 @@ class RunOptions:
                              section="run")  # fmt: skip
     gpu_wait_s: float = option(600.0, "seconds to wait for GPU nodes to join", section="run",
                                metavar="S")  # fmt: skip
+    allow_fewer_workers: bool = option(False, "go on with the GPUs that joined within "
+                                       "--gpu-wait when fewer than --workers did (default: "
+                                       "exit 3)", section="run")  # fmt: skip
 
     def __post_init__(self) -> None:
         _check_accelerator(self.accelerator)
-        if not isinstance(self.allow_cpu, bool):
-            raise ValueError(f"allow_cpu={self.allow_cpu!r} must be true or false")
+        for name in ("allow_cpu", "allow_fewer_workers"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
         if isinstance(self.gpu_wait_s, bool) or not (
             isinstance(self.gpu_wait_s, (int, float)) and self.gpu_wait_s >= 0
         ):
