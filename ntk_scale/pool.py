@@ -132,12 +132,16 @@ class Pool:
     """The process's worker hosts, started once and reused by every stage.
 
     request: what each host takes. placement_timeout_s: how long a new host may take to be
-    placed and started. Hosts are killed at :meth:`shutdown` (registered at exit).
+    placed and started. allow_fewer: GPU hosts only; False makes fewer placed than an explicit
+    ``workers`` a GPUUnavailableError (RunOptions.allow_fewer_workers; CPU hosts always go on
+    with those placed, warning). Hosts are killed at :meth:`shutdown` (registered at exit).
     """
 
-    def __init__(self, ray: Any, request: HostRequest, placement_timeout_s: float):
+    def __init__(self, ray: Any, request: HostRequest, placement_timeout_s: float,
+                 allow_fewer: bool = True):  # fmt: skip
         self.ray, self.request = ray, request
         self.placement_timeout_s = float(placement_timeout_s)
+        self.allow_fewer = allow_fewer
         self.slots: list[Slot] = []
         self.job = ray.get_runtime_context().get_job_id()
         env = worker_env(request.use_gpu, None if request.use_gpu else request.threads)
@@ -153,17 +157,23 @@ class Pool:
 
     def take(self, workers: int | None, limit: int | None = None) -> list[Slot]:
         """``workers`` hosts (None: one per GPU, else per CPU slot), at most ``limit``; starts
-        missing ones. Fewer than asked can be placed: warns and goes on with those; none:
+        missing ones. Fewer than asked can be placed: warns and goes on with those (GPU hosts
+        asked for by number without allow_fewer: GPUUnavailableError, CLI exit 3); none:
         raises PlacementError naming the request and what the cluster has."""
         self.refresh()
         want = workers or self.default_workers()
         if limit is not None:
             want = max(1, min(want, limit))
         if want > len(self.slots):
-            self._grow(want)
+            self._grow(want, strict=workers is not None and self.strict)
         if not self.slots:
             raise PlacementError(self._no_room(want, 0))
         return self.slots[:want]
+
+    @property
+    def strict(self) -> bool:
+        """Whether fewer hosts than asked for by number end the run (GPU hosts, no opt-in)."""
+        return self.request.use_gpu and not self.allow_fewer
 
     def default_workers(self) -> int:
         if self.request.use_gpu:
@@ -177,7 +187,7 @@ class Pool:
         key, per = self.request.unit
         return len(self.slots) + int(free.get(key, 0) // per + 1e-9)
 
-    def _grow(self, want: int) -> None:
+    def _grow(self, want: int, strict: bool = False) -> None:
         room = self.capacity()
         if room <= len(self.slots) and self._fits_cluster():
             room = len(self.slots) + 1  # busy now, not too small: try one, for the timeout
@@ -186,6 +196,8 @@ class Pool:
         ready = self._await_ready(pending)
         self.slots.extend(ready)
         if len(self.slots) < want:
+            if strict and self.slots:
+                raise GPUUnavailableError(self._too_few(want, len(self.slots)))
             msg = self._no_room(want, len(self.slots))
             if self.slots:
                 warnings.warn(msg, RuntimeWarning, stacklevel=3)
@@ -259,6 +271,14 @@ class Pool:
             "threads_per_worker, or join a bigger cluster (--address / RAY_ADDRESS)"
         )
 
+    def _too_few(self, want: int, got: int) -> str:
+        free = self.ray.available_resources().get("GPU", 0)
+        return (
+            f"--workers {want} asks for {want} hosts of {self.request.describe()} each, and only "
+            f"{got} could be placed within {self.placement_timeout_s:.0f} s ({free:g} GPUs free "
+            f"beyond them: others are busy); {FEWER_FIX}"
+        )
+
     def refresh(self) -> None:
         """Fill in the info of replacements started but not yet heard from (dead ones leave)."""
         for slot in list(self.slots):
@@ -294,7 +314,9 @@ _POOLS: dict[tuple, Pool] = {}
 _DECIDED: dict[tuple, HostRequest] = {}
 
 
-def get_pool(ray: Any, request: HostRequest, placement_timeout_s: float) -> Pool:
+def get_pool(
+    ray: Any, request: HostRequest, placement_timeout_s: float, allow_fewer: bool = True
+) -> Pool:
     """The process's pool for this kind of host, created on first use (one per Ray session)."""
     pool = _POOLS.get(request)
     if pool is not None and pool.job != ray.get_runtime_context().get_job_id():
@@ -302,6 +324,7 @@ def get_pool(ray: Any, request: HostRequest, placement_timeout_s: float) -> Pool
     if pool is None:
         pool = _POOLS[request] = Pool(ray, request, placement_timeout_s)
     pool.placement_timeout_s = float(placement_timeout_s)
+    pool.allow_fewer = allow_fewer
     return pool
 
 
@@ -314,33 +337,63 @@ def pool_for(run: Any) -> Pool:
            run.threads_per_worker, run.address)  # fmt: skip
     if key not in _DECIDED:
         _DECIDED[key] = host_request(ray, run, joins_cluster(run.address))
-    return get_pool(ray, _DECIDED[key], run.placement_timeout_s)
+    return get_pool(ray, _DECIDED[key], run.placement_timeout_s, run.allow_fewer_workers)
 
 
 def host_request(ray: Any, run: Any, on_cluster: bool) -> HostRequest:
     """What each host takes under ``run.accelerator`` (see RunOptions): CPU hosts pinned to
     threads_per_worker cores, or one GPU each. Required GPUs (a cluster's "auto", "gpu", a GPU
-    model) are waited for up to ``run.gpu_wait_s`` on a cluster (a local Ray adds no nodes);
-    then GPUUnavailableError, or with ``run.allow_cpu`` CPU hosts and a warning."""
+    model; ``run.workers`` of them, else one) are waited for up to ``run.gpu_wait_s`` on a
+    cluster, the autoscaler asked for all of them (a local Ray adds no nodes); then, with none:
+    GPUUnavailableError, or with ``run.allow_cpu`` CPU hosts and a warning; with fewer than
+    ``run.workers``: GPUUnavailableError naming how many joined, or with
+    ``run.allow_fewer_workers`` those GPUs and a warning."""
     cpu = HostRequest(False, run.threads_per_worker or 1)
     if run.accelerator == "cpu":
         return cpu
     model = None if run.accelerator in ("auto", "gpu") else run.accelerator
     gpu = HostRequest(True, 1, model)
-    if cluster_gpus(ray, model) > 0:
+    want, have = run.workers or 1, cluster_gpus(ray, model)
+    if have >= want:
         return gpu
-    if run.accelerator == "auto" and not on_cluster:
+    if have == 0 and run.accelerator == "auto" and not on_cluster:
         return cpu  # the embedded default: a laptop, CI, the demo
     wait = run.gpu_wait_s if on_cluster else 0.0
-    want = run.workers or 1
-    if wait_for_gpus(ray, want, model, wait, poll_s=min(run.wait_seconds, 5.0)) > 0:
+    have = wait_for_gpus(ray, want, model, wait, poll_s=min(run.wait_seconds, 5.0))
+    if have >= want:
         return gpu
+    if have > 0:
+        return _fewer_gpus(ray, run, gpu, want, have, wait, on_cluster)
     message = _no_gpu_message(ray, run, gpu, want, wait, on_cluster)
     if not run.allow_cpu:
         raise GPUUnavailableError(message)
     warnings.warn(f"{message.split(';')[0]}; going on with CPU workers (allow_cpu)",
                   RuntimeWarning, stacklevel=3)  # fmt: skip
     return cpu
+
+
+#: How to run with fewer GPUs than asked for, in every message that refuses to.
+FEWER_FIX = (
+    "pass --allow-fewer-workers ([run] allow_fewer_workers = true, "
+    "allow_fewer_workers=True) to go on with those, lower --workers, or wait longer "
+    "(--gpu-wait)"
+)
+
+
+def _fewer_gpus(
+    ray: Any, run: Any, gpu: HostRequest, want: int, have: int, wait: float, on_cluster: bool
+) -> HostRequest:
+    """GPU hosts when the user opted in to fewer than ``want`` (a warning says how many),
+    else GPUUnavailableError (CLI exit 3) naming how many joined and the opt-in."""
+    where = "the Ray cluster" if on_cluster else "this local Ray (it adds no nodes)"
+    waited = f"within {wait:g} s (gpu_wait_s, --gpu-wait)" if wait > 0 else "(none can join)"
+    head = (f"only {have} of the {want} {gpu.describe().removeprefix('1 ')}s asked for "
+            f"(--workers {want}) joined {where} {waited}")  # fmt: skip
+    if not run.allow_fewer_workers:
+        raise GPUUnavailableError(f"{head}; {FEWER_FIX}")
+    warnings.warn(f"{head}; going on with {have} (allow_fewer_workers)", RuntimeWarning,
+                  stacklevel=3)  # fmt: skip
+    return gpu
 
 
 def _no_gpu_message(
@@ -368,6 +421,34 @@ def shutdown_pools() -> None:
 
 
 atexit.register(shutdown_pools)
+
+#: Solver operators whose products run in the driver (the head): no worker takes part.
+DRIVER_OPERATORS = ("stored", "dense")
+
+
+def release_for_solve(operator: str, run: Any) -> int:
+    """Before a solve with ``operator``: on a cluster, kill the GPU hosts when the products run
+    in the driver (:data:`DRIVER_OPERATORS`), so that their nodes go after the autoscaler's
+    idle timeout instead of idling through the solve (cost.py bills them for the Gram only).
+    The next stage that needs GPUs (predict) waits for them again. Returns hosts released."""
+    if operator not in DRIVER_OPERATORS or not joins_cluster(getattr(run, "address", None)):
+        return 0
+    return release_gpu_hosts()
+
+
+def release_gpu_hosts() -> int:
+    """Kill every GPU pool's hosts and forget its GPU decision; CPU pools stay. Returns the
+    hosts killed."""
+    released = 0
+    for request, pool in list(_POOLS.items()):
+        if request.use_gpu:
+            released += len(pool.slots)
+            pool.shutdown()
+            del _POOLS[request]
+    for key, request in list(_DECIDED.items()):
+        if request.use_gpu:
+            del _DECIDED[key]
+    return released
 
 
 def worker_env(use_gpu: bool, threads: int | None) -> dict[str, str]:

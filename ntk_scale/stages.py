@@ -26,6 +26,7 @@ from ntk_scale.kernels import Kernel, Layer, bind, diag_blocks, precision
 from ntk_scale.linalg import PCGState
 from ntk_scale.model import Model, load_model, save_model
 from ntk_scale.options import GramOptions, RunOptions, SolveOptions, default, to_json
+from ntk_scale.pool import release_for_solve
 from ntk_scale.predict import predict_from_store
 from ntk_scale.scheduler import GramReport, run_store
 from ntk_scale.solve import (
@@ -229,6 +230,7 @@ def solve(
         GramOptions(g.meta.kind, g.meta.dtype, g.meta.tile), run, store,
     )  # fmt: skip
     opts = dataclasses.replace(opts, operator=decision.operator)
+    release_for_solve(opts.operator, run)  # on a cluster, GPU nodes leave a driver-side solve
     ckpt = None if model_dir is None else f"{model_dir.rstrip('/')}/checkpoint"
     rounding = precision_check(g, opts)
     selection = None
