@@ -13,10 +13,21 @@ The model, per node type with ``nodes`` nodes of ``g`` GPUs each (G = nodes x g)
     matfree  iterations x N^2 x FLOPs per entry / (G x rate)          no Gram, no bucket
 
 ``rate`` is a tile measured on such a GPU when there is one, else the datasheet's peak x
-gpu_efficiency; ``node_rate`` and ``head_rate`` are a node's published network rate (capped by
-what one node moves to or from the bucket) x network_efficiency. Dollars: GPU nodes for the
-hours they run (during a stored solve they idle and the autoscaler removes them), the head for
-the whole job, and the bucket's standard storage for keep_months while the store is kept.
+gpu_efficiency; ``node_rate`` and ``head_rate`` are a node's sustained baseline network rate,
+capped by what one node moves to or from the bucket and by the path to it (AWS: an S3 gateway
+endpoint by default, or an internet gateway's cap), x network_efficiency.
+
+Hours: the GPU nodes' start-up, then the Gram, then the solve. Dollars, as the code runs: GPU
+nodes from launch (start-up) through the Gram and, for distributed and matrixfree, the solve,
+plus the autoscaler's idle timeout before it removes them; a stored solve runs in the head
+(:func:`ntk_scale.pool.release_for_solve` kills the GPU hosts before it), so there they are
+billed for the Gram only. The head for the whole job (on-demand), and the bucket's standard
+storage for keep_months while the store is kept. Spot: the same hours at the catalog's spot
+price for the GPU nodes.
+
+Matrix-free sends every GPU node a copy of X (N x d x itemsize bytes) through Ray's object
+store, which is 30% of the node's RAM by default (at most 200 GB): a route whose copy does not
+fit is flagged and never recommended.
 """
 
 from __future__ import annotations
@@ -31,6 +42,13 @@ from typing import Any
 from ntk_scale.options import SolveOptions, default
 
 OPERATORS = ("stored", "distributed", "matrixfree")
+#: Operators whose products run in the head: the GPU nodes leave after the Gram.
+HEAD_OPERATORS = ("stored",)
+BUCKET_PATHS = ("endpoint", "internet")
+#: Ray's default object store: this fraction of a node's memory, at most this many bytes
+#: (ray._private.ray_constants DEFAULT_OBJECT_STORE_MEMORY_PROPORTION / _MAX_MEMORY_BYTES).
+RAY_OBJECT_STORE_FRACTION = 0.3
+RAY_OBJECT_STORE_MAX_BYTES = 200 * 10**9
 #: "24h", "2d", "90m", "1.5h" (a bare number is hours).
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([hdm]?)\s*$")
 _HOURS_PER = {"": 1.0, "h": 1.0, "d": 24.0, "m": 1 / 60}
@@ -53,22 +71,37 @@ class Accelerator:
 
 @dataclasses.dataclass(frozen=True)
 class Node:
-    """A GPU worker node type of deploy/ (max_nodes: its worker group's max_workers)."""
+    """A GPU worker node type of deploy/ (max_nodes: its worker group's max_workers).
+
+    network_gbps: the sustained baseline (not the "up to" burst); memory_gb: RAM in GiB;
+    spot_usd_per_hour: the catalog's spot figure (an assumption it cites)."""
 
     name: str
     cloud: str
     region: str
     accelerator: str
     gpus: int
+    vcpus: int
+    memory_gb: float
     usd_per_hour: float
+    spot_usd_per_hour: float
     network_gbps: float
     max_nodes: int
     source: str
+    network_source: str = ""
+    spot_source: str = ""
+
+    @property
+    def object_store_bytes(self) -> float:
+        """Ray's default object store on this node: 30% of its RAM, at most 200 GB."""
+        ram = self.memory_gb * 2**30
+        return min(RAY_OBJECT_STORE_FRACTION * ram, RAY_OBJECT_STORE_MAX_BYTES)
 
 
 @dataclasses.dataclass(frozen=True)
 class Head:
     name: str
+    vcpus: int
     usd_per_hour: float
     network_gbps: float
     source: str
@@ -76,10 +109,19 @@ class Head:
 
 @dataclasses.dataclass(frozen=True)
 class Bucket:
+    """A cloud's bucket. path: the route to it `plan` assumes by default; internet_*: the cap an
+    internet gateway puts on a node's traffic (below internet_min_vcpus vCPUs
+    internet_cap_gbps, else the larger of it and internet_fraction of the node's rate)."""
+
     service: str
     usd_per_gb_month: float
     node_gbps: float
     source: str
+    path: str = ""
+    path_source: str = ""
+    internet_cap_gbps: float | None = None
+    internet_fraction: float | None = None
+    internet_min_vcpus: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +171,12 @@ class CloudAssumptions:
     rate to the bucket in Gbit/s, instead of the published figure (head: or the read rate
     measured against the store). keep_months: months the bucket keeps the store.
     memory_budget_bytes: per distributed actor (panels in memory when they fit).
+    bucket_path: "endpoint" (an S3 gateway endpoint on AWS, Private Google Access on GCP: the
+    node's full rate) or "internet" (through an internet gateway, capped). startup_minutes:
+    from a GPU node's launch to its Ray worker joining (an assumption: instance start, image
+    pull, Ray start). idle_minutes: how long the autoscaler keeps an idle node
+    (idle_timeout_minutes = 10 in deploy/aws-gpu.yaml and gcp-gpu.yaml, idleTimeoutSeconds = 600
+    in the KubeRay manifests).
     """
 
     iterations: int = 100
@@ -139,6 +187,9 @@ class CloudAssumptions:
     head_gbps: float | None = None
     keep_months: float = 1.0
     memory_budget_bytes: int = default(SolveOptions, "memory_budget_bytes")
+    bucket_path: str = "endpoint"
+    startup_minutes: float = 8.0
+    idle_minutes: float = 10.0
 
     def __post_init__(self) -> None:
         for name in ("iterations", "gpus"):
@@ -151,15 +202,24 @@ class CloudAssumptions:
         for name in ("network_gbps", "head_gbps"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be > 0 Gbit/s, e.g. 10")
-        if not self.keep_months >= 0:
-            raise ValueError(f"keep_months={self.keep_months!r} must be >= 0, e.g. 1")
+        for name in ("keep_months", "startup_minutes", "idle_minutes"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0, e.g. 1")
+        if self.bucket_path not in BUCKET_PATHS:
+            raise ValueError(f"bucket_path={self.bucket_path!r}; use one of {BUCKET_PATHS}")
 
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
     """What the cost model needs of a plan: N, the store's bytes, the Gram's FLOPs (upper
     triangle), FLOPs per kernel entry, the tiles' dtype; ``measured``: FLOP/s of one GPU, by
-    GPU model, from a tile timed on it; ``head_read_bytes_per_s``: measured against the store."""
+    GPU model, from a tile timed on it; ``head_read_bytes_per_s``: measured against the store;
+    ``d``: features per row (the copy of X a matrix-free node gets; None: not checked).
+
+    ``centers``: the hook for ``method = "nystrom"`` (M centres; None: the exact method). The
+    estimates here price the exact method only; a Nyström route is priced by a function that
+    takes M (K(X, C) of N x M entries at flops_per_entry, N x M x itemsize bytes when stored).
+    """
 
     n: int
     bytes_on_disk: int
@@ -168,15 +228,23 @@ class Workload:
     dtype: str
     measured: dict[str, float] = dataclasses.field(default_factory=dict)
     head_read_bytes_per_s: float | None = None
+    d: int | None = None
+    centers: int | None = None
 
     @property
     def itemsize(self) -> int:
         return 4 if self.dtype == "float32" else 8
 
+    @property
+    def x_bytes(self) -> int | None:
+        """Bytes of X in the store's dtype (what a matrix-free node receives), or None."""
+        return None if self.d is None else self.n * self.d * self.itemsize
+
 
 @dataclasses.dataclass(frozen=True)
 class Estimate:
-    """One (node type, pool, operator): hours (gram, solve, total) and dollars."""
+    """One (node type, pool, operator): hours (start-up, gram, solve, total), the GPU nodes'
+    billed hours (idle timeout included) and dollars, on-demand and spot."""
 
     node: Node
     nodes: int
@@ -185,6 +253,10 @@ class Estimate:
     solve_hours: float
     compute_usd: float
     storage_usd: float
+    startup_hours: float = 0.0
+    node_hours: float = 0.0
+    spot_compute_usd: float = 0.0
+    x_fits: bool = True
 
     @property
     def gpus(self) -> int:
@@ -192,11 +264,15 @@ class Estimate:
 
     @property
     def hours(self) -> float:
-        return self.gram_hours + self.solve_hours
+        return self.startup_hours + self.gram_hours + self.solve_hours
 
     @property
     def usd(self) -> float:
         return self.compute_usd + self.storage_usd
+
+    @property
+    def spot_usd(self) -> float:
+        return self.spot_compute_usd + self.storage_usd
 
 
 def gpu_flops(work: Workload, catalog: Catalog, node: Node, a: CloudAssumptions) -> float:
@@ -206,10 +282,26 @@ def gpu_flops(work: Workload, catalog: Catalog, node: Node, a: CloudAssumptions)
     return catalog.accelerators[node.accelerator].peak_flops(work.dtype) * a.gpu_efficiency
 
 
+def path_gbps(catalog: Catalog, cloud: str, gbps: float, vcpus: int, a: CloudAssumptions) -> float:
+    """Gbit/s a machine of baseline ``gbps`` and ``vcpus`` moves to the bucket on the path of
+    ``a.bucket_path``: at most the bucket's per-node rate, and through an internet gateway at
+    most its cap (AWS: 5 Gbit/s below 32 vCPUs, else the larger of 5 and half the rate)."""
+    b = catalog.buckets[cloud]
+    rate = min(gbps, b.node_gbps)
+    if a.bucket_path == "internet" and b.internet_cap_gbps is not None:
+        cap = b.internet_cap_gbps
+        if b.internet_min_vcpus is not None and vcpus >= b.internet_min_vcpus:
+            cap = max(cap, (b.internet_fraction or 0.0) * gbps)
+        rate = min(rate, cap)
+    return rate
+
+
 def node_rate(catalog: Catalog, node: Node, a: CloudAssumptions) -> float:
     """Bytes/s one GPU node moves to or from the bucket."""
-    gbps = a.network_gbps or min(node.network_gbps, catalog.buckets[node.cloud].node_gbps)
-    return gbps * 1e9 / 8 * (1.0 if a.network_gbps else a.network_efficiency)
+    if a.network_gbps:
+        return a.network_gbps * 1e9 / 8
+    gbps = path_gbps(catalog, node.cloud, node.network_gbps, node.vcpus, a)
+    return gbps * 1e9 / 8 * a.network_efficiency
 
 
 def head_rate(work: Workload, catalog: Catalog, cloud: str, a: CloudAssumptions) -> float:
@@ -218,15 +310,21 @@ def head_rate(work: Workload, catalog: Catalog, cloud: str, a: CloudAssumptions)
         return a.head_gbps * 1e9 / 8
     if work.head_read_bytes_per_s is not None:
         return work.head_read_bytes_per_s
-    gbps = min(catalog.heads[cloud].network_gbps, catalog.buckets[cloud].node_gbps)
+    head = catalog.heads[cloud]
+    gbps = path_gbps(catalog, cloud, head.network_gbps, head.vcpus, a)
     return gbps * 1e9 / 8 * a.network_efficiency
+
+
+def x_fits(work: Workload, node: Node) -> bool:
+    """Whether the copy of X a matrix-free node receives fits its default object store."""
+    return work.x_bytes is None or work.x_bytes <= node.object_store_bytes
 
 
 def estimate(
     work: Workload, catalog: Catalog, node: Node, nodes: int, operator: str, a: CloudAssumptions
 ) -> Estimate:
-    """Hours and dollars of the Gram (none for matrixfree) and ``a.iterations`` PCG iterations
-    with ``operator`` on ``nodes`` nodes of type ``node``."""
+    """Hours and dollars of the GPU nodes' start-up, the Gram (none for matrixfree) and
+    ``a.iterations`` PCG iterations with ``operator`` on ``nodes`` nodes of type ``node``."""
     gpus, rate = nodes * node.gpus, gpu_flops(work, catalog, node, a)
     net = nodes * node_rate(catalog, node, a)
     gram_s = max(work.gram_flops / (gpus * rate), work.bytes_on_disk / net)
@@ -242,16 +340,20 @@ def estimate(
         solve_s = reads * work.bytes_on_disk * (2 - 1 / gpus) / net
     else:
         raise ValueError(f"operator={operator!r}; use one of {OPERATORS}")
-    node_hours = (gram_s + (0.0 if operator == "stored" else solve_s)) / 3600
-    hours = (gram_s + solve_s) / 3600
-    compute = (
-        node_hours * nodes * node.usd_per_hour + hours * catalog.heads[node.cloud].usd_per_hour
-    )
+    startup, idle = a.startup_minutes / 60, a.idle_minutes / 60
+    busy_s = gram_s + (0.0 if operator in HEAD_OPERATORS else solve_s)
+    node_hours = startup + busy_s / 3600 + idle  # billed from launch to removal
+    hours = startup + (gram_s + solve_s) / 3600
+    head_usd = hours * catalog.heads[node.cloud].usd_per_hour
+    compute = node_hours * nodes * node.usd_per_hour + head_usd
+    spot = node_hours * nodes * node.spot_usd_per_hour + head_usd
     storage = 0.0
     if operator != "matrixfree":
         months = max(a.keep_months, hours / _HOURS_PER_MONTH)
         storage = work.bytes_on_disk / 1e9 * catalog.buckets[node.cloud].usd_per_gb_month * months
-    return Estimate(node, nodes, operator, gram_s / 3600, solve_s / 3600, compute, storage)
+    fits = operator != "matrixfree" or x_fits(work, node)
+    return Estimate(node, nodes, operator, gram_s / 3600, solve_s / 3600, compute, storage,
+                    startup, node_hours, spot, fits)  # fmt: skip
 
 
 def cost_table(work: Workload, catalog: Catalog, a: CloudAssumptions) -> list[Estimate]:
@@ -267,17 +369,53 @@ def recommend(
     work: Workload, catalog: Catalog, a: CloudAssumptions, deadline_hours: float
 ) -> tuple[Estimate | None, Estimate]:
     """(cheapest estimate finishing within the deadline, or None; the fastest estimate), over
-    every node type, operator and pool of 1..max_nodes nodes. Ties go to fewer nodes."""
+    every node type, operator and pool of 1..max_nodes nodes (on-demand prices; a matrix-free
+    route whose copy of X does not fit the nodes' object store is left out). Ties go to fewer
+    nodes."""
     options = [
         estimate(work, catalog, node, k, op, a)
         for node in catalog.nodes
         for k in range(1, node.max_nodes + 1)
         for op in OPERATORS
     ]
-    fastest = min(options, key=lambda e: (e.hours, e.usd))
-    feasible = [e for e in options if e.hours <= deadline_hours]
+    return pick(options, deadline_hours)
+
+
+def pick(options: list[Estimate], deadline_hours: float | None) -> tuple[Estimate | None, Estimate]:
+    """(the cheapest of ``options`` within the deadline (None: no deadline), or None; the
+    fastest), among those whose X copy fits (all of them if none does)."""
+    runnable = [e for e in options if e.x_fits] or options
+    fastest = min(runnable, key=lambda e: (e.hours, e.usd))
+    feasible = [e for e in runnable if deadline_hours is None or e.hours <= deadline_hours]
     best = min(feasible, key=lambda e: (round(e.usd, 2), e.nodes)) if feasible else None
     return best, fastest
+
+
+def node_for(catalog: Catalog, accelerator: str | None) -> Node | None:
+    """The catalog's first node type with GPUs of ``accelerator`` (None: unknown)."""
+    return next((n for n in catalog.nodes if n.accelerator == accelerator), None)
+
+
+def cluster_route(
+    work: Workload, catalog: Catalog, node: Node, gpus: int, a: CloudAssumptions,
+    deadline_hours: float | None = None,
+) -> tuple[Estimate, str]:  # fmt: skip
+    """The operator `plan` chooses for a cluster of ``gpus`` GPUs of ``node``'s type: the
+    cheapest that finishes within the deadline (None: the cheapest), else the fastest; and why.
+    What operator="auto" takes on a cluster (:func:`ntk_scale.sizing.cluster_operator`)."""
+    nodes = max(1, math.ceil(gpus / node.gpus))
+    options = [estimate(work, catalog, node, nodes, op, a) for op in OPERATORS]
+    best, fastest = pick(options, deadline_hours)
+    chosen = best or fastest
+    others = ", ".join(f"{e.operator} {_hours(e.hours)} {_usd(e.usd)}"
+                       + ("" if e.x_fits else " (X does not fit)")
+                       for e in options if e is not chosen)  # fmt: skip
+    within = "" if deadline_hours is None else f" within {_hours(deadline_hours)}"
+    why = "the cheapest" + within if best is not None else f"none finishes{within}: the fastest"
+    reason = (f"auto on the cluster: plan's cost model for N = {work.n:,} on {gpus} "
+              f"{node.accelerator} GPUs ({node.name} figures): {chosen.operator} "
+              f"{_hours(chosen.hours)} {_usd(chosen.usd)} is {why} ({others})")  # fmt: skip
+    return chosen, reason
 
 
 def parse_duration(text: str) -> float:
@@ -290,9 +428,11 @@ def parse_duration(text: str) -> float:
 
 # -- text ---------------------------------------------------------------------------------------
 def table_lines(estimates: list[Estimate], work: Workload, catalog: Catalog) -> list[str]:
-    """The cost table: one row per node type, hours and dollars of each operator."""
-    head = (f"{'GPU':<5} {'node (cloud region, $/h)':<42} {'pool':>8} {'Gram h':>7} {'Gram $':>8} "
-            + " ".join(f"{op + ' h':>14} {'$':>8}" for op in OPERATORS)
+    """The cost table: one row per node type, hours and dollars (on-demand, spot) of each
+    operator; a matrix-free cell whose copy of X does not fit the object store is marked *."""
+    head = (f"{'GPU':<5} {'node (cloud region, $/h, spot)':<52} {'pool':>8} {'Gram h':>7} "
+            f"{'Gram $':>8} "
+            + " ".join(f"{op + ' h':>14} {'$':>8} {'spot $':>8}" for op in OPERATORS)
             + f" {'bucket $/mo':>11}")  # fmt: skip
     lines = [head, "-" * len(head)]
     by_node: dict[str, dict[str, Estimate]] = {}
@@ -301,12 +441,17 @@ def table_lines(estimates: list[Estimate], work: Workload, catalog: Catalog) -> 
     for ops in by_node.values():
         any_e = ops["stored"]
         node, gram = any_e.node, _gram_usd(any_e, catalog)
-        label = f"{node.name} ({node.cloud} {node.region}, {node.usd_per_hour:g})"
-        cells = " ".join(f"{_hours(ops[op].hours):>14} {_usd(ops[op].usd):>8}" for op in OPERATORS)
+        label = (f"{node.name} ({node.cloud} {node.region}, {node.usd_per_hour:g}, "
+                 f"{node.spot_usd_per_hour:g})")  # fmt: skip
+        cells = " ".join(
+            f"{_hours(ops[op].hours) + ('' if ops[op].x_fits else '*'):>14} "
+            f"{_usd(ops[op].usd):>8} {_usd(ops[op].spot_usd):>8}"
+            for op in OPERATORS
+        )
         month = work.bytes_on_disk / 1e9 * catalog.buckets[node.cloud].usd_per_gb_month
         pool = f"{any_e.gpus} GPUs"
         gram_cells = f"{_hours(any_e.gram_hours):>7} {_usd(gram):>8}"
-        lines.append(f"{node.accelerator:<5} {label:<42} {pool:>8} {gram_cells} {cells} "
+        lines.append(f"{node.accelerator:<5} {label:<52} {pool:>8} {gram_cells} {cells} "
                      f"{_usd(month):>11}")  # fmt: skip
     return lines
 
@@ -329,9 +474,10 @@ def assumption_lines(work: Workload, catalog: Catalog, a: CloudAssumptions) -> l
         f"pool: {a.gpus} GPUs, rounded up to whole nodes (--gpus)",
         f"GPU throughput: {measured or 'none measured here'}; others: datasheet peak "
         f"{work.dtype} x {a.gpu_efficiency:g} (--gpu-efficiency)",
-        f"node <-> bucket: published network rate (capped at the bucket's per-node rate) x "
-        f"{a.network_efficiency:g} (--network-efficiency)"
+        f"node <-> bucket: sustained baseline network rate (not the 'up to' burst; capped at "
+        f"the bucket's per-node rate) x {a.network_efficiency:g} (--network-efficiency)"
         + (f"; here {a.network_gbps:g} Gbit/s per node (--network-gbps)" if a.network_gbps else ""),
+        *path_lines(catalog, a),
         f"one stored iteration reads {_bytes(work.bytes_on_disk)} through the head: "
         + ", ".join(
             f"{c} {work.bytes_on_disk / head_rate(work, catalog, c, a) / 60:.1f} min"
@@ -343,15 +489,66 @@ def assumption_lines(work: Workload, catalog: Catalog, a: CloudAssumptions) -> l
             if a.head_gbps
             else " (measured against the store)"
             if work.head_read_bytes_per_s
-            else " (published x efficiency; --head-gbps)"
+            else " (baseline x efficiency; --head-gbps)"
         ),  # fmt: skip
         f"bucket: the store kept {a.keep_months:g} month(s) (--keep-months); "
         + "; ".join(
             f"{c}: {b.service} ${b.usd_per_gb_month}/GB-month"
             for c, b in sorted(catalog.buckets.items())
         ),  # fmt: skip
-        f"prices: on-demand, checked {catalog.prices_checked} (ntk_scale/data/accelerators.toml)",
+        f"GPU nodes: {a.startup_minutes:g} min from launch to joining Ray (an assumption: "
+        f"instance start, image pull, Ray start), billed, before the Gram; then "
+        f"{a.idle_minutes:g} min idle before the autoscaler removes them (idle_timeout_minutes"
+        " in deploy/*.yaml, idleTimeoutSeconds in the KubeRay manifests), billed",
+        "GPU nodes billed: stored: start-up + Gram + idle (the solve runs in the head; fit "
+        "releases the GPU workers before it); distributed, matrixfree: start-up + Gram + solve "
+        "+ idle. The head: the whole job, on-demand",
+        f"prices: on-demand, checked {catalog.prices_checked}; spot: the catalog's assumed "
+        "figure per node (40% of on-demand; look the current price up) "
+        "(ntk_scale/data/accelerators.toml)",
     ]
+
+
+def path_lines(catalog: Catalog, a: CloudAssumptions) -> list[str]:
+    """Which path to the bucket the table assumes, per cloud."""
+    lines = []
+    for cloud, b in sorted(catalog.buckets.items()):
+        if a.bucket_path == "internet" and b.internet_cap_gbps is not None:
+            lines.append(f"bucket path ({cloud}): internet gateway (--bucket-path internet): "
+                         f"at most {b.internet_cap_gbps:g} Gbit/s per node below "
+                         f"{b.internet_min_vcpus} vCPUs, else {b.internet_fraction:g} of its "
+                         "rate; create the free S3 gateway endpoint (deploy/README.md) and "
+                         "plan with --bucket-path endpoint")  # fmt: skip
+        else:
+            cap = "" if b.internet_cap_gbps is None else (
+                f"; through an internet gateway instead: at most {b.internet_cap_gbps:g} "
+                f"Gbit/s per node below {b.internet_min_vcpus} vCPUs (--bucket-path internet)")
+            lines.append(f"bucket path ({cloud}): {b.path or 'as the bucket allows'}{cap}")
+    return lines
+
+
+def x_copy_lines(work: Workload, catalog: Catalog) -> list[str]:
+    """The copy of X every matrix-free node receives, against Ray's default object store on
+    each node type; a clear line for each type it does not fit."""
+    if work.x_bytes is None:
+        return []
+    lines = [
+        f"matrixfree sends every GPU node a copy of X: N x d x {work.itemsize} = "
+        f"{work.n:,} x {work.d:,} x {work.itemsize} = {_bytes(work.x_bytes)}, into Ray's object "
+        f"store (default {RAY_OBJECT_STORE_FRACTION:.0%} of the node's RAM, at most "
+        f"{_bytes(RAY_OBJECT_STORE_MAX_BYTES)}): "
+        + ", ".join(f"{n.name} {_bytes(n.object_store_bytes)}" for n in catalog.nodes)
+    ]
+    for n in catalog.nodes:
+        if not x_fits(work, n):
+            lines.append(
+                f"X DOES NOT FIT {n.name}'s object store ({_bytes(work.x_bytes)} > "
+                f"{_bytes(n.object_store_bytes)} = 30% of {n.memory_gb:g} GiB): matrixfree on "
+                "it would spill to disk or fail (marked * in the table, never recommended); "
+                "give its Ray workers more (ray start --object-store-memory, rayStartParams "
+                "object-store-memory), take a node with more RAM, or use stored / distributed"
+            )
+    return lines
 
 
 def recommendation_lines(
@@ -365,8 +562,9 @@ def recommendation_lines(
 
 def _describe(e: Estimate) -> str:
     return (f"{e.nodes} x {e.node.name} ({e.gpus} {e.node.accelerator}), --operator "
-            f"{e.operator}: {_hours(e.hours)} (Gram {_hours(e.gram_hours)}, solve "
-            f"{_hours(e.solve_hours)}), {_usd(e.usd)} (bucket {_usd(e.storage_usd)})")  # fmt: skip
+            f"{e.operator}: {_hours(e.hours)} (start-up {_hours(e.startup_hours)}, Gram "
+            f"{_hours(e.gram_hours)}, solve {_hours(e.solve_hours)}), {_usd(e.usd)} on-demand, "
+            f"{_usd(e.spot_usd)} spot (bucket {_usd(e.storage_usd)})")  # fmt: skip
 
 
 def _hours(h: float) -> str:
@@ -384,6 +582,7 @@ def workload(plan: Any, measured: dict[str, float] | None = None,
     """The Workload of a :class:`ntk_scale.sizing.GramPlan`."""
     return Workload(
         n=plan.n,
+        d=plan.d,
         bytes_on_disk=plan.bytes_on_disk,
         gram_flops=plan.flops,
         flops_per_entry=plan.flops / plan.entries,
@@ -401,6 +600,7 @@ def report_lines(
     lines = ["", f"cloud cost: Gram + {a.iterations} PCG iterations, each operator", ""]
     lines += table_lines(cost_table(work, catalog, a), work, catalog)
     lines += ["", "assumptions:", *(f"  {line}" for line in assumption_lines(work, catalog, a))]
+    lines += [f"  {line}" for line in x_copy_lines(work, catalog)]
     if deadline_hours is not None:
         lines += ["", *recommendation_lines(*recommend(work, catalog, a, deadline_hours),
                                             deadline_hours)]  # fmt: skip
