@@ -60,6 +60,19 @@ def cluster_gpus(ray: Any, accelerator_type: str | None = None) -> int:
     return int(sum(n["Resources"].get("GPU", 0) for n in nodes))
 
 
+def cluster_accelerator(ray: Any) -> str | None:
+    """The GPU model of the live GPU nodes (Ray's ``accelerator_type:<model>`` resource; the
+    most GPUs wins), or None when no node names one."""
+    gpus: dict[str, float] = {}
+    for node in ray.nodes():
+        res = node.get("Resources", {}) if node.get("Alive") else {}
+        for key in res:
+            if key.startswith("accelerator_type:") and res.get("GPU", 0) > 0:
+                model = key.removeprefix("accelerator_type:")
+                gpus[model] = gpus.get(model, 0) + res["GPU"]
+    return max(gpus, key=gpus.__getitem__) if gpus else None
+
+
 def accelerator_resource(accelerator_type: str) -> str:
     """Ray's resource for a GPU model: a node with A10G GPUs has ``accelerator_type:A10G``."""
     return f"accelerator_type:{accelerator_type}"

@@ -16,9 +16,16 @@ import socket
 import warnings
 from typing import Any
 
-from ntk_scale.cluster import cluster_gpus, ensure_ray, joins_cluster, wait_for_gpus
+from ntk_scale.cluster import (
+    cluster_accelerator,
+    cluster_gpus,
+    ensure_ray,
+    joins_cluster,
+    wait_for_gpus,
+)
 from ntk_scale.errors import GPUUnavailableError, PlacementError
 from ntk_scale.roles import FAULT_KILL_TILE_ENV, node_id
+from ntk_scale.sizing import cluster_operator
 
 # -- the host actor -----------------------------------------------------------------------------
 #: Environment variables a host reports (tests check the GPU and memory settings).
@@ -394,6 +401,34 @@ def _fewer_gpus(
     warnings.warn(f"{head}; going on with {have} (allow_fewer_workers)", RuntimeWarning,
                   stacklevel=3)  # fmt: skip
     return gpu
+
+
+def pool_accelerator(run: Any) -> str | None:
+    """The GPU model this run's hosts take: ``run.accelerator`` when it names one, else the
+    cluster's (:func:`ntk_scale.cluster.cluster_accelerator`); None for CPU hosts."""
+    if run.accelerator == "cpu":
+        return None
+    if run.accelerator not in ("auto", "gpu"):
+        return run.accelerator
+    request = pool_for(run).request
+    if not request.use_gpu:
+        return None
+    return request.accelerator_type or cluster_accelerator(ensure_ray(run.address))
+
+
+def cluster_operator_for(
+    run: Any, spec: Any, n: int, d: int, kind: str, dtype: str, tile: int, workers: int
+) -> tuple[str, str] | None:
+    """What operator="auto" takes on a cluster joined by address: (operator, reason) from
+    `plan`'s cost model for ``workers`` GPUs of the cluster's model
+    (:func:`ntk_scale.sizing.cluster_operator`); None on a local Ray, for CPU hosts, or for a
+    GPU model the catalog lacks (the caller then times a tile here)."""
+    if not joins_cluster(run.address):
+        return None
+    accelerator = pool_accelerator(run)
+    if accelerator is None:
+        return None
+    return cluster_operator(spec, n, d, kind, dtype, tile, workers, accelerator)
 
 
 def _no_gpu_message(

@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from ntk_scale import cost
 from ntk_scale.kernels import Kernel
 
 # The measurements `plan_gram(measure=True)` takes, re-exported for the CLI and the benchmarks.
@@ -261,3 +262,22 @@ def choose_operator(plan: GramPlan, read_bytes_per_s: float) -> OperatorChoice:
         f"{'recomputing' if choice == 'matrixfree' else 'reading'} is cheaper"
     )
     return OperatorChoice(choice, stored, recompute, read_bytes_per_s, reason)
+
+
+def cluster_operator(
+    spec: Kernel, n: int, d: int, kind: str, dtype: str, tile: int, gpus: int,
+    accelerator: str | None, deadline_hours: float | None = None,
+    catalog: cost.Catalog | None = None,
+) -> tuple[str, str] | None:  # fmt: skip
+    """(operator, reason) that `plan` chooses for K(X, X) of X (n, d) on a cluster of ``gpus``
+    GPUs of ``accelerator``: :func:`ntk_scale.cost.cluster_route` on an unmeasured plan (the
+    driver of a cluster job runs on the CPU head, where a tile's time says nothing of the GPUs).
+    None when the catalog has no node type of that GPU model (the caller measures instead)."""
+    catalog = catalog or cost.load_catalog()
+    node = cost.node_for(catalog, accelerator)
+    if node is None:
+        return None
+    work = cost.workload(plan_gram(n, d, spec, kind, dtype, tile, gpus, measure=False))
+    assume = cost.CloudAssumptions(gpus=gpus)
+    chosen, reason = cost.cluster_route(work, catalog, node, gpus, assume, deadline_hours)
+    return chosen.operator, reason

@@ -26,7 +26,7 @@ from ntk_scale.kernels import Kernel, Layer, bind, diag_blocks, precision
 from ntk_scale.linalg import PCGState
 from ntk_scale.model import Model, load_model, save_model
 from ntk_scale.options import GramOptions, RunOptions, SolveOptions, default, to_json
-from ntk_scale.pool import release_for_solve
+from ntk_scale.pool import cluster_operator_for, release_for_solve
 from ntk_scale.predict import predict_from_store
 from ntk_scale.scheduler import GramReport, run_store
 from ntk_scale.solve import (
@@ -145,6 +145,9 @@ def choose_solver_operator(
     if operator != "auto":
         return OperatorDecision(operator, "asked for")
     workers = run.workers or _default_workers(run)
+    picked = cluster_operator_for(run, spec, n, d, o.kind, o.dtype, o.tile, workers)
+    if picked is not None:  # on a cluster: plan's cost model for its GPUs, not a tile timed here
+        return OperatorDecision(*picked)
     return _auto_choice(spec, n, d, o, workers, _store_parent(store))
 
 
