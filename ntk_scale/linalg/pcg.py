@@ -1,5 +1,9 @@
 """Block preconditioned conjugate gradients for (K + λI) A = Y with C right-hand sides.
 
+An operator with its own ridge term (:class:`RidgeOperator`, e.g. the Nyström normal equations
+(K_nmᵀK_nm + λ K_mm) α = K_nmᵀ y of :mod:`ntk_scale.linalg.falkon`) supplies (H + λ_j S) p_j
+itself; the iteration is the same.
+
 Per-column CG sharing one ``op.matmat`` per iteration over the still-active columns (O'Leary
 1980, in its simple per-column form). Converged columns are frozen: neither updated nor
 multiplied. All vectors and reductions are float64 whatever the operator's storage dtype.
@@ -14,13 +18,13 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
 from ntk_scale.errors import ConvergenceWarning, SolverError
 from ntk_scale.linalg.operators import GramOperator
-from ntk_scale.linalg.preconditioners import PerGroup, Preconditioner, identity
+from ntk_scale.linalg.preconditioners import ColumnPreconditioner, Preconditioner, identity
 from ntk_scale.options import SolveOptions
 
 STATE_FIELDS = ("x", "r", "z", "p", "rz", "iteration", "active", "residuals")
@@ -44,6 +48,19 @@ class PCGState:
     iteration: int
     active: np.ndarray
     residuals: np.ndarray
+
+
+@runtime_checkable
+class RidgeOperator(Protocol):
+    """An SPD system H + λ S other than K + λI: solve_pcg calls ``ridge_matmat`` instead of
+    ``matmat`` + λ p. shape: (n, n), the unknowns."""
+
+    shape: tuple[int, int]
+
+    def ridge_matmat(self, P: np.ndarray, lam: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """(H + λ_j S) p_j for the system's columns ``columns`` (c,) int (a column may carry
+        its own data, such as a row mask). P: (n, c) float64, lam: (c,) -> (n, c) float64."""
+        ...
 
 
 class PCGResult(NamedTuple):
@@ -90,6 +107,8 @@ def solve_pcg(
     op: an (N, N) GramOperator. Y: (N, C) targets. lam: the absolute ridge (see resolve_ridge),
     one for all columns or (C,) one per column: many ridges share each ``op.matmat`` (a
     regularization path in one solve); the preconditioner then gets each column's ridge.
+    op may instead be a :class:`RidgeOperator` (its own H + λS, e.g. the Nyström system); mask
+    must then be None (the operator holds any per-column data itself).
     preconditioner: ``apply(R[, lam])`` ≈ (K + λI)⁻¹ R, default identity. max_iter: default
     2N. x0: (N, C) starting guess (columns already within tol are never touched). callback:
     called with the new PCGState after every iteration. state: a saved PCGState to resume from.
@@ -102,6 +121,9 @@ def solve_pcg(
     lam, tol = _check_lams(lam, Y.shape[1]), _check_positive("tol", tol)
     M = identity() if preconditioner is None else preconditioner
     if mask is not None:
+        if isinstance(op, RidgeOperator):
+            raise ValueError("mask is for K + λI systems; a RidgeOperator holds its columns' "
+                             "masks itself: pass mask=None")  # fmt: skip
         mask = _check_mask(mask, Y.shape)
         M = _Masked(M, mask)
         Y = Y * mask
@@ -125,7 +147,10 @@ def solve_pcg(
 
 def _product(op: GramOperator, p: np.ndarray, lam: np.ndarray, idx: np.ndarray,
              mask: np.ndarray | None) -> np.ndarray:  # fmt: skip
-    """(K + λ_j I) p_j for the columns idx (restricted to each column's rows with a mask)."""
+    """(K + λ_j I) p_j for the columns idx (restricted to each column's rows with a mask), or
+    a RidgeOperator's own (H + λ_j S) p_j."""
+    if isinstance(op, RidgeOperator):
+        return op.ridge_matmat(p, lam[idx], idx)
     Kp = op.matmat(p)
     if mask is not None:
         Kp *= mask[:, idx]
@@ -140,7 +165,7 @@ def _apply(M: Preconditioner, R: np.ndarray, lam: np.ndarray, idx: np.ndarray) -
     if isinstance(M, _Masked):
         M, mask = M.M, M.mask[:, idx]
         R = R * mask
-    if isinstance(M, PerGroup):
+    if isinstance(M, ColumnPreconditioner):
         out = M.apply_columns(R, lam[idx], idx)
     else:
         out = M.apply(R) if np.all(lam == lam[0]) else M.apply(R, lam=lam[idx])

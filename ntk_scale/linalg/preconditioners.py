@@ -157,6 +157,19 @@ class PerGroup:
         return out
 
 
+@runtime_checkable
+class ColumnPreconditioner(Protocol):
+    """A preconditioner whose columns differ by more than their ridge (PerGroup's folds,
+    Falkon's per-column n): solve_pcg calls ``apply_columns`` with the columns' indices."""
+
+    name: str
+
+    def apply_columns(self, R: np.ndarray, lam: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """R: (n, c) the columns ``columns`` (c,) int of the system, lam: (c,) their ridges
+        -> (n, c) float64."""
+        ...
+
+
 def per_group(M: Preconditioner, rows: list[np.ndarray], group: np.ndarray) -> Preconditioner:
     """M restricted to each group's rows (see PerGroup). A Nyström sketch is restricted by
     :meth:`Nystrom.restrict`; a diagonal or identity preconditioner restricted to rows is
