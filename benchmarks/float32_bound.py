@@ -14,6 +14,12 @@ networks on images), one run computes the Gram matrix in float32 and in float64 
   where K32 + λI is not positive definite);
 * auto: what ``dtype="auto"`` takes for this problem (where the checkout has it).
 
+``--conv`` prints the stax section instead: for each network of tests/test_float32_conv.py (dense
+stack, conv + Flatten, pooling, SmallConv, residual FanOut / FanInSum, erf, Myrtle-5) and each
+input family, the measured max |K32 − K64| / max diag, the derived bound (the stax walk of
+``precision``'s docstring) and their ratio, beside the layer-count formula it replaced
+(L·(256u + [NTK]·√(8u)), no safety factor). Writes benchmarks/results/float32_bound_conv.json.
+
 Run it on a checkout of an older commit (``--repo``) for the "before" table:
 
     .venv/bin/python benchmarks/float32_bound.py                       # this checkout
@@ -150,12 +156,20 @@ def main() -> None:
     p.add_argument("--tag", default="", help="suffix of the JSON file (e.g. before)")
     p.add_argument("--ridge", type=float, default=1e-4, help="relative ridge (default 1e-4)")
     p.add_argument("--kind", default="ntk", choices=("ntk", "nngp"))
+    p.add_argument("--conv", action="store_true", help="the stax bound table (both kinds)")
     args = p.parse_args()
     sys.path.insert(0, args.repo)
     sys.path.insert(0, str(HERE))
     from results_io import machine, write_json
 
     import ntk_scale
+
+    if args.conv:
+        rows = conv_bound_rows()
+        write_json(HERE / "results" / "float32_bound_conv.json",
+                   {"machine": machine(), "repo": str(Path(ntk_scale.__file__).parent.parent),
+                    "rows": rows})  # fmt: skip
+        return
 
     rng = np.random.default_rng(0)
     fc, conv = kernels()
@@ -174,6 +188,84 @@ def main() -> None:
     write_json(HERE / "results" / f"float32_bound{tag}.json",
                {"machine": machine(), "repo": str(Path(ntk_scale.__file__).parent.parent),
                 "kind": args.kind, "ridge": args.ridge, "rows": rows})  # fmt: skip
+
+
+# -- the stax bound table (--conv) --------------------------------------------------------------
+U32 = 2.0**-24
+
+
+def conv_nets() -> dict:
+    """The networks of tests/test_float32_conv.py, by name -> (layer, image side)."""
+    from ntk_scale.kernels import stax
+
+    def conv(padding="SAME", strides=(1, 1)):
+        return stax.Conv(8, (3, 3), strides, padding=padding, W_std=1.4, b_std=0.1)
+
+    dense = [stax.Dense(16, W_std=1.4, b_std=0.1), stax.Relu()]
+    return {
+        "dense_relu3": (stax.serial(*dense * 3, stax.Dense(1)), 8),
+        "conv_flatten": (stax.serial(conv(), stax.Relu(), conv("VALID"), stax.Relu(),
+                                     stax.Flatten(), stax.Dense(1)), 8),
+        "conv_pools": (stax.serial(conv(), stax.Relu(), stax.AvgPool((3, 3), (1, 1), "SAME"),
+                                   conv(strides=(2, 2)), stax.LeakyRelu(0.1),
+                                   stax.GlobalAvgPool(), stax.Dense(1)), 8),
+        "smallconv": (stax.SmallConv(), 8),
+        "residual": (stax.serial(conv(), stax.Relu(), stax.FanOut(2),
+                                 stax.parallel(stax.serial(conv(), stax.Relu(), conv()),
+                                               stax.Identity()),
+                                 stax.FanInSum(), stax.Relu(), stax.AvgPool((2, 2), (2, 2)),
+                                 stax.Flatten(), stax.Dense(1)), 8),
+        "conv_erf": (stax.serial(conv(), stax.Erf(), conv(), stax.Erf(), stax.Flatten(),
+                                 stax.Dense(1)), 8),
+        "myrtle5": (stax.Myrtle(5), 32),
+    }  # fmt: skip
+
+
+def conv_families(n: int, hw: int) -> dict[str, np.ndarray]:
+    """The input families of tests/test_float32_conv.py (n images hw x hw x 1)."""
+    from sklearn.datasets import load_digits
+
+    rng = np.random.default_rng(0)
+    digits = load_digits().images[:n, :, :, None].astype(np.float64)
+    one = rng.normal(size=(1, hw, hw, 1))
+    return {
+        "digits_raw": np.kron(digits, np.ones((1, hw // 8, hw // 8, 1))),
+        "offset100": 100 + rng.normal(size=(n, hw, hw, 1)),
+        "clustered": one + 1e-3 * rng.normal(size=(n, hw, hw, 1)),
+        "pixels255": np.round(rng.uniform(0, 255, size=(n, hw, hw, 1))),
+    }
+
+
+def old_bound(layer, kind: str) -> float:
+    """The layer-count formula the stax walk replaced: L·(256u + [NTK]·√(8u)), L leaves."""
+
+    def leaves(node) -> int:
+        return 1 if not node.layers else sum(leaves(c) for c in node.layers)
+
+    return leaves(layer) * (256 * U32 + (np.sqrt(8 * U32) if kind == "ntk" else 0.0))
+
+
+def conv_bound_rows() -> list[dict]:
+    from ntk_scale.kernels import bind, precision
+
+    rows = []
+    for name, (layer, hw) in conv_nets().items():
+        for fam, x in conv_families(3 if hw > 8 else 5, hw).items():
+            x = x.reshape(len(x), -1) if name.startswith("dense") else x
+            net = bind(layer, x.shape[1:])
+            for kind in ("ntk", "nngp"):
+                k64 = net.kernel(x, kind=kind, dtype="float64")
+                k32 = net.kernel(x, kind=kind, dtype="float32").astype(np.float64)
+                diag_max = float(np.max(np.diag(k64)))
+                err = float(np.max(np.abs(k32 - k64))) / diag_max
+                bound = precision.entry_bound(net, kind, diag_max) / diag_max
+                rows.append({"net": name, "family": fam, "kind": kind, "err": err,
+                             "bound": bound, "ratio": bound / max(err, 1e-300),
+                             "old": old_bound(layer, kind)})  # fmt: skip
+                r = rows[-1]
+                print(f"{name:<13} {fam:<10} {kind:<4} err {err:.1e}  bound {bound:.1e}  "
+                      f"ratio {r['ratio']:.1e}  old {r['old']:.1e}", flush=True)
+    return rows
 
 
 def print_row(r: dict) -> None:

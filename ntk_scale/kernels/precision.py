@@ -63,11 +63,67 @@ recursion (cos θ rounded near 1, then arccos) the error grew like √u·diag_ma
 
 Stax networks (:class:`ntk_scale.kernels.network.Network`)
 -----------------------------------------------------------
-A conservative formula from the number L of layers in the tree (leaves, combinators excluded):
-every layer may lose 256u relative (filter sums, pooling and readout means over up to 2¹⁶ terms
-with XLA's pairwise reductions), and an NTK may in addition lose √(8u) per layer, the arccos
-floor of a cosine rounded near 1 (the fully-connected analysis above without the δ recursion).
-entry_bound = L·(256u + [NTK]·√(8u))·diag_max. It does not try to be tight.
+The interpreter carries, per entry of a chunk's tensor (a pair of positions of a pair of
+images), the pair distance D = E(z1 − z2)² (and Θ for the NTK) beside each image's variance
+map v from the self pass; K = (v1 + v2 − D)/2 only at the end (network.py, spatial.py). Same
+model as above (u, correctly rounded operations, first order, SAFETY = 2), walked over the
+layer tree (``layer.name``, ``layer.p``, ``layer.layers`` only; ``stax_relative_error``).
+
+Scales. Per entry, A = (v1 + v2)/2 and T = (Θ11 + Θ22)/2 (arithmetic means, not the FC's
+geometric ones: D ≤ 4A always, so D's rounding is bounded by A while v1/v2 may be anything,
+e.g. SAME edges on zero-bordered digits). Every linear layer maps A linearly (a conv's A' is
+the filter mean of the A's), so a relative error in A-units passes through unchanged.
+State, per branch: ε_v (relative error of v), ε_D = |ΔD|/A, ε_Θ = |ΔΘ|/T, [lo, hi] ∋ Θᵢᵢ/vᵢ
+over positions and inputs, and ρ, a floor on the correlation of two positions of one image.
+Start: ε_v = (C + 1)u, ε_D = 4(C + 2)u (C channels: direct differences).
+
+Assumptions beyond (A1), (A2). (A3) a centred product (dense inputs, the first conv's patches)
+has |x − m|² ≤ 2 x the pair's mean square (m the chunk mean): ε_D = 8(n + 3)u over n
+features. (A4) a pooled variance is ≥ 1/κ of its window's mean variance with
+κ = k/(1 + (k − 1)ρ) over k positions; with ρ ≥ 0 this is exact (v' ≥ Σ wᵢ² vᵢ), and ρ is
+first order in that it treats the variances inside one window as equal. ρ: unknown at the
+input; ReLU makes it 0 (J₁ ≥ 0), and ABReLU with ab ≥ 0 on ρ ≥ 0 (θ ≤ π/2) makes it
+(b − a)²/(π(a² + b²)) (1/π for ReLU); conv, pooling keep it; erf keeps its sign. (A5) erf
+inputs: A ≤ 4√(v1 v2) per entry (a variance ratio ≤ 62); erf's sensitivity to c is 1/√(v1v2).
+
+Per layer (k taps of a filter or window, sequential sums: (k − 1)u, no pairwise assumption):
+  Dense / Conv: D' = W²·S(D), v' = W²S(v) + b² (A' ≥ W²S(A)); a SAME frame of the full layout
+          holds v1 or v2: ε_D' ≤ max(ε_D, 2ε_v) + (k + 2)u, ε_v' ≤ ε_v + (k + 3)u;
+          Θ' = W²S(Θ) + K', K' = (v1' + v2' − D')/2: ε_K = ε_v' + ε_D'/2 + 2u,
+          ε_Θ' ≤ max(ε_Θ + (k + 2)u, ε_K) + 3u (T' ≥ W²S(T) and T' ≥ A'); lo' = 1 (with a
+          bias) or 1 + lo, hi' = 1 + hi (Θ' / v' ∈ [1, 1 + Θ/v]).
+  AvgPool / GlobalAvgPool: D' = L(D12) − g1 − g2 (g = ½L(D11) at equal positions, from the
+          self pass) and v' = s·L(v) − g: the window sums' errors (2(fh + fw)u per pool,
+          (HW)²u for the global mean) and the self terms' errors add up to 2ε_D·L(A), on an
+          A' ≥ L(A)/κ (A4): ε_D' ≤ κ(2ε_D + [SAME edges] 3ε_v + sums + 8u),
+          ε_v' ≤ κ(ε_v + ε_D/2 + sums/2 + 4u), ε_Θ' ≤ κ(ε_Θ + sums + 2u).
+  Flatten: the mean over positions of D and of A: + HW·u to each, no cancellation.
+  ABReLU (relu a=0, b=1; leaky; abs a=−1), k = (a² + b²)/2: D' = k·gap² + 2√(v1v2)·g(δ),
+          δ = (D − gap²)/(2√(v1v2)), gap = √v1 − √v2, and dg/dδ = ṡ ∈ [ab, k] (the FC gap,
+          the same algebra): ΔD' ≤ ṡΔD + Σᵢ |∂D'/∂vᵢ| vᵢ ε_v ≤ kA(ε_D + 6ε_v) plus rounding
+          (2|ab| + 40(b − a)²)u/k + 20u (θ − sin θ to 16uθ, as in the FC value step):
+          ε_D' ≤ ε_D + 6ε_v + (2|ab| + 40(b − a)²)u/k + 20u, ε_v' = ε_v + 2u (A' = kA).
+          NTK: Θ' = Θ·ṡ, ṡ = k − (b − a)²θ/(2π). δ's own error, in units of A/√(v1v2), is
+          ε_δ = ε_D + 8ε_v + 28u; θ from δ has |Δθ| ≤ √(2Δδ) (the arccos floor: D carries no
+          relative accuracy through a pool, so this is the FC's √(2e) with e from ε_δ), and
+          T_H·√(A/H) ≤ √(hi/lo)·T: ε_Θ' ≤ ε_Θ + (b − a)²/(2πk)·(√(hi/lo)·√ε_δ + 13πu) + 4u.
+  Erf(a, b, c): D' = a²(2/π)(s1 + s2 − 2s12), s12 = atan2(2b²c, root): |∂s12/∂c| ≤ 1/√(v1v2)
+          and (s1 + s2)/2 ≥ 2b²√(v1v2)/√(g1g2) (AM-GM), so relative to A' the c error counts
+          A/√(v1v2) ≤ 4 times (A5); root's relative error ε_r = ε_v + 2ε_δ + 4u;
+          ε_D' ≤ 2(ε_v + 4u) + 2(4(ε_v + ε_D/2 + 9u) + ε_r + 2u) + 4u, ε_v' = ε_v + 6u;
+          NTK ṡ ∝ 1/root: ε_Θ' ≤ ε_Θ + ε_r + 6u (FC's slope step). Θᵢᵢ/vᵢ is no longer
+          tracked through erf: [lo, hi] becomes [1, 8] (the √(hi/lo) of a later ABReLU).
+  FanOut copies the state; FanInSum adds nonnegative D, v, Θ: the largest ε plus (n − 1)u.
+  Identity: unchanged.
+Result: entry_bound = SAFETY · ε_K · diag_max, ε_K = ε_Θ (NTK) or ε_v + ε_D/2 + 2u (NNGP,
+K = (v1 + v2 − D)/2 at the readout, A ≤ diag_max).
+
+What it gives (bound / diag_max, benchmarks/float32_bound.py --conv): see the table there and
+tests/test_float32_conv.py, which checks every family against it. The NNGP of a network
+without pooling is O(Lu); the NTK carries the √ε_δ angle floor of every activation (the old
+layer-count formula's √(8u) per layer, now √ of the accumulated error, once per activation);
+pooling multiplies by 2κ per pool, so a chain of pools (Myrtle-5: five) is where the walk is
+loosest, and it is the honest worst case of the D form, not a measured one.
 """
 
 from __future__ import annotations
@@ -99,7 +155,7 @@ def entry_bound(spec: Any, kind: str, diag_max: float) -> float:
         raise ValueError(f"diag_max={diag_max!r} must be a finite number >= 0")
     if hasattr(spec, "params") and hasattr(spec, "depth"):
         return SAFETY * fc_relative_error(spec.params, kind) * float(diag_max)
-    return _stax_relative_error(spec, kind) * float(diag_max)
+    return SAFETY * _stax_relative_error(spec, kind) * float(diag_max)
 
 
 def fc_relative_error(p: Any, kind: str) -> float:
@@ -144,22 +200,222 @@ def _erf_step(p: Any, rho: float, eta: float, e: float, first: bool):
 
 
 def _stax_relative_error(spec: Any, kind: str) -> float:
-    """L·(256u + [NTK]·√(8u)) for a stax network with L layers (docstring, Stax networks)."""
-    tree = getattr(spec, "spec", None) or getattr(spec, "layer", None) or spec
-    if not hasattr(tree, "layers"):
+    """ε_K of the stax walk (docstring, Stax networks) for a Network or a bare layer tree."""
+    tree = getattr(spec, "layer", None) or spec
+    if not hasattr(tree, "layers") or not hasattr(tree, "name"):
         raise ValueError(
             f"entry_bound takes a FullyConnected spec or a stax network, got {type(spec).__name__}"
         )
-    n_layers = _count_layers(tree)
-    per_layer = 256 * _U + (math.sqrt(8 * _U) if kind == "ntk" else 0.0)
-    return max(n_layers, 1) * per_layer
+    shape = tuple(getattr(spec, "sample_shape", None) or _DEFAULT_SHAPE)
+    return stax_relative_error(tree, shape, kind)
 
 
-def _count_layers(layer: Any) -> int:
-    children = tuple(getattr(layer, "layers", ()) or ())
-    if not children:
-        return 1
-    return sum(_count_layers(child) for child in children)
+# -- stax networks ------------------------------------------------------------------------------
+#: (A3) centred inputs: |x − m|² of a chunk's rows (or patches) about the chunk mean m is at most
+#: this many times a pair's mean square (every row within a factor 2 in norm of the others).
+_CENTRE = 2.0
+#: (A5) erf inputs: at every entry, (v1 + v2) / 2 ≤ this times √(v1 v2) (a variance ratio ≤ 62).
+_R_AH = 4.0
+#: Shape assumed for a bare layer tree (entry_bound of a Layer, not of a bound Network).
+_DEFAULT_SHAPE = (32, 32, 3)
+
+
+class _Err(NamedTuple):
+    """The per-branch state of the stax walk (docstring, Stax networks), all before SAFETY.
+
+    ev: relative error of the variance maps v; ed: |ΔD| / A (A = (v1 + v2)/2 per entry);
+    et: |ΔΘ| / T (T = (Θ11 + Θ22)/2), None before the first weighted layer; lo, hi: bounds on
+    Θᵢᵢ / vᵢ over positions and inputs; hw: positions, None once a vector; fresh: no layer
+    has consumed the raw input yet; corr: a floor on the correlation of two positions of one
+    image (None: covariances of either sign)."""
+
+    ev: float
+    ed: float
+    et: float | None
+    lo: float
+    hi: float
+    hw: tuple[int, int] | None
+    fresh: bool
+    corr: float | None = None
+
+
+def stax_relative_error(tree: Any, sample_shape: tuple[int, ...], kind: str) -> float:
+    """ε_K of the docstring's stax walk for a layer tree on inputs of ``sample_shape``:
+    |ΔK| ≤ ε_K · diag_max, before SAFETY."""
+    u = _U
+    hw = tuple(sample_shape[:2]) if len(sample_shape) == 3 else None
+    chans = int(sample_shape[-1])
+    st = _Err((chans + 1) * u, 4 * (chans + 2) * u, None, 1.0, 1.0, hw, True)
+    st = _walk(tree, st, chans)
+    if kind == "ntk":
+        return st.et if st.et is not None else 0.0
+    return st.ev + st.ed / 2 + 2 * u
+
+
+def _walk(layer: Any, st: Any, chans: int) -> Any:
+    name, kids = layer.name, tuple(layer.layers)
+    if name == "serial":
+        for child in kids:
+            st = _walk(child, st, chans)
+        return st
+    if name == "parallel":
+        return tuple(_walk(c, s, chans) for c, s in zip(kids, st, strict=True))
+    if name == "FanOut":
+        return (st,) * int(layer.p["num"])
+    if name == "FanInSum":
+        return _fan_in(st)
+    rule = _STAX_RULES.get(name)
+    if rule is None:
+        raise ValueError(f"entry_bound has no float32 rule for stax.{name}")
+    return rule(layer.p, st, chans)
+
+
+def _fan_in(branches: tuple) -> _Err:
+    """Σ of the branches' D, v, Θ: nonnegative sums, the largest relative error plus n − 1 adds."""
+    u, n = _U, len(branches)
+    ets = [b.et for b in branches if b.et is not None]
+    return _Err(max(b.ev for b in branches) + (n - 1) * u,
+                max(b.ed for b in branches) + (n - 1) * u,
+                max(ets) + (n - 1) * u if ets else None,
+                min(b.lo for b in branches), max(b.hi for b in branches),
+                branches[0].hw, all(b.fresh for b in branches),
+                None if any(b.corr is None for b in branches)
+                else min(b.corr for b in branches))  # fmt: skip
+
+
+def _input_error(p: dict, st: _Err, chans: int, taps: int) -> float:
+    """ed of the raw input's distance as the first linear layer computes it (A3)."""
+    u = _U
+    if st.hw is None or taps > 1:  # a centred product over d features or conv patches
+        n = chans * max(taps, 1)
+        return 4 * _CENTRE * (n + 3) * u
+    return st.ed
+
+
+def _weighted(p: dict, st: _Err, taps: int, chans: int, hw_out: Any) -> _Err:
+    """Dense (taps 0) or Conv (taps = fh·fw): D' = W²·S(D), v' = W²·S(v) + b², Θ' = W²S(Θ) + K'."""
+    u = _U
+    ed = _input_error(p, st, chans, taps) if st.fresh else st.ed
+    k = max(taps, 1)
+    edge = 2 * st.ev if taps > 1 else 0.0  # SAME frames of the full layout hold v1 or v2
+    ed = max(ed, edge) + (k + 2) * u
+    ev = st.ev + (k + 3) * u
+    eps_k = ev + ed / 2 + 2 * u  # K' = (v1' + v2' − D')/2 relative to A'
+    et = eps_k + 3 * u if st.et is None else max(st.et + (k + 2) * u, eps_k) + 3 * u
+    bias = bool(p.get("b_std"))
+    lo = 1.0 if (bias or st.et is None) else 1.0 + st.lo
+    hi = 1.0 if st.et is None else 1.0 + st.hi
+    return _Err(ev, ed, et, lo, hi, hw_out, False, st.corr)
+
+
+def _conv(p: dict, st: _Err, chans: int) -> _Err:
+    fh, fw = p["filter_shape"]
+    return _weighted(p, st, fh * fw, chans, _window_out(st.hw, (fh, fw), p))
+
+
+def _dense(p: dict, st: _Err, chans: int) -> _Err:
+    return _weighted(p, st, 0, chans, st.hw)
+
+
+def _window_out(hw: tuple[int, int], window: tuple[int, int], p: dict) -> tuple[int, int]:
+    """Output positions of a conv or pool (lax's VALID / SAME sizes)."""
+    out = [(n - f) // s + 1 if p["padding"] == "VALID" else -(-n // s)
+           for n, f, s in zip(hw, window, p["strides"], strict=True)]  # fmt: skip
+    return out[0], out[1]
+
+
+def _avg_pool(p: dict, st: _Err, chans: int) -> _Err:
+    """D' = L(D12) − g1 − g2 (+ edge terms): a cancellation by up to κ = fh·fw (A4)."""
+    u = _U
+    fh, fw = p["window_shape"]
+    hw = _window_out(st.hw, (fh, fw), p)
+    edges = p["padding"] == "SAME" and not p.get("normalize_edges")
+    return _pooled(st, fh * fw, 2 * (fh + fw) * u, hw, edges)
+
+
+def _global_pool(p: dict, st: _Err, chans: int) -> _Err:
+    n = st.hw[0] * st.hw[1]
+    return _pooled(st, n, n * n * _U, None, False)
+
+
+def _pooled(st: _Err, window: int, sums: float, hw_out: Any, edges: bool) -> _Err:
+    """A pooling layer's map: window sums with rounding ``sums``, then the self terms subtracted;
+    the pooled variance is at least 1/κ of the window's mean variance (A4)."""
+    u, st = _U, _fresh_input(st)
+    kappa = window / (1 + (window - 1) * st.corr) if st.corr is not None else float(window)
+    ed = kappa * (2 * st.ed + (3 * st.ev if edges else 0.0) + sums + 8 * u)
+    ev = kappa * (st.ev + st.ed / 2 + sums / 2 + 4 * u)
+    et = None if st.et is None else kappa * (st.et + sums + 2 * u)
+    return _Err(ev, ed, et, st.lo, st.hi, hw_out, False, st.corr)
+
+
+def _fresh_input(st: _Err) -> _Err:
+    """A non-linear layer on the raw input takes its distance from direct differences."""
+    return st._replace(fresh=False) if st.fresh else st
+
+
+def _flatten(p: dict, st: _Err, chans: int) -> _Err:
+    """The mean over same-position entries: A' is the mean of A, no cancellation."""
+    if st.hw is None:
+        return st
+    st, n = _fresh_input(st), st.hw[0] * st.hw[1]
+    et = None if st.et is None else st.et + n * _U
+    return st._replace(ed=st.ed + n * _U, ev=st.ev + n * _U, et=et, hw=None)
+
+
+def _identity(p: dict, st: _Err, chans: int) -> _Err:
+    return st
+
+
+def _abrelu(p: dict, st: _Err, chans: int) -> _Err:
+    """D' = k·gap² + 2√(v1v2)·excess(δ), d excess/dδ = ṡ ∈ [ab, k]; Θ' = Θ·ṡ."""
+    u, st = _U, _fresh_input(st)
+    a, b = _abrelu_ab(p)
+    k = 0.5 * (a * a + b * b)
+    eff = st.ed + 8 * st.ev + 28 * u  # δ's numerator D − gap² and its scaling, over A
+    rounding = (2 * abs(a * b) + 40 * (b - a) ** 2) * u / k
+    ed = st.ed + 6 * st.ev + rounding + 20 * u
+    et = None
+    if st.et is not None:
+        spread = math.sqrt(st.hi / st.lo)  # T_H·√(A/H) ≤ √(hi/lo)·T
+        f_k = (b - a) ** 2 / (2 * math.pi * k)
+        et = st.et + f_k * (spread * math.sqrt(eff) + 13 * math.pi * u) + 4 * u
+    return _Err(st.ev + 2 * u, ed, et, st.lo, st.hi, st.hw, False, _abrelu_corr(a, b, st.corr))
+
+
+def _abrelu_corr(a: float, b: float, corr: float | None) -> float | None:
+    """Position correlation floor after ABReLU: c' ≥ 0 for a = 0 (J₁ ≥ 0); for ab ≥ 0 and
+    input covariances ≥ 0 (θ ≤ π/2), c'/√(v1'v2') ≥ (b − a)²/(2π k) (1/π for ReLU)."""
+    if corr is not None and a * b >= 0:
+        return (b - a) ** 2 / (math.pi * (a * a + b * b))
+    return 0.0 if a == 0 else None
+
+
+def _abrelu_ab(p: dict) -> tuple[float, float]:
+    if "alpha" in p:  # LeakyRelu
+        return float(p["alpha"]), 1.0
+    return float(p.get("a", 0.0)), float(p.get("b", 1.0))  # ABRelu, Relu (0, 1)
+
+
+def _erf(p: dict, st: _Err, chans: int) -> _Err:
+    """D' = a²(2/π)(s1 + s2 − 2 s12), s12 = atan2(2b²c, root); Θ' = Θ·ṡ, ṡ ∝ 1/root (A6)."""
+    u, st = _U, _fresh_input(st)
+    eff = st.ed + 8 * st.ev + 28 * u
+    e_root = st.ev + eff * _R_AH / 2 + 4 * u
+    e_s12 = _R_AH * (st.ev + st.ed / 2 + 9 * u) + e_root + 2 * u
+    ed = 2 * (st.ev + 4 * u) + 2 * e_s12 + 4 * u
+    et = None if st.et is None else st.et + e_root + 6 * u
+    # Θᵢᵢ/vᵢ is not followed through erf: a later ABReLU takes √(hi/lo) = √8 (docstring)
+    corr = None if st.corr is None else 0.0  # erf is odd and increasing: signs kept
+    return _Err(st.ev + 6 * u, ed, et, 1.0, 2 * _R_AH, st.hw, False, corr)
+
+
+_STAX_RULES = {
+    "Conv": _conv, "Dense": _dense, "AvgPool": _avg_pool, "GlobalAvgPool": _global_pool,
+    "Flatten": _flatten, "Identity": _identity, "Relu": _abrelu, "LeakyRelu": _abrelu,
+    "Abs": lambda p, st, chans: _abrelu({"a": -1.0, "b": 1.0}, st, chans),
+    "ABRelu": _abrelu, "Erf": _erf,
+}  # fmt: skip
 
 
 # -- what the stages do with the bound ----------------------------------------------------------
