@@ -520,9 +520,11 @@ def path_lines(catalog: Catalog, a: CloudAssumptions) -> list[str]:
                          "rate; create the free S3 gateway endpoint (deploy/README.md) and "
                          "plan with --bucket-path endpoint")  # fmt: skip
         else:
-            cap = "" if b.internet_cap_gbps is None else (
-                f"; through an internet gateway instead: at most {b.internet_cap_gbps:g} "
-                f"Gbit/s per node below {b.internet_min_vcpus} vCPUs (--bucket-path internet)")
+            cap = ""
+            if b.internet_cap_gbps is not None:
+                cap = (f"; through an internet gateway instead: at most "
+                       f"{b.internet_cap_gbps:g} Gbit/s per node below {b.internet_min_vcpus} "
+                       "vCPUs (--bucket-path internet)")  # fmt: skip
             lines.append(f"bucket path ({cloud}): {b.path or 'as the bucket allows'}{cap}")
     return lines
 
