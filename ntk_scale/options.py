@@ -38,6 +38,12 @@ from ntk_scale.plan import DEFAULT_TILE
 PRECONDITIONERS = ("rpcholesky", "nystrom", "jacobi", "none")
 #: "auto" picks stored or matrixfree from a tile timed here and the store disk's read rate.
 OPERATORS = ("stored", "distributed", "dense", "matrixfree", "auto")
+#: SolveOptions.method: the exact N x N system, or Nyström's M x M one on M centres.
+METHODS = ("exact", "nystrom")
+CENTER_SELECTIONS = ("rpcholesky", "uniform")
+#: Where Nyström's K(X, C) lives (see ntk_scale.nystrom and ntk_scale.sizing.choose_knm).
+KNM_ROUTES = ("auto", "stored", "recompute", "normal")
+WARM_STARTS = ("none", "nystrom")
 
 # -- declaring an option --------------------------------------------------------------------------
 _MISSING = dataclasses.MISSING
@@ -322,6 +328,21 @@ class SolveOptions:
                               section="solver")  # fmt: skip
     memory_budget_bytes: int = option(2 * 2**30, "bytes of row panels per distributed actor",
                                       section="solver", metavar="BYTES")  # fmt: skip
+    method: str = option("exact", "exact (the N x N system) or nystrom (M centres: "
+                         "(K_nmᵀK_nm + λK_mm) α = K_nmᵀy, Falkon's preconditioner)",
+                         section="solver", choices=METHODS)  # fmt: skip
+    centers: int = option(10_000, "Nyström centres M (capped at N, with a warning)",
+                          section="solver", metavar="M")  # fmt: skip
+    center_selection: str = option("rpcholesky", "how the Nyström centres are drawn: "
+                                   "rpcholesky or uniform", section="solver",
+                                   choices=CENTER_SELECTIONS)  # fmt: skip
+    knm: str = option("auto", "where Nyström's K(X, C) lives: stored (a rectangular store), "
+                      "recompute (every iteration, on the actors), normal (KᵀK accumulated "
+                      "once, M x M) or auto (the cheapest by ntk_scale.sizing.choose_knm)",
+                      section="solver", choices=KNM_ROUTES)  # fmt: skip
+    warm_start: str = option("none", "the exact solve's starting point: none, or nystrom "
+                             "(x0 = (y - K_nm α)/λ from a Nyström fit of --centers)",
+                             section="solver", choices=WARM_STARTS)  # fmt: skip
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -339,6 +360,10 @@ class SolveOptions:
             raise ValueError(f"holdout={self.holdout!r} must be a fraction in (0, 1), e.g. 0.1")
         if self.cv is not None and self.holdout is not None:
             raise ValueError("give cv= (k folds) or holdout= (one held-out fraction), not both")
+        _positive_int_or_none("centers", self.centers, "Nyström centres M, e.g. 10000")
+        if self.warm_start == "nystrom" and self.method != "exact":
+            raise ValueError("warm_start='nystrom' starts the exact solver from a Nyström fit; "
+                             "use it with method='exact', or warm_start='none'")  # fmt: skip
 
     @property
     def ridges(self) -> tuple[float, ...]:
