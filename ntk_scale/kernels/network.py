@@ -19,8 +19,11 @@ it. Θ' = W²Θ + K' at each weighted layer, from D' and the recorded variances.
 The per-pair work is the minimum the layers need: a network without pooling keeps only
 same-position entries (``diag`` layout, O(HW) per pair) and its first convolution is one
 centred matmul of image patches; all taps of a filter are summed in one pass over the padded
-tensor; readouts reduce inside the chunk. The maps themselves live in
-:mod:`ntk_scale.kernels.spatial`.
+tensor; readouts reduce inside the chunk.
+
+This module is the interpreter only: each layer's maps (cross pass, self pass) are its record's
+(:mod:`ntk_scale.kernels.layers`), the tensor maps they use are :mod:`ntk_scale.kernels.spatial`'s,
+and the layout, chunk sizes and costs come from :mod:`ntk_scale.kernels.shapes`.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ import hashlib
 import json
 import math
 import threading
-from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -40,394 +42,54 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntk_scale.kernels import spatial
+from ntk_scale.kernels.layers import Inputs, Op, input_distance, input_variance, rule_of
+from ntk_scale.kernels.shapes import (
+    DEFAULT_KERNEL_MEMORY,
+    Analysis,
+    Shape,
+    analyse,
+    chunk_shape,
+    pair_bytes,
+    pair_flops,
+)
 from ntk_scale.kernels.stax import STAX_CODE_VERSION, Layer, check_kind_dtype
 
-#: Bytes the covariance tensors of one chunk of pairs may take on a worker (one definition).
-#: Small on purpose: a chunk whose tensors stay in the last-level cache runs several times
-#: faster per pair (Myrtle-5 float64 on one core here: 20 ms a pair one pair at a time, 64 ms
-#: at 4 x 4 pairs); a pair larger than the budget is computed alone.
-DEFAULT_KERNEL_MEMORY = 64 << 20
-#: Live tensors per pair, in units of the largest covariance tensor (measured peak, rounded up).
-_LIVE_TENSORS = {"ntk": 8, "nngp": 5}
-_HIGHEST = jax.lax.Precision.HIGHEST
-_POOLING = ("AvgPool", "GlobalAvgPool")
+#: Moved to :mod:`ntk_scale.kernels.shapes` and :mod:`ntk_scale.kernels.layers`; importable
+#: from here as before.
+__all__ = ["DEFAULT_KERNEL_MEMORY", "Analysis", "Compiled", "Inputs", "Network", "Op", "Shape",
+           "analyse", "chunk_shape", "evaluate", "evaluate_diag", "pair_bytes", "pair_flops",
+           "run_network"]  # fmt: skip
+
 #: Covariance entries per pair from which the self pass takes one image per call (vmapped
 #: loops over large tensors ran 2x slower; over small ones, per-image calls are dispatch-bound).
 _SINGLE_SELF_ENTRIES = 1 << 16
 #: Self passes remembered per compiled network (each a few variance maps per image).
 _SELF_CACHE = 64
-_ACTIVATIONS = ("Relu", "LeakyRelu", "Abs", "ABRelu", "Erf")
 
 
-# -- static analysis ---------------------------------------------------------------------------
-class Shape(NamedTuple):
-    """What flows between layers at infinite width: (H, W) positions, or None when dense."""
-
-    hw: tuple[int, int] | None
-
-
-class Analysis(NamedTuple):
-    """layout: 'full', 'diag' or 'dense'; sample_shape: one input's shape; entries: the most
-    covariance entries one pair holds at any layer."""
-
-    layout: str
-    sample_shape: tuple[int, ...]
-    entries: int
-
-
-def _walk(layer: Layer, shape: Any, layout: str, seen: list[int]) -> Any:
-    """The output Shape (or tuple of Shapes) of ``layer``; records entries per pair in seen."""
-    name, p = layer.name, layer.p
-    if name == "serial":
-        for child in layer.layers:
-            shape = _walk(child, shape, layout, seen)
-        return shape
-    if name == "parallel":
-        if not _branches(shape) or len(shape) != len(layer.layers):
-            got = len(shape) if _branches(shape) else 1
-            raise ValueError(f"stax.parallel of {len(layer.layers)} layers got {got} branch(es); "
-                             f"put stax.FanOut({len(layer.layers)}) before it")  # fmt: skip
-        return tuple(_walk(c, s, layout, seen) for c, s in zip(layer.layers, shape, strict=True))
-    if _branches(shape):
-        if name != "FanInSum":
-            raise ValueError(f"stax.{name} got {len(shape)} branches; join them with "
-                             "stax.FanInSum() or apply stax.parallel(...)")  # fmt: skip
-        if len(set(shape)) != 1:
-            raise ValueError(f"stax.FanInSum: branch shapes differ {[s.hw for s in shape]}; "
-                             "every branch must end at the same spatial size")  # fmt: skip
-        return shape[0]
-    if name == "FanOut":
-        return (shape,) * p["num"]
-    if name == "FanInSum":
-        raise ValueError("stax.FanInSum needs branches: put stax.FanOut(n) and stax.parallel "
-                         "before it")  # fmt: skip
-    if name in ("Conv", "AvgPool"):
-        if shape.hw is None:
-            raise ValueError(f"stax.{name} needs images (n, H, W, C), but its input is a "
-                             "vector; remove the Flatten / GlobalAvgPool before it")  # fmt: skip
-        hw = _out_hw(layer, shape.hw)
-        seen.append(_entries(hw, layout))
-        return Shape(hw)
-    if name in ("GlobalAvgPool", "Flatten"):
-        if name == "GlobalAvgPool" and shape.hw is None:
-            raise ValueError("stax.GlobalAvgPool needs images (n, H, W, C); its input is a "
-                             "vector")  # fmt: skip
-        return Shape(None)
-    return shape  # Dense, activations, Identity keep the shape
-
-
-def _branches(shape: Any) -> bool:
-    return isinstance(shape, tuple) and not isinstance(shape, Shape)
-
-
-def _entries(hw: tuple[int, int] | None, layout: str) -> int:
-    if hw is None:
-        return 1
-    n = hw[0] * hw[1]
-    return n * n if layout == "full" else n
-
-
-def _names(layer: Layer) -> Iterator[str]:
-    """Every layer name in the tree, combinators included."""
-    yield layer.name
-    for child in layer.layers:
-        yield from _names(child)
-
-
-def _layout(spec: Layer) -> str:
-    """'full' when any layer mixes positions (pooling), else 'diag'."""
-    return "full" if any(n in _POOLING for n in _names(spec)) else "diag"
-
-
-def _has_spatial(spec: Layer) -> bool:
-    return any(n in ("Conv", "AvgPool", "GlobalAvgPool") for n in _names(spec))
-
-
-@functools.lru_cache(maxsize=256)
-def analyse(spec: Layer, sample_shape: tuple[int, ...]) -> Analysis:
-    """Check that ``spec`` takes inputs of ``sample_shape`` and ends in a vector readout."""
-    spatial_net = _has_spatial(spec)
-    if spatial_net and len(sample_shape) != 3:
-        raise ValueError(
-            f"this network has Conv / pooling layers: inputs must be images of shape "
-            f"(n, H, W, C) (NHWC), got samples of shape {sample_shape}; reshape them, e.g. "
-            "x.reshape(n, H, W, C)"
-        )
-    if not spatial_net and len(sample_shape) != 1:
-        raise ValueError(
-            f"this network is dense-only: inputs must be (n, d), got samples of shape "
-            f"{sample_shape}; flatten them (x.reshape(n, -1)) or start it with stax.Flatten()"
-        )
-    layout = _layout(spec) if spatial_net else "dense"
-    hw = sample_shape[:2] if spatial_net else None
-    seen = [_entries(hw, layout)]  # type: ignore[arg-type]
-    out = _walk(spec, Shape(hw), layout, seen)  # type: ignore[arg-type]
-    if _branches(out):
-        raise ValueError("the network ends in several branches; join them with stax.FanInSum()")
-    if out.hw is not None:
-        raise ValueError(
-            "the network's output is still spatial (n, H, W, C): end it with stax.Flatten() or "
-            "stax.GlobalAvgPool() (then stax.Dense) so that each input has one kernel value"
-        )
-    return Analysis(layout, tuple(sample_shape), max(seen))
-
-
-def pair_bytes(spec: Layer, sample_shape: tuple[int, ...], kind: str, dtype: str) -> int:
-    """Worker memory one pair of a chunk takes (the largest covariance tensor, live copies)."""
-    a = analyse(spec, tuple(sample_shape))
-    return a.entries * _LIVE_TENSORS[kind] * np.dtype(dtype).itemsize
-
-
-def chunk_shape(spec: Layer, sample_shape: tuple[int, ...], kind: str, dtype: str, n1: int,
-                n2: int, budget: int | None = None) -> tuple[int, int]:  # fmt: skip
-    """Pairs per chunk (c1, c2), c1 <= n1, c2 <= n2, with c1·c2·pair_bytes <= budget."""
-    budget = DEFAULT_KERNEL_MEMORY if budget is None else int(budget)
-    pairs = max(1, budget // pair_bytes(spec, sample_shape, kind, dtype))
-    c1 = max(1, min(n1, math.isqrt(pairs)))
-    c2 = max(1, min(n2, pairs // c1))
-    return c1, c2
-
-
-# -- the traced maps of one segment ----------------------------------------------------------------
-# A chunk's tensors carry the pair distance D = E(z1 − z2)² in place of the covariance
-# K = (v1 + v2 − D)/2 (v1, v2 the per-position variances of each side, from the self pass):
-# every layer maps D without the cancellation that costs float32 its digits when inputs are far
-# from the origin or close together, and the activations take 1 − cos θ from D. They travel as
-# one array: real D for kind="nngp" (and before the first weighted layer), complex D + i·Θ for
-# kind="ntk", so every linear map acts on both at once and θ is evaluated once per entry.
-class Inputs(NamedTuple):
-    """The input layer, not yet materialised: x1 (c1, H, W, C) / (c1, d), x2 likewise."""
-
-    x1: jax.Array
-    x2: jax.Array
-
-
-class Op(NamedTuple):
-    """A linear layer with the positions (H, W) of its input (None: a vector)."""
-
-    layer: Layer
-    hw: tuple[int, int] | None
-
-
-#: Channels up to which the input distance of a full-layout tensor is summed from differences
-#: (exact) rather than from a centred product.
-_DIRECT_CHANNELS = 8
-
-
-def _input_variance(x: jax.Array, layout: str) -> jax.Array:
-    """Per-position input variances Σ_ch x² / C: (c, H, W), or (c,) for vectors."""
-    if layout == "dense":
-        return jnp.sum(x * x, axis=1) / x.shape[1]
-    return jnp.sum(x * x, axis=3) / x.shape[3]
-
-
-def _centred_distance(a: jax.Array, b: jax.Array, sub: str, k: int) -> jax.Array:
-    """Σ (a − b)² / k over the last axis from a product: |a|² + |b|² − 2 a·b, both sides centred
-    on the mean of ``a`` over its first axis (the distance does not change; the rounding then
-    scales with the spread of the chunk, not with the distance from the origin)."""
-    m = jnp.mean(a, axis=0, keepdims=True)
-    a, b = a - m, b - m
-    na, nb = jnp.sum(a * a, axis=-1), jnp.sum(b * b, axis=-1)
-    ab = jnp.einsum(sub, a, b, precision=_HIGHEST)
-    if sub == "ahwk,bhwk->abhw":
-        return jnp.maximum(na[:, None] + nb[None, :] - 2 * ab, 0.0) / k
-    return jnp.maximum(na[:, None] + nb[None, :] - 2 * ab, 0.0) / k  # dense (c1, c2)
-
-
-def _input_distance(inp: Inputs, layout: str) -> jax.Array:
-    x1, x2 = inp.x1, inp.x2
-    if layout == "dense":
-        return _centred_distance(x1, x2, "ak,bk->ab", x1.shape[1])
-    ch = x1.shape[3]
-    if layout == "diag":
-        return _centred_distance(x1, x2, "ahwk,bhwk->abhw", ch)
-    if ch <= _DIRECT_CHANNELS:
-        # One fused loop over the pair tensor per channel (a reduction over a minor axis of
-        # size C measured several times slower).
-        total = None
-        for k in range(ch):
-            diff = x1[:, :, :, None, None, None, k] - x2[None, None, None, :, :, :, k]
-            total = diff * diff if total is None else total + diff * diff
-        return total / ch
-    # One common centre for all positions: the mean pixel of the chunk's x1.
-    m = jnp.mean(x1, axis=(0, 1, 2), keepdims=True)
-    a, b = x1 - m, x2 - m
-    na, nb = jnp.sum(a * a, axis=-1), jnp.sum(b * b, axis=-1)
-    ab = jnp.einsum("ahwc,bgvc->ahwbgv", a, b, precision=_HIGHEST)
-    return jnp.maximum(spatial.outer_sum(na, nb, "full") - 2 * ab, 0.0) / ch
-
-
-def _patches(x: jax.Array, p: dict[str, Any]) -> jax.Array:
-    """x (c, H, W, C) -> (c, Ho, Wo, fh·fw·C): every filter window, padded like the conv."""
-    (fh, fw), (sh, sw) = p["filter_shape"], p["strides"]
-    for axis, size, f, s in ((1, x.shape[1], fh, sh), (2, x.shape[2], fw, sw)):
-        pd = spatial.pads(size, f, s, p["padding"])
-        x = spatial._pad(x, (axis,), pd)
-        x = jnp.stack([spatial._window_slice(x, (axis,), (k,), s, pd.out) for k in range(f)], -1)
-        x = x.reshape(x.shape[:-2] + (-1,))
-    return x
-
-
-def _weights(z: jax.Array, p: dict[str, Any], ntk: bool, v1: Any, v2: Any,
-             layout: str) -> jax.Array:  # fmt: skip
-    """After the spatial map: D' = W²·D (the bias cancels), Θ' = W²·Θ + K', where
-    K' = (v1' + v2' − D')/2 from the output variances v1', v2'."""
-    w_var = p["W_std"] ** 2
-    dist = w_var * jnp.real(z)
-    if not ntk:
-        return dist
-    cov = (spatial.outer_sum(v1, v2, layout) - dist) * 0.5
-    theta = cov if not jnp.iscomplexobj(z) else w_var * jnp.imag(z) + cov
-    return jax.lax.complex(dist, theta)
-
-
-def _weighted_variance(v: jax.Array, op: Op) -> jax.Array:
-    """A Conv's or Dense's map of per-position variances: W²·S(v) + b²."""
-    p = op.layer.p
-    if op.layer.name == "Conv":
-        v = spatial.conv_map(v, op.hw, p["filter_shape"], p["strides"], p["padding"])
-    return p["W_std"] ** 2 * v + (p["b_std"] or 0.0) ** 2
-
-
-def _pool_args(p: dict[str, Any], hw: tuple[int, int]) -> tuple:
-    return (hw, p["window_shape"], p["strides"], p["padding"], p["normalize_edges"])
-
-
-def _pool_variance(v: jax.Array, op: Op, rec: tuple) -> jax.Array:
-    """v'[P] = s_P·(w·v)[P] − g[P]: the pooled self-covariance at equal positions."""
-    args = _pool_args(op.layer.p, op.hw)
-    sums = spatial.pool_map(jnp.ones((1, *op.hw), v.dtype), *args)
-    return sums * spatial.pool_map(v, *args) - rec[1]
-
-
-def _next_variance(v: jax.Array, op: Op, rec: tuple) -> jax.Array:
-    """The self pass's variance map after a linear layer (rec: that layer's record)."""
-    if op.hw is None and op.layer.name in _READOUTS:  # a readout of a vector is the identity
-        return v
-    return _RULES[op.layer.name].variance(v, op, rec)
-
-
-def _conv_first(inp: Inputs, p: dict[str, Any]) -> jax.Array:
-    """The first convolution on the raw input (diag layout), before its weights: the distance
-    of every pair of filter windows, from one centred matmul of patches."""
-    p1, p2 = _patches(inp.x1, p), _patches(inp.x2, p)
-    return _centred_distance(p1, p2, "ahwk,bhwk->abhw", p1.shape[-1])
-
-
-def _pool(z: jax.Array, op: Op, r1: tuple, r2: tuple | None) -> tuple[jax.Array, tuple]:
-    """AvgPool on D (+ iΘ) -> (z', record). With window weights w (sums s_P):
-    D'[P1, P2] = L(D12) − g1[P1] − g2[P2] + (s_P1 − s_P2)(w·v1[P1] − w·v2[P2]), where
-    g[P] = ½ L(D11)[P, P] is each image's own pooled distance at equal positions (the self pass
-    computes it, r2 None, and records it)."""
-    args = _pool_args(op.layer.p, op.hw)
-    pooled = spatial.avg_pool(z, *args)[0]
-    if r2 is None:
-        g = 0.5 * spatial.same_position(jnp.real(pooled))[:, 0]
-        r1 = r2 = (r1[0], g)
-    corr = -spatial.outer_sum(r1[1], r2[1], "full")
-    if spatial.pool_weights_vary(*args):
-        sums = spatial.pool_map(jnp.ones((1, *op.hw), z.real.dtype), *args)
-        w1, w2 = spatial.pool_map(r1[0], *args), spatial.pool_map(r2[0], *args)
-        corr = corr + (spatial.outer_sum(sums, -sums, "full")
-                       * spatial.outer_sum(w1, -w2, "full"))  # fmt: skip
-    return pooled + corr, r1
-
-
-def _global_pool(z: jax.Array, r1: tuple, r2: tuple | None) -> tuple[jax.Array, tuple]:
-    """GlobalAvgPool on D (+ iΘ): the mean over all position pairs minus each image's
-    G = ½ mean(D11) (recorded by the self pass)."""
-    pooled = spatial.global_mean(z)
-    if r2 is None:
-        r1 = r2 = (r1[0], 0.5 * jnp.real(pooled)[:, 0])
-    return pooled - spatial.outer_sum(r1[1], r2[1], "dense"), r1
-
-
-def _conv_rule(z: Any, op: Op, layout: str, ntk: bool, r1: tuple, r2: tuple | None):
-    p = op.layer.p
-    v1 = _weighted_variance(r1[0], op)
-    v2 = v1 if r2 is None else _weighted_variance(r2[0], op)
-    if isinstance(z, Inputs):
-        if layout == "diag":
-            return _weights(_conv_first(z, p), p, ntk, v1, v2, layout), r1
-        z = _input_distance(z, layout)
-    args = (op.hw, p["filter_shape"], p["strides"], p["padding"])
-    z = spatial.conv(z, layout, *args, edges=(r1[0], (r1 if r2 is None else r2)[0]))[0]
-    return _weights(z, p, ntk, v1, v2, layout), r1
-
-
-def _dense_rule(z: Any, op: Op, layout: str, ntk: bool, r1: tuple, r2: tuple | None):
-    v1 = _weighted_variance(r1[0], op)
-    v2 = v1 if r2 is None else _weighted_variance(r2[0], op)
-    layout = layout if op.hw is not None else "dense"
-    return _weights(_materialise(z, layout), op.layer.p, ntk, v1, v2, layout), r1
-
-
-def _materialise(z: Any, layout: str) -> jax.Array:
-    return _input_distance(z, layout) if isinstance(z, Inputs) else z
-
-
-class Rule(NamedTuple):
-    """What a linear layer owns: its map of the carried array (z, op, layout, ntk, r1, r2) ->
-    (z', record), its map of the self pass's variances (v, op, record) -> v', and the taps
-    per output entry its map costs (for :func:`pair_flops`)."""
-
-    cross: Callable
-    variance: Callable
-    taps: Callable = lambda p: 0
-
-
-_RULES = {
-    "Conv": Rule(_conv_rule, lambda v, op, rec: _weighted_variance(v, op),
-                 lambda p: p["filter_shape"][0] * p["filter_shape"][1]),
-    "Dense": Rule(_dense_rule, lambda v, op, rec: _weighted_variance(v, op)),
-    "AvgPool": Rule(lambda z, op, lay, ntk, r1, r2: _pool(_materialise(z, lay), op, r1, r2),
-                    _pool_variance, lambda p: p["window_shape"][0] * p["window_shape"][1]),
-    "GlobalAvgPool": Rule(lambda z, op, lay, ntk, r1, r2: _global_pool(_materialise(z, lay), r1,
-                                                                       r2),
-                          lambda v, op, rec: jnp.mean(v, axis=(1, 2)) - rec[1]),
-    "Flatten": Rule(lambda z, op, lay, ntk, r1, r2: (spatial.flatten(_materialise(z, lay), lay),
-                                                     r1),
-                    lambda v, op, rec: jnp.mean(v, axis=(1, 2))),
-    "Identity": Rule(lambda z, op, lay, ntk, r1, r2: (_materialise(z, lay), r1),
-                     lambda v, op, rec: v),
-}  # fmt: skip
-#: Layers that map an image to a vector, and a vector to itself.
-_READOUTS = ("Flatten", "GlobalAvgPool")
-
-
+# -- one compiled segment: the pending linear layers' records, then an activation's ------------
 def _linear(z: Any, op: Op, layout: str, ntk: bool, r1: tuple,
             r2: tuple | None) -> tuple[jax.Array, tuple]:  # fmt: skip
     """One linear layer on the carried array -> (z', the layer's record of side 1).
 
     r1, r2: the layer's records of each side, (input variance map, ...); r2 None in the self
     pass, which computes the rest of its own record."""
-    if op.hw is None and op.layer.name in _READOUTS:
-        return _materialise(z, layout), r1
-    return _RULES[op.layer.name].cross(z, op, layout, ntk, r1, r2)
+    return rule_of(op.layer).cross(z, op, layout, ntk, r1, r2)
 
 
-def _act_args(layer: Layer) -> tuple[str, tuple[float, ...]]:
-    name, p = layer.name, layer.p
-    if name == "Erf":
-        return "Erf", (p["a"], p["b"], p["c"])
-    if name == "LeakyRelu":
-        return "ABRelu", (p["alpha"], 1.0)
-    return "ABRelu", {"Relu": (0.0, 1.0), "Abs": (-1.0, 1.0)}.get(name, (p.get("a"), p.get("b")))
+def _next_variance(v: jax.Array, op: Op, rec: tuple) -> jax.Array:
+    """The self pass's variance map after a linear layer (rec: that layer's record)."""
+    return rule_of(op.layer).variance(v, op, rec)
 
 
 def _activate(z: jax.Array, layer: Layer, v1: jax.Array, v2: jax.Array, layout: str):
-    kind, args = _act_args(layer)
-    fn = spatial.erf_dist if kind == "Erf" else spatial.abrelu_dist
-    dist, sdot = fn(jnp.real(z), v1, v2, layout, *args)
+    """An activation on D (+ iΘ): D' from its record's pair map, Θ' = ṡ·Θ."""
+    dist, sdot = rule_of(layer).cross(jnp.real(z), v1, v2, layout, layer.p)
     return dist if not jnp.iscomplexobj(z) else jax.lax.complex(dist, jnp.imag(z) * sdot)
 
 
 def _act_variance(v: jax.Array, layer: Layer) -> jax.Array:
-    kind, args = _act_args(layer)
-    if kind == "Erf":
-        return spatial.erf_variance(v, *args)
-    a, b = args
-    return (a * a + b * b) / 2 * v
+    return rule_of(layer).variance(v, layer.p)
 
 
 @functools.lru_cache(maxsize=512)
@@ -442,7 +104,7 @@ def _segment(ops: tuple[Op, ...], act: Layer | None, layout: str, kind: str, sel
     ntk = kind == "ntk"
 
     def finish(z):
-        return _input_distance(z, layout) if isinstance(z, Inputs) else z
+        return input_distance(z, layout) if isinstance(z, Inputs) else z
 
     def cross(base, rec1, rec2):
         z = base
@@ -458,7 +120,7 @@ def _segment(ops: tuple[Op, ...], act: Layer | None, layout: str, kind: str, sel
 
     def one(base, v):
         if v is None:
-            v = _input_variance(base.x1, layout)
+            v = input_variance(base.x1, layout)
         z, recs = base, []
         for op in ops:
             z, rec = _linear(z, op, layout, ntk, (v,), None)
@@ -523,34 +185,24 @@ class Context:
         return fn(state.base, rec1, rec2), None
 
 
-def _out_hw(layer: Layer, hw: tuple[int, int] | None) -> tuple[int, int] | None:
-    name, p = layer.name, layer.p
-    if name in ("Flatten", "GlobalAvgPool"):
-        return None
-    if name in ("Conv", "AvgPool"):
-        window = p["filter_shape"] if name == "Conv" else p["window_shape"]
-        return tuple(spatial.pads(n, f, s, p["padding"]).out
-                     for n, f, s in zip(hw, window, p["strides"], strict=True))  # fmt: skip
-    return hw
-
-
 def _apply(layer: Layer, x: Any, ctx: Context) -> Any:
-    name = layer.name
-    if name == "serial":
+    """The layer on State x (a tuple of States after a FanOut), by its record's kind."""
+    rule = rule_of(layer)
+    if rule.kind == "serial":
         for child in layer.layers:
             x = _apply(child, x, ctx)
         return x
-    if name == "parallel":
+    if rule.kind == "parallel":
         return tuple(_apply(c, xi, ctx) for c, xi in zip(layer.layers, x, strict=True))
-    if name == "FanOut":
+    if rule.kind == "fan_out":
         return (x,) * layer.p["num"]
-    if name == "FanInSum":
+    if rule.kind == "fan_in":
         outs = [ctx.run(xi, None) for xi in x]
         v = None if outs[0][1] is None else functools.reduce(jnp.add, [o[1] for o in outs])
         return State(functools.reduce(jnp.add, [o[0] for o in outs]), (), x[0].hw, v)
-    if name in _ACTIVATIONS:
+    if rule.kind == "activation":
         return _activated(x, layer, ctx)
-    return State(x.base, x.pending + (Op(layer, x.hw),), _out_hw(layer, x.hw), x.v)
+    return State(x.base, x.pending + (Op(layer, x.hw),), rule.out_hw(layer, x.hw), x.v)
 
 
 def _activated(x: State, layer: Layer, ctx: Context) -> State:
@@ -850,37 +502,3 @@ class Network:
 def _compiled_network(layer: Layer, shape: tuple[int, ...], kind: str, dtype: str,
                       budget: int | None) -> Compiled:  # fmt: skip
     return Compiled(layer, shape, kind, dtype, budget)
-
-
-#: Floating-point operations per covariance entry, per layer kind (both nngp and ntk; an
-#: activation's arc-cosine polynomial and square root, a tap of a filter or window).
-_FLOPS = {"activation": 60, "tap": 4}
-
-
-def pair_flops(layer: Layer, sample_shape: tuple[int, ...]) -> float:
-    """Approximate floating-point operations one pair of inputs costs (for `plan`)."""
-    a = analyse(layer, tuple(sample_shape))
-    hw0 = tuple(sample_shape[:2]) if a.layout != "dense" else None
-    total = [float(_entries(hw0, a.layout)) * (sample_shape[-1] * 2)]
-
-    def walk(node: Layer, hw: Any) -> Any:
-        if node.name == "serial":
-            for child in node.layers:
-                hw = walk(child, hw)
-            return hw
-        if node.name == "parallel":
-            return [walk(c, h) for c, h in zip(node.layers, hw, strict=True)][0]
-        if node.name == "FanOut":
-            return [hw] * node.p["num"]
-        if isinstance(hw, list):
-            hw = hw[0]
-        out = _out_hw(node, hw)
-        e = float(_entries(out, a.layout if out is not None else "dense"))
-        if node.name in _ACTIVATIONS:
-            total.append(e * _FLOPS["activation"])
-        elif node.name in _RULES:
-            total.append(e * _FLOPS["tap"] * _RULES[node.name].taps(node.p))
-        return out
-
-    walk(layer, hw0)
-    return sum(total)

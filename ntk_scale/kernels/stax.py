@@ -35,7 +35,6 @@ LAYERS = (
     "serial", "parallel", "FanOut", "FanInSum", "Dense", "Conv", "AvgPool", "GlobalAvgPool",
     "Flatten", "Relu", "LeakyRelu", "Abs", "ABRelu", "Erf", "Identity",
 )  # fmt: skip
-_COMBINATORS = ("serial", "parallel")
 #: Neural Tangents layers that ntk_scale does not implement (asking for one says so).
 _NT_ONLY = (
     "Aggregate", "AvgPoolTranspose", "Cos", "ConvLocal", "ConvTranspose", "DotGeneral", "Dropout",
@@ -65,12 +64,9 @@ class Layer:
     # -- serialisation ----------------------------------------------------------------------
     def layer_dict(self) -> dict[str, Any]:
         """This layer as {"layer": name, **args[, "layers": [...]]} (:func:`layer_from_dict`)."""
-        d: dict[str, Any] = {"layer": self.name}
-        for k, v in self.args:
-            d[k] = list(v) if isinstance(v, tuple) else v
-        if self.name in _COMBINATORS:
-            d["layers"] = [layer.layer_dict() for layer in self.layers]
-        return d
+        from ntk_scale.kernels import layers  # layers imports this module (its constructors)
+
+        return layers.to_dict(self)
 
     def to_dict(self) -> dict[str, Any]:
         """{"type": "stax", "network": ...}, what a store records (``spec_from_dict``)."""
@@ -324,28 +320,12 @@ PRESETS = {
 
 
 # -- JSON ------------------------------------------------------------------------------------------
-_BUILDERS = {
-    "Dense": Dense, "Conv": Conv, "AvgPool": AvgPool, "GlobalAvgPool": GlobalAvgPool,
-    "Flatten": Flatten, "Relu": Relu, "LeakyRelu": LeakyRelu, "Abs": Abs, "ABRelu": ABRelu,
-    "Erf": Erf, "Identity": Identity, "FanOut": FanOut, "FanInSum": FanInSum,
-}  # fmt: skip
-
-
 def layer_from_dict(d: dict[str, Any]) -> Layer:
-    """Inverse of ``Layer.to_dict()``; every argument is validated again."""
-    d = dict(d)
-    name = d.pop("layer", None)
-    if name in _COMBINATORS:
-        children = [layer_from_dict(c) for c in d.pop("layers", [])]
-        if d:
-            raise ValueError(f"{name} takes only 'layers', got {sorted(d)}")
-        return (serial if name == "serial" else parallel)(*children)
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown stax layer {name!r}; supported: {', '.join(LAYERS)}")
-    try:
-        return _BUILDERS[name](**d)
-    except TypeError as err:
-        raise ValueError(f"stax.{name}: {err}") from None
+    """Inverse of ``Layer.to_dict()``; every argument is validated again (each layer's record,
+    :data:`ntk_scale.kernels.layers.RULES`, holds its JSON)."""
+    from ntk_scale.kernels import layers  # layers imports this module (its constructors)
+
+    return layers.layer_from_dict(d)
 
 
 def check_kind_dtype(kind: str, dtype: str) -> None:
