@@ -25,7 +25,6 @@ from ntk_scale.cluster import (
 )
 from ntk_scale.errors import GPUUnavailableError, PlacementError
 from ntk_scale.roles import FAULT_KILL_TILE_ENV, node_id
-from ntk_scale.sizing import cluster_operator
 
 # -- the host actor -----------------------------------------------------------------------------
 #: Environment variables a host reports (tests check the GPU and memory settings).
@@ -428,6 +427,9 @@ def cluster_operator_for(
     accelerator = pool_accelerator(run)
     if accelerator is None:
         return None
+    # Imported here: sizing imports measure, which imports this module (worker_env).
+    from ntk_scale.sizing import cluster_operator
+
     return cluster_operator(spec, n, d, kind, dtype, tile, workers, accelerator)
 
 
