@@ -17,6 +17,14 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 # Ray writes ~/.ray/auth_token: keep the tests' tokens out of the real home directory.
 _HOME = tempfile.mkdtemp(prefix="ntk-scale-test-home-")
 os.environ["HOME"] = _HOME
+# One JAX compilation cache for the session, in its private HOME (fresh each run, so no test
+# depends on an earlier run's state): the Ray workers (started from this environment), their
+# replacements after the fault tests' kills and the subprocess drivers compile the same tile
+# functions again and again. A size limit turns on the cache's file lock, so that a process
+# never reads an entry another is still writing.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_HOME, "jax-compilation-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import pytest  # noqa: E402
 
