@@ -6,6 +6,8 @@ Named by what they do:
     PanelWorker      holds (or streams) the row panels [a, b) of a stored Gram for K @ P
     ProductWorker    K(rows, X) @ P with every tile recomputed: the matrix-free operator's rows
                      of K(X, X) @ P, and predict's K(X*, X) @ A
+    NystromWorker    rows [r0, r1) of Nyström's K(X, C), recomputed block by block on every
+                     call: K_bᵀ(mask_b ⊙ (K_b P)), K_bᵀ(mask_b ⊙ Y_b), K_b A, or K_bᵀK_b once
 
 A stage attaches the role it needs to a host of the pool (:mod:`ntk_scale.pool`). Roles call
 only the kernel protocol (:class:`ntk_scale.kernels.Kernel`), never ask which kernel they hold.
@@ -24,6 +26,7 @@ import numpy as np
 
 from ntk_scale.kernels.products import bucket, panel_matmul_function
 from ntk_scale.linalg.columns import kernel_columns
+from ntk_scale.linalg.falkon import KernelBlocks, block_normal, block_rhs
 from ntk_scale.panels import (
     add_products,
     block_rows,
@@ -258,6 +261,88 @@ class ProductWorker:
             "products": self.products,
             "product_seconds": self.seconds,
         }
+
+
+class NystromWorker:
+    """Rows [r0, r1) of K(X, C) (Nyström's centres C), recomputed ``block`` rows at a time on
+    every call (nothing kept but X's rows): the "recompute" and "normal" routes of
+    :mod:`ntk_scale.nystrom`.
+
+    spec, kind, dtype: the kernel; x_rows: (r1 - r0, d) this part's rows, r0 its first row in
+    X; centers: (M, d); center_index: (M,) int, where the centres sit in X (a centre meets its
+    own row with the exact diagonal); mask: (r1 - r0, C) bool or None, the rows each of the
+    system's C columns trains on. Memory: x_rows, one (block, M) block.
+    """
+
+    def __init__(self, spec: Any, x_rows: np.ndarray, centers: np.ndarray,
+                 center_index: np.ndarray, kind: str, dtype: str, block: int, r0: int = 0,
+                 mask: np.ndarray | None = None) -> None:  # fmt: skip
+        x_rows = np.asarray(x_rows)
+        self.r0, self.r1 = int(r0), int(r0) + int(x_rows.shape[0])
+        self.blocks = KernelBlocks(spec, x_rows, centers, kind, dtype, block,
+                                   center_index=np.asarray(center_index) - self.r0)  # fmt: skip
+        self.mask = None if mask is None else np.asarray(mask, dtype=bool)
+        self.passes, self.seconds = 0, 0.0
+
+    def _mask(self, rows: slice, columns: Any) -> np.ndarray | None:
+        return None if self.mask is None else self.mask[rows, columns]
+
+    def _each(self, fn: Any, out: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        for rows, K_b in self.blocks:
+            fn(rows, K_b, out)
+        self.passes, self.seconds = self.passes + 1, self.seconds + time.perf_counter() - start
+        return out
+
+    def normal(self, P: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """This part's K_bᵀ(mask[:, columns] ⊙ (K_b P)). P: (M, c) float64 -> (M, c)."""
+        P = np.asarray(P, dtype=np.float64)
+
+        def add(rows, K_b, out):
+            out += block_normal(K_b, P, self._mask(rows, columns))
+
+        return self._each(add, np.zeros_like(P))
+
+    def rhs(self, Y: np.ndarray) -> np.ndarray:
+        """This part's K_bᵀ(mask ⊙ Y). Y: (N, C) float64, all rows -> (M, C) float64."""
+        Y = np.asarray(Y, dtype=np.float64)[self.r0 : self.r1]
+
+        def add(rows, K_b, out):
+            out += block_rhs(K_b, Y[rows], self._mask(rows, slice(None)))
+
+        return self._each(add, np.zeros((self.blocks.shape[1], Y.shape[1])))
+
+    def matmat(self, A: np.ndarray) -> np.ndarray:
+        """K(x_rows, C) A. A: (M, c) float64 -> (r1 - r0, c) float64."""
+        A = np.asarray(A, dtype=np.float64)
+
+        def put(rows, K_b, out):
+            out[rows] = np.asarray(K_b, dtype=np.float64) @ A
+
+        return self._each(put, np.empty((self.blocks.shape[0], A.shape[1])))
+
+    def gram_normal(self, reps: np.ndarray | None, Y: np.ndarray) -> tuple[np.ndarray, ...]:
+        """One pass: (H (S, M, M), b (M, C)) float64, H_s = K_bᵀ(mask[:, reps[s]] ⊙ K_b) for
+        the S columns ``reps`` whose masks are distinct (None: S = 1, all rows), and
+        b = K_bᵀ(mask ⊙ Y). Y: (N, C) float64, all rows."""
+        Y = np.asarray(Y, dtype=np.float64)[self.r0 : self.r1]
+        masks = None if reps is None or self.mask is None else self.mask[:, np.asarray(reps)]
+        m, s = self.blocks.shape[1], 1 if masks is None else masks.shape[1]
+        H, b = np.zeros((s, m, m)), np.zeros((m, Y.shape[1]))
+        start = time.perf_counter()
+        for rows, K_b in self.blocks:
+            K = np.asarray(K_b, dtype=np.float64)
+            for k in range(s):
+                Kk = K if masks is None else K[np.asarray(masks[rows, k], dtype=bool)]
+                H[k] += Kk.T @ Kk
+            b += block_rhs(K, Y[rows], self._mask(rows, slice(None)))
+        self.passes, self.seconds = self.passes + 1, self.seconds + time.perf_counter() - start
+        return H, b
+
+    def stats(self) -> dict[str, Any]:
+        """Rows, centres, passes over K(x_rows, C) and their seconds, pid."""
+        return {"rows": self.blocks.shape[0], "centers": self.blocks.shape[1],
+                "passes": self.passes, "seconds": self.seconds, "pid": os.getpid()}  # fmt: skip
 
 
 def node_id() -> str:

@@ -281,3 +281,62 @@ def cluster_operator(
     assume = cost.CloudAssumptions(gpus=gpus)
     chosen, reason = cost.cluster_route(work, catalog, node, gpus, assume, deadline_hours)
     return chosen.operator, reason
+
+
+# --- Nyström: where K(X, C) lives ------------------------------------------------------------
+#: PCG iterations a Nyström solve is priced at when max_iter is not given: Falkon's
+#: preconditioner brings (K_nmᵀK_nm + λK_mm) to a condition number near 1, so a few tens of
+#: iterations reach tol = 1e-6 (Rudi et al. 2017 report 10-30).
+NYSTROM_ITERATIONS = 30
+KNM_ROUTES = ("stored", "recompute", "normal")
+
+
+@dataclasses.dataclass(frozen=True)
+class KnmChoice:
+    """Where K(X, C) (N, M) lives for a Nyström solve, from estimated seconds per route.
+
+    choice: "stored" | "recompute" | "normal"; seconds: route -> estimated seconds of the whole
+    solve (inf where it does not fit); reason: the arithmetic, for model.json and messages."""
+
+    choice: str
+    seconds: dict[str, float]
+    reason: str
+
+
+def choose_knm(
+    n: int, m: int, *, entry_seconds: float, workers: int, gemm_flops_per_s: float,
+    read_bytes_per_s: float, iterations: int = NYSTROM_ITERATIONS, itemsize: int = 4,
+    systems: int = 1, columns: int = 1, memory_bytes: float = math.inf,
+    disk_bytes: float = math.inf,
+) -> KnmChoice:  # fmt: skip
+    """The cheapest home of K(X, C) for N rows and M centres (pure arithmetic, all seconds):
+
+    - one pass: N·M kernel entries at ``entry_seconds`` each on ``workers`` workers;
+    - recompute: that pass on every one of ``iterations`` iterations;
+    - stored: one pass, N·M·itemsize bytes written once and read back every iteration at
+      ``read_bytes_per_s`` (excluded where they exceed ``disk_bytes``);
+    - normal: one pass that also accumulates H = K_nmᵀK_nm, one per distinct row mask
+      (``systems``: the folds, or 1), 2·N·M² flops each at ``gemm_flops_per_s`` per worker,
+      then 2·M²·columns flops an iteration; excluded where its (systems + 1)·M² float64
+      matrices exceed ``memory_bytes``.
+    """
+    if min(n, m, workers, iterations, systems, columns) < 1:
+        raise ValueError(f"choose_knm needs positive sizes, got n={n}, m={m}, workers={workers}, "
+                         f"iterations={iterations}, systems={systems}")  # fmt: skip
+    one_pass = n * m * entry_seconds / workers
+    stored_bytes = float(n) * m * itemsize
+    normal_bytes = (systems + 1) * 8.0 * m * m
+    seconds = {
+        "recompute": iterations * one_pass,
+        "stored": (math.inf if stored_bytes > disk_bytes else
+                   one_pass + (1 + iterations) * stored_bytes / read_bytes_per_s),
+        "normal": (math.inf if normal_bytes > memory_bytes else
+                   one_pass + systems * 2.0 * n * m * m / (gemm_flops_per_s * workers)
+                   + iterations * 2.0 * m * m * columns / gemm_flops_per_s),
+    }  # fmt: skip
+    choice = min(KNM_ROUTES, key=lambda r: seconds[r])
+    shown = ", ".join(f"{r} {_duration(s) if math.isfinite(s) else 'does not fit'}"
+                      for r, s in seconds.items())  # fmt: skip
+    reason = (f"K(X, C) of {n:,} x {m:,}: one pass {_duration(one_pass)} on {workers} workers, "
+              f"{iterations} iterations: {shown}; {choice} is cheapest")  # fmt: skip
+    return KnmChoice(choice, seconds, reason)
