@@ -223,6 +223,11 @@ def solve(
     it maps y to the solve's units (a standardised target) and predictions back.
     """
     opts, run = merge_options(options or SolveOptions(), run or RunOptions(), overrides)
+    if opts.method == "nystrom":
+        raise ValueError("method='nystrom' solves from the rows X (it computes K(C, C) and "
+                         "K(X, C) itself): use fit (ntk-scale fit with [solver] method = "
+                         "\"nystrom\", or NTKRegressor(method='nystrom')), not solve on a "
+                         "stored Gram")  # fmt: skip
     if transform is not None:
         if transform.target is not None:
             y = transform.to_model_units(y)
@@ -464,8 +469,12 @@ def fit(
     )
     n, d = inputs.x_train.shape
     spec = bind(spec, inputs.sample_shape or (d,))
-    _check_ridges(so)  # before the Gram is computed
+    if not (so.method == "nystrom" and so.selects):
+        _check_ridges(so)  # before the Gram is computed
     go, why = resolve_dtype(inputs.x_train, spec, go, min(so.ridges), so.ridge_absolute, store)
+    if so.method == "nystrom":
+        return _fit_nystrom(inputs, spec, store, go, so, run, model_dir,
+                            {"dtype_choice": why, **(extra or {})}, transform)  # fmt: skip
     decision = choose_solver_operator(so.operator, spec, n, d, go, run, store)
     so = dataclasses.replace(so, operator=decision.operator)
     seconds: dict[str, float] = {}
@@ -483,6 +492,32 @@ def fit(
     t2 = time.perf_counter()
     pred = predict(Model(s.alpha, s.meta), inputs.x_test, run, store=store)
     seconds["predict"] = time.perf_counter() - t2
+    test = None if inputs.y_test is None else metrics(pred, inputs.y_test, inputs.classes)
+    return FitReport(g, s, seconds, pred, test)
+
+
+def _fit_nystrom(inputs: Inputs, spec: Kernel, store: str, go: GramOptions, so: SolveOptions,
+                 run: RunOptions, model_dir: str | None, extra: dict[str, Any],
+                 transform: TableTransform | None) -> FitReport:  # fmt: skip
+    """fit with method "nystrom" (:func:`ntk_scale.nystrom.fit`): the store holds K(C, C),
+    the model α on the centres, so predict is the exact method's."""
+    from ntk_scale import nystrom  # import cycle: nystrom builds on this module's gram
+
+    y = inputs.y_train
+    if transform is not None:
+        if transform.target is not None:
+            y = transform.to_model_units(y)
+        extra = {**extra, "transform": transform.to_dict()}
+    classes = None if inputs.classes is None else inputs.classes.tolist()
+    t0 = time.perf_counter()
+    s, g = nystrom.fit(inputs.x_train, y, spec, store, go, so, run, model_dir=model_dir,
+                       extra={"classes": classes, **extra})  # fmt: skip
+    seconds = {"gram+solve": time.perf_counter() - t0}
+    if inputs.x_test is None:
+        return FitReport(g, s, seconds)
+    t1 = time.perf_counter()
+    pred = predict(Model(s.alpha, s.meta), inputs.x_test, run, store=store)
+    seconds["predict"] = time.perf_counter() - t1
     test = None if inputs.y_test is None else metrics(pred, inputs.y_test, inputs.classes)
     return FitReport(g, s, seconds, pred, test)
 
