@@ -24,7 +24,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ntk_scale import stages
+from ntk_scale import nystrom, stages
 from ntk_scale.kernels import FullyConnected, Network, bind
 from ntk_scale.model import Model, save_model
 from ntk_scale.options import GramOptions, RunOptions, SolveOptions, estimator_init, pick
@@ -47,6 +47,9 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
     and its reason are kept in ``operator_choice_``).
     workers, address, accelerator, allow_cpu: as :class:`ntk_scale.RunOptions` (on a cluster
     the actors take GPUs, waited for a bounded time, unless allow_cpu lets them fall back).
+    method="nystrom": M = ``centers`` centres (``center_selection``), K(X, C) on route ``knm``
+    (:mod:`ntk_scale.nystrom`); ``alpha_`` is then (M,) or (M, C) on the centres, whose K(C, C)
+    store is ``store_``.
 
     Fitted: ``alpha_`` (N,) or (N, C); ``n_iter_`` the PCG iterations of the solve;
     ``n_features_in_`` the width of a row the kernel sees (H·W·C for images);
@@ -122,6 +125,9 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
         )
         fp = fingerprint_rows(X, go.dtype)[:16]
         name = f"gram-{spec.fingerprint()[:8]}-{go.kind}-{go.dtype}-{go.tile}-{fp}.zarr"
+        if self.method == "nystrom":  # K(C, C) of these centres: another store per choice
+            name = (f"nystrom-{self.centers}-{self.center_selection}-{self.seed}-"
+                    + name.removeprefix("gram-"))  # fmt: skip
         return os.path.join(self.workdir_, name)
 
     # -- predict --------------------------------------------------------------------------------
@@ -313,10 +319,14 @@ class NTKRegressorCV(NTKRegressor):
         spec = self._spec()
         go = self._resolve_dtype(X, spec, go, so)
         self.store_ = self._store_path(spec, X, go)
-        self.gram_report_ = stages.gram(X, spec, self.store_, go, run)
         task = "classification" if self._metric == "accuracy" else "regression"
-        res = stages.solve(self.store_, Y, so, run, folds=folds,
-                           extra={"task": task, "dtype_choice": self.dtype_choice_})  # fmt: skip
+        extra = {"task": task, "dtype_choice": self.dtype_choice_}
+        if so.method == "nystrom":
+            res, self.gram_report_ = nystrom.fit(X, Y, spec, self.store_, go, so, run,
+                                                 folds=folds, extra=extra)  # fmt: skip
+        else:
+            self.gram_report_ = stages.gram(X, spec, self.store_, go, run)
+            res = stages.solve(self.store_, Y, so, run, folds=folds, extra=extra)
         self._keep_selection(res.selection)
         self._keep_solve(res)
         return self
