@@ -208,6 +208,7 @@ def solve(
     callback: Callable[[PCGState], object] | None = None,
     folds: Folds | None = None,
     transform: TableTransform | None = None,
+    x0: np.ndarray | None = None,
     **overrides: Any,
 ) -> SolveResult:
     """(K + λI) A = Y on the stored Gram at ``store``. With ``model_dir`` the model (A, model.json,
@@ -221,6 +222,8 @@ def solve(
     and the plot validation.png shows it.
     transform: the table transform of the inputs (``ntk-scale ingest``); saved with the model,
     it maps y to the solve's units (a standardised target) and predictions back.
+    x0: (N,) or (N, C) a starting guess (``warm_start="nystrom"`` in fit); the folds'
+    solutions replace it when the ridge is chosen on held-out rows.
     """
     opts, run = merge_options(options or SolveOptions(), run or RunOptions(), overrides)
     if opts.method == "nystrom":
@@ -249,7 +252,7 @@ def solve(
             opts = dataclasses.replace(opts, ridge=selection.ridge, cv=None, holdout=None)
         else:
             _check_ridges(opts)
-        warm = None if selection is None else selection.warm_start  # the folds' solutions
+        warm = x0 if selection is None else selection.warm_start  # the folds' solutions
         report = solve_store(store, y, opts, run, out_dir=ckpt, overwrite=overwrite,
                              callback=callback, x0=warm)  # fmt: skip
     except SolverError as err:
@@ -484,7 +487,11 @@ def fit(
     seconds["gram"] = time.perf_counter() - t0
     classes = None if inputs.classes is None else inputs.classes.tolist()
     more = {"classes": classes, "dtype_choice": why, **(extra or {})}
-    s = solve(store, inputs.y_train, so, run, model_dir=model_dir, extra=more, transform=transform)
+    x0 = None
+    if so.warm_start == "nystrom" and not so.selects:
+        x0, more["warm_start"] = _nystrom_start(inputs, spec, store, go, so, run, transform)
+    s = solve(store, inputs.y_train, so, run, model_dir=model_dir, extra=more, transform=transform,
+              x0=x0)  # fmt: skip
     s = dataclasses.replace(s, decision=decision)
     seconds["solve"] = time.perf_counter() - t0 - seconds["gram"]
     if inputs.x_test is None:
@@ -520,6 +527,25 @@ def _fit_nystrom(inputs: Inputs, spec: Kernel, store: str, go: GramOptions, so: 
     seconds["predict"] = time.perf_counter() - t1
     test = None if inputs.y_test is None else metrics(pred, inputs.y_test, inputs.classes)
     return FitReport(g, s, seconds, pred, test)
+
+
+def _nystrom_start(inputs: Inputs, spec: Kernel, store: str, go: GramOptions, so: SolveOptions,
+                   run: RunOptions, transform: TableTransform | None) -> tuple[np.ndarray, dict]:
+    """x0 = (y - K_nm α)/λ for the exact solve from a Nyström fit of ``so.centers`` centres (its
+    K(C, C) store beside ``store``): the exact A satisfies λA = y - K A, and K_nm α ≈ K A."""
+    from ntk_scale import nystrom  # import cycle: nystrom builds on this module's gram
+
+    y = inputs.y_train
+    if transform is not None and transform.target is not None:
+        y = transform.to_model_units(y)
+    ns = dataclasses.replace(so, method="nystrom", warm_start="none", knm="auto")
+    s, _ = nystrom.fit(inputs.x_train, y, spec, nystrom.start_url(store), go, ns, run)
+    fitted = predict(Model(s.alpha, s.meta), inputs.x_train, run, store=s.meta["store"])
+    if not s.report.lam > 0:
+        raise ValueError("warm_start='nystrom' needs a ridge > 0 (x0 = (y - K_nm α)/λ)")
+    info = {"method": "nystrom", "centers": s.meta["nystrom"]["centers"],
+            "nystrom_iterations": s.meta["solver"]["iterations"]}  # fmt: skip
+    return (np.asarray(y, np.float64) - fitted) / s.report.lam, info
 
 
 def metrics(pred: np.ndarray, y: np.ndarray, classes: np.ndarray | None) -> dict[str, float]:
