@@ -251,6 +251,12 @@ def knm_url(store: str) -> str:
     return (base[: -len(".zarr")] if base.endswith(".zarr") else base) + "-knm.zarr"
 
 
+def start_url(store: str) -> str:
+    """Where a warm start's Nyström fit keeps its K(C, C): beside the exact store."""
+    base = store.rstrip("/")
+    return (base[: -len(".zarr")] if base.endswith(".zarr") else base) + "-nystrom-start.zarr"
+
+
 def choose_route(so: SolveOptions, spec: Kernel, x: Any, C: np.ndarray, idx: np.ndarray,
                  go: GramOptions, run: RunOptions, store: str, systems: int,
                  columns: int) -> tuple[str, str]:  # fmt: skip
