@@ -233,6 +233,7 @@ def conv_families(n: int, hw: int) -> dict[str, np.ndarray]:
         "offset100": 100 + rng.normal(size=(n, hw, hw, 1)),
         "clustered": one + 1e-3 * rng.normal(size=(n, hw, hw, 1)),
         "pixels255": np.round(rng.uniform(0, 255, size=(n, hw, hw, 1))),
+        "scaled": one * np.linspace(1.0, 3.0, n)[:, None, None, None],
     }
 
 

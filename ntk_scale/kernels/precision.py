@@ -325,7 +325,7 @@ def _window_out(hw: tuple[int, int], window: tuple[int, int], p: dict) -> tuple[
 
 
 def _avg_pool(p: dict, st: _Err, chans: int) -> _Err:
-    """D' = L(D12) − g1 − g2 (+ edge terms): a cancellation by up to κ = fh·fw (A4)."""
+    """D' = L(D12) − g1 − g2 (+ edge terms): a cancellation by up to κ (A4)."""
     u = _U
     fh, fw = p["window_shape"]
     hw = _window_out(st.hw, (fh, fw), p)
@@ -398,7 +398,7 @@ def _abrelu_ab(p: dict) -> tuple[float, float]:
 
 
 def _erf(p: dict, st: _Err, chans: int) -> _Err:
-    """D' = a²(2/π)(s1 + s2 − 2 s12), s12 = atan2(2b²c, root); Θ' = Θ·ṡ, ṡ ∝ 1/root (A6)."""
+    """D' = a²(2/π)(s1 + s2 − 2 s12), s12 = atan2(2b²c, root); Θ' = Θ·ṡ, ṡ ∝ 1/root (A5)."""
     u, st = _U, _fresh_input(st)
     eff = st.ed + 8 * st.ev + 28 * u
     e_root = st.ev + eff * _R_AH / 2 + 4 * u
