@@ -262,12 +262,19 @@ def cmd_ingest(a: argparse.Namespace) -> int:
     return 0
 
 
+#: [solver] keys `ntk-scale fit` also takes as flags (--method nystrom --centers M ...).
+FIT_SOLVER_FLAGS = ("method", "centers", "center_selection", "knm", "warm_start")
+
+
 def cmd_fit(a: argparse.Namespace) -> int:
     from ntk_scale.config import load_config, run_config
 
     cfg = load_config(a.config)
     if a.allow_cpu:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, allow_cpu=True))
+    given = {k: getattr(a, k) for k in FIT_SOLVER_FLAGS if getattr(a, k, None) is not None}
+    if given:
+        cfg = dataclasses.replace(cfg, solver=dataclasses.replace(cfg.solver, **given))
     result = run_config(cfg)
     print(json.dumps({k: result[k] for k in ("gram", "timings", "test") if k in result}, indent=2))
     return 0
@@ -351,7 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
                        + toml_help(schema()))  # fmt: skip
     p.add_argument("config", help="CONFIG.toml: the sections and keys below")
     add_arguments(p, RunOptions, only=("allow_cpu",))
-    p.set_defaults(func=cmd_fit)
+    add_arguments(p, SolveOptions, only=FIT_SOLVER_FLAGS)
+    # given flags override the config's [solver] keys; absent ones leave them as they are
+    p.set_defaults(func=cmd_fit, **dict.fromkeys(FIT_SOLVER_FLAGS))
 
     p = sub.add_parser("verify", help="re-read every tile; report (and --repair) bad ones")
     p.add_argument("store", help="store path or URL")
