@@ -23,7 +23,7 @@ from ntk_scale.linalg import falkon as F
 from ntk_scale.store import GramStore
 
 SPEC = FullyConnected(depth=3, activation="relu", W_std=1.4, b_std=0.1)
-N, D, RIDGE, TOL = 240, 3, 1e-3, 1e-12
+N, M, D, RIDGE, TOL = 240, 40, 3, 1e-3, 1e-12
 
 
 def _data(n: int = N, d: int = D, seed: int = 0, c: int = 2):
@@ -56,6 +56,16 @@ def fc():
     return x, y, SPEC.kernel(x, dtype="float64")
 
 
+@pytest.fixture(scope="module")
+def knm(fc):
+    """M = 40 uniform centres; K(X, C) computed once by KernelBlocks and held (ArrayBlocks),
+    and K_mm, for the tests of the solve's columns (ridges, folds, preconditioners)."""
+    x, y, K = fc
+    S = F.select_centers(SPEC, x, M, method="uniform", seed=3)
+    blocks = F.KernelBlocks(SPEC, x, x[S], block=64, center_index=S)
+    return S, F.ArrayBlocks(F.materialize(blocks), block=64), F.kernel_kmm(SPEC, x[S], block=64)
+
+
 # -- the solve against dense oracles --------------------------------------------------------
 def test_every_row_a_centre_is_the_exact_solve(fc):
     x, y, K = fc
@@ -71,7 +81,7 @@ def test_every_row_a_centre_is_the_exact_solve(fc):
 def test_fewer_centres_match_the_dense_nystrom_solve(fc, method):
     x, y, K = fc
     lam = _lam(K)
-    S = F.select_centers(SPEC, x, 40, method=method, seed=3)
+    S = F.select_centers(SPEC, x, M, method=method, seed=3)
     fit = F.fit_nystrom(SPEC, x, y, S, lam, block=64, tol=TOL)
     want = _dense_nystrom(K, S, y, lam)
     assert fit.pcg.converged.all()
@@ -84,8 +94,8 @@ def test_fewer_centres_match_the_dense_nystrom_solve(fc, method):
 def test_float32_blocks_agree_with_float64(fc):
     x, y, K = fc
     lam = _lam(K, 1e-2)
-    S = F.select_centers(SPEC, x, 40, method="uniform", seed=1)
-    fit = F.fit_nystrom(SPEC, x, y, S, lam, dtype="float32", block=64, tol=1e-10)
+    S = F.select_centers(SPEC, x, M, method="uniform", seed=1)
+    fit = F.fit_nystrom(SPEC, x, y, S, lam, dtype="float32", block=64, tol=1e-10, keep=True)
     want = _dense_nystrom(K, S, y, lam)
     pred, ref = K[:, S] @ fit.alpha, K[:, S] @ want
     assert _rel(pred, ref) < 1e-3
@@ -94,82 +104,78 @@ def test_float32_blocks_agree_with_float64(fc):
 def test_conv_kernel_on_image_rows():
     net = stax.serial(stax.Conv(4, (3, 3), padding="SAME", W_std=1.4, b_std=0.1), stax.Relu(),
                       stax.Flatten(), stax.Dense(1, W_std=1.4, b_std=0.1))  # fmt: skip
-    shape = (6, 6, 1)
+    shape = (5, 5, 1)
     kernel = bind(net, shape)
     rng = np.random.default_rng(2)
-    n = 60
+    n = 40
     x = rng.standard_normal((n, *shape)).reshape(n, -1)  # image rows (n, H·W·C)
     y = x[:, :3].sum(axis=1, keepdims=True)
     K = np.asarray(kernel.kernel(x.reshape(n, *shape), dtype="float64"), dtype=np.float64)
     lam = _lam(K, 1e-2)
     exact = scipy.linalg.cho_solve(scipy.linalg.cho_factor(K + lam * np.eye(n)), y)
-    full = F.fit_nystrom(kernel, x, y, np.arange(n), lam, block=16, tol=TOL)
+    full = F.fit_nystrom(kernel, x, y, np.arange(n), lam, block=16, tol=TOL, keep=True)
     assert _rel(full.alpha, exact) < 1e-8
-    S = F.select_centers(kernel, x, 15, method="rpcholesky", seed=0)
-    fit = F.fit_nystrom(kernel, x, y, S, lam, block=16, tol=TOL)
+    S = F.select_centers(kernel, x, 12, method="rpcholesky", seed=0)
+    fit = F.fit_nystrom(kernel, x, y, S, lam, block=16, tol=TOL, keep=True)
     assert _rel(fit.alpha, _dense_nystrom(K, S, y, lam)) < 1e-7
 
 
-def test_many_ridges_in_one_solve_equal_separate_solves(fc):
-    x, y, K = fc
+def test_many_ridges_in_one_solve_equal_separate_solves(fc, knm):
+    _, y, K = fc
+    S, blocks, K_mm = knm
     lams = np.array([_lam(K, r) for r in (1e-4, 1e-3, 1e-1)])
-    S = F.select_centers(SPEC, x, 40, method="uniform", seed=2)
     Y = np.repeat(y[:, :1], len(lams), axis=1)
-    fit = F.fit_nystrom(SPEC, x, Y, S, lams, block=64, tol=TOL)
+    fit = F.solve_nystrom(F.BlockProducts(blocks), K_mm, Y, lams, tol=TOL)
     assert fit.pcg.converged.all()
     for j, lam in enumerate(lams):
         assert _rel(fit.alpha[:, j], _dense_nystrom(K, S, y[:, :1], lam)[:, 0]) < 1e-7
 
 
-def test_cross_validation_masks_equal_solves_on_each_fold(fc):
-    x, y, K = fc
+def test_cross_validation_masks_equal_solves_on_each_fold(fc, knm):
+    _, y, K = fc
+    S, blocks, K_mm = knm
     lams = np.array([_lam(K, 1e-3), _lam(K, 1e-1)])
-    S = F.select_centers(SPEC, x, 40, method="uniform", seed=4)
     folds = np.random.default_rng(0).permutation(N) % 3
     cols = [(f, k) for f in range(3) for k in range(len(lams))]
     mask = np.stack([folds != f for f, _ in cols], axis=1)
     Y = np.repeat(y[:, :1], len(cols), axis=1)
     lam_c = np.array([lams[k] for _, k in cols])
-    fit = F.fit_nystrom(SPEC, x, Y, S, lam_c, block=64, mask=mask, tol=TOL)
+    fit = F.solve_nystrom(F.BlockProducts(blocks, mask), K_mm, Y, lam_c, tol=TOL)
     assert fit.pcg.converged.all()
     for j, (f, k) in enumerate(cols):
         want = _dense_nystrom(K, S, y[:, :1], lams[k], rows=np.flatnonzero(folds != f))
         assert _rel(fit.alpha[:, j], want[:, 0]) < 1e-7
 
 
-def test_falkon_cuts_iterations_against_identity(fc):
-    x, y, K = fc
-    lam = _lam(K, 1e-4)
-    S = F.select_centers(SPEC, x, 60, method="uniform", seed=5)
+def test_falkon_cuts_iterations_against_identity(fc, knm):
+    _, y, K = fc
+    _, blocks, K_mm = knm
     counts = {}
     for name in ("falkon", "identity"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            fit = F.fit_nystrom(SPEC, x, y, S, lam, block=64, tol=1e-8, max_iter=2000,
-                                preconditioner=name)  # fmt: skip
+            fit = F.solve_nystrom(F.BlockProducts(blocks), K_mm, y, _lam(K, 1e-4), name,
+                                  tol=1e-8, max_iter=2000)  # fmt: skip
         counts[name] = fit.pcg.iterations
     assert counts["falkon"] * 4 <= counts["identity"], counts
 
 
-def test_resume_from_a_saved_state_is_bitwise_the_same(fc):
-    x, y, K = fc
-    lam = _lam(K)
-    S = F.select_centers(SPEC, x, 40, method="uniform", seed=6)
-    C = x[S]
-    products = F.BlockProducts(F.KernelBlocks(SPEC, x, C, block=64, center_index=S))
-    K_mm = F.kernel_kmm(SPEC, C, block=64)
+def test_resume_from_a_saved_state_is_bitwise_the_same(fc, knm):
+    _, y, K = fc
+    _, blocks, K_mm = knm
+    products, lam = F.BlockProducts(blocks), _lam(K)
     states = []
     full = F.solve_nystrom(products, K_mm, y, lam, tol=TOL, callback=states.append)
     resumed = F.solve_nystrom(products, K_mm, y, lam, tol=TOL, state=states[2])
-    assert full.pcg.iterations == resumed.pcg.iterations
+    assert full.pcg.iterations == resumed.pcg.iterations > 3
     np.testing.assert_array_equal(full.alpha, resumed.alpha)
 
 
 # -- K(X, C) sources --------------------------------------------------------------------------
-def test_blocks_from_a_rectangular_store_and_from_zarr_rows(fc, tmp_path):
+def test_blocks_from_a_rectangular_store_and_from_zarr_rows(fc, knm, tmp_path):
     x, y, K = fc
     lam = _lam(K)
-    S = F.select_centers(SPEC, x, 40, method="uniform", seed=7)
+    S = knm[0]
     store = GramStore.create(str(tmp_path / "knm.zarr"), SPEC, x, x_cols=x[S],
                              dtype="float64", tile=64)  # fmt: skip
     for t in store.plan.tiles():
@@ -182,7 +188,7 @@ def test_blocks_from_a_rectangular_store_and_from_zarr_rows(fc, tmp_path):
     z[...] = x
     lazy = zarr.open_array(str(tmp_path / "x.zarr"), mode="r")
     np.testing.assert_array_equal(F.take_rows(lazy, S, block=32), x[S])
-    fit = F.fit_nystrom(SPEC, lazy, y, S, lam, block=64, tol=TOL)
+    fit = F.fit_nystrom(SPEC, lazy, y, S, lam, block=64, tol=TOL, keep=True)
     assert _rel(fit.alpha, want) < 1e-7
 
 
@@ -200,14 +206,14 @@ def test_block_normal_is_knm_transpose_mask_knm_p():
 @pytest.mark.parametrize("method", ["uniform", "rpcholesky"])
 def test_centres_are_deterministic_distinct_sorted_in_range(fc, method):
     x, _, _ = fc
-    a = F.select_centers(SPEC, x, 30, method=method, seed=11)
-    b = F.select_centers(SPEC, x, 30, method=method, seed=11)
-    c = F.select_centers(SPEC, x, 30, method=method, seed=12)
+    a = F.select_centers(SPEC, x, M, method=method, seed=11)
+    b = F.select_centers(SPEC, x, M, method=method, seed=11)
+    c = F.select_centers(SPEC, x, M, method=method, seed=12)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     assert a.dtype == np.int64 and len(np.unique(a)) == len(a) and np.all(np.diff(a) > 0)
     assert 0 <= a.min() and a.max() < N
-    assert len(a) == 30
+    assert len(a) == M
 
 
 def _residual_trace(K: np.ndarray, S: np.ndarray) -> float:
@@ -221,7 +227,8 @@ def test_rpcholesky_centres_leave_less_residual_than_uniform_on_clustered_data()
     rng = np.random.default_rng(0)
     means = rng.standard_normal((12, D)) * 3.0
     sizes = [300] + [5] * 11  # one big tight cluster and eleven small ones
-    x = np.concatenate([m + 0.05 * rng.standard_normal((s, D)) for m, s in zip(means, sizes)])
+    parts = [m + 0.05 * rng.standard_normal((s, D)) for m, s in zip(means, sizes, strict=True)]
+    x = np.concatenate(parts)
     K = SPEC.kernel(x, dtype="float64")
     m = 20
     uni = np.mean([_residual_trace(K, F.select_centers(SPEC, x, m, "uniform", seed=s))

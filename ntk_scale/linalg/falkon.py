@@ -265,6 +265,33 @@ class StoreBlocks:
             yield slice(r0, r1), self.store.row_panel(i)
 
 
+class ArrayBlocks:
+    """K(X, C) held as an (N, M) array (in memory, or a memory map on disk), served ``block``
+    rows at a time: computed once (:func:`materialize`) where N · M fits, instead of on every
+    iteration."""
+
+    def __init__(self, K_nm: Any, block: int = BLOCK) -> None:
+        if len(getattr(K_nm, "shape", ())) != 2:
+            raise ValueError(f"K_nm must be an (N, M) array, got shape {np.shape(K_nm)}")
+        self.K_nm, self.block = K_nm, int(block)
+        self.shape = (int(K_nm.shape[0]), int(K_nm.shape[1]))
+
+    def __iter__(self) -> Iterator[tuple[slice, np.ndarray]]:
+        for r0 in range(0, self.shape[0], self.block):
+            rows = slice(r0, min(r0 + self.block, self.shape[0]))
+            yield rows, np.asarray(self.K_nm[rows])
+
+
+def materialize(blocks: KnmBlocks, out: Any = None) -> Any:
+    """All of K_nm (N, M) in the blocks' dtype, one pass; out: an (N, M) array to fill (a
+    memory map, say), default a new one."""
+    for rows, K_b in blocks:
+        if out is None:
+            out = np.empty(blocks.shape, dtype=K_b.dtype)
+        out[rows] = K_b
+    return out
+
+
 def rows_of(blocks: KnmBlocks, rows: np.ndarray) -> np.ndarray:
     """K_nm[rows] as (len(rows), M) float64, in one pass (K_mm from a store: rows = S)."""
     rows = np.asarray(rows, dtype=np.int64)
@@ -470,13 +497,17 @@ def solve_nystrom(
 
 def fit_nystrom(
     kernel: Kernel, x: Any, Y: np.ndarray, centers: np.ndarray, lam: Any, kind: str = "ntk",
-    dtype: str = "float64", block: int = BLOCK, mask: np.ndarray | None = None, **solve: Any,
+    dtype: str = "float64", block: int = BLOCK, mask: np.ndarray | None = None,
+    keep: bool = False, **solve: Any,
 ) -> NystromResult:  # fmt: skip
     """In-process Nyström fit: x (N, d) rows, Y (N, C), centers (M,) sorted row indices of x
     (:func:`select_centers`), lam one or (C,) absolute ridges, mask (N, C) bool or None;
-    ``solve``: keywords of :func:`solve_nystrom`. K_nm is recomputed on every iteration."""
+    ``solve``: keywords of :func:`solve_nystrom`. keep=False: K_nm is recomputed on every
+    iteration (memory O(block · M)); True: computed once and held, N · M of ``dtype``."""
     C = take_rows(x, centers)
     blocks = KernelBlocks(kernel, x, C, kind, dtype, block, center_index=centers)
+    if keep:
+        blocks = ArrayBlocks(materialize(blocks), block)
     K_mm = kernel_kmm(kernel, C, kind, dtype, block)
     return solve_nystrom(BlockProducts(blocks, mask), K_mm, Y, lam, **solve)
 
