@@ -219,3 +219,16 @@ def test_a_nystrom_warm_start_saves_exact_iterations(ray_local, tmp_path):
     K = SPEC.kernel(x, dtype="float64")
     ref = cho_solve(cho_factor(K + RIDGE * np.mean(np.diag(K)) * np.eye(400)), y)
     assert _rel(warm.solve.alpha, ref) < 1e-6 and _rel(cold.solve.alpha, ref) < 1e-6
+
+
+@pytest.mark.parametrize("check_name", [
+    "check_regressors_train", "check_regressor_multioutput", "check_fit2d_predict1d",
+    "check_estimators_fit_returns_self", "check_n_features_in", "check_fit_check_is_fitted",
+])  # fmt: skip
+def test_scikit_learn_checks_of_a_nystrom_regressor(ray_local, tmp_path, check_name):
+    """A few of scikit-learn's own estimator checks on NTKRegressor(method="nystrom")."""
+    from sklearn.utils import estimator_checks
+
+    est = NTKRegressor(method="nystrom", centers=15, knm="normal", tile=64,
+                       workdir=str(tmp_path))  # fmt: skip
+    getattr(estimator_checks, check_name)("NTKRegressor", est)
