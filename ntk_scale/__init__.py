@@ -19,6 +19,7 @@ from ntk_scale.errors import (
 from ntk_scale.estimator import NTKClassifier, NTKClassifierCV, NTKRegressor, NTKRegressorCV
 from ntk_scale.kernels import FullyConnected, Myrtle, spec_from_json, stax
 from ntk_scale.options import GramOptions, RunOptions, SolveOptions
+from ntk_scale.pool import shutdown_pools
 from ntk_scale.stages import fit, gram, predict, solve, verify
 from ntk_scale.store import GramStore
 
@@ -28,7 +29,6 @@ __version__ = "0.1.0"
 def shutdown() -> None:
     """Stop this process's worker actors (they stop at exit anyway); the next stage starts new
     ones."""
-    from ntk_scale.pool import shutdown_pools
 
     shutdown_pools()
 

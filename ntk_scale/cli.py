@@ -22,8 +22,17 @@ from typing import Any
 
 import numpy as np
 
+from ntk_scale import cost, stages
+from ntk_scale.config import load_config, run_config, schema
+from ntk_scale.cost import CloudAssumptions as C
+from ntk_scale.demo import run_demo
+from ntk_scale.errors import GPUUnavailableError, StoreLockedError
+from ntk_scale.ingest import IngestOptions, ingest, table_features
+from ntk_scale.io import load_array, load_kernel_spec, load_targets
 from ntk_scale.kernels import ACTIVATIONS, FullyConnected, Layer, bind
 from ntk_scale.kernels.stax import PRESETS
+from ntk_scale.linalg import SolverError
+from ntk_scale.model import load_model
 from ntk_scale.options import (
     GramOptions,
     RunOptions,
@@ -33,6 +42,10 @@ from ntk_scale.options import (
     pick,
     toml_help,
 )
+from ntk_scale.sizing import choose_operator, cloud_workload, measure_read_rate, plan_gram
+from ntk_scale.solve import check_targets
+from ntk_scale.store import GramStore
+from ntk_scale.tables import is_table, load_transform
 
 
 def _kernel_args(p: argparse.ArgumentParser, gram_exclude: tuple[str, ...] = ()) -> None:
@@ -55,7 +68,6 @@ def _spec(a: argparse.Namespace) -> FullyConnected | Layer:
     if a.kernel_spec is not None:
         if a.kernel != "fc":
             raise ValueError(f"--kernel {a.kernel} and --kernel-spec both name a kernel; use one")
-        from ntk_scale.io import load_kernel_spec
 
         return load_kernel_spec(a.kernel_spec)
     if a.kernel != "fc":
@@ -78,9 +90,6 @@ def _run(a: argparse.Namespace) -> RunOptions:
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
-    from ntk_scale import cost
-    from ntk_scale.sizing import choose_operator, cloud_workload, measure_read_rate, plan_gram
-
     measure, probe = not a.no_measure, int(a.probe_mb * 2**20) if a.probe_mb else None
     store = a.store_dir if measure else None
     deadline = None if a.deadline is None else cost.parse_duration(a.deadline)
@@ -113,7 +122,6 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 def _cloud_args(p: argparse.ArgumentParser) -> None:
     """The cost table's assumptions (ntk_scale.cost.CloudAssumptions) and the deadline."""
-    from ntk_scale.cost import CloudAssumptions as C
 
     g = p.add_argument_group("cloud cost (figures and prices: ntk_scale/data/accelerators.toml)")
     g.add_argument("--deadline", default=None, metavar="T",
@@ -154,9 +162,6 @@ def _plan_spec(a: argparse.Namespace) -> tuple[Any, int]:
 
 
 def cmd_gram(a: argparse.Namespace) -> int:
-    from ntk_scale import stages
-    from ntk_scale.io import load_array
-
     x = load_array(a.x)
     x_cols = load_array(a.x_cols) if a.x_cols else None
     report = stages.gram(x, _spec(a), a.store, _gram_options(a), _run(a), x_cols=x_cols)
@@ -165,8 +170,6 @@ def cmd_gram(a: argparse.Namespace) -> int:
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
-    from ntk_scale import stages
-
     found, repair = stages.verify(a.store, a.repair, _run(a))
     print(found.summary())
     if found.ok:
@@ -183,17 +186,10 @@ def _solve_options(a: argparse.Namespace) -> SolveOptions:
 
 
 def cmd_solve(a: argparse.Namespace) -> int:
-    from ntk_scale import stages
-    from ntk_scale.io import load_targets
-    from ntk_scale.solve import check_targets
-    from ntk_scale.store import GramStore
-
     y = load_targets(a.y)
     check_targets(y, GramStore.open(a.store).shape[0])  # before anything is written
     transform = None
     if a.transform:
-        from ntk_scale.tables import load_transform
-
         transform = load_transform(a.transform)
     result = stages.solve(a.store, y, _solve_options(a), _run(a), model_dir=a.model_dir,
                           transform=transform)  # fmt: skip
@@ -220,9 +216,6 @@ def cmd_solve(a: argparse.Namespace) -> int:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    from ntk_scale import stages
-    from ntk_scale.model import load_model
-
     model = load_model(a.model_dir)
     with _inputs(a.x, stages.transform_of(model.meta)) as x:
         pred = stages.predict(model, x, _run(a), store=a.store,
@@ -239,23 +232,17 @@ def _inputs(source: str, transform: Any):
     """X* from an array file, or from a table (CSV / Parquet) through the model's transform:
     written as Zarr features in a temporary directory first (one pass over the table), then
     read block by block."""
-    from ntk_scale.io import load_array
-    from ntk_scale.tables import is_table
 
     if transform is None or not is_table(source):
         yield load_array(source)
         return
     import tempfile
 
-    from ntk_scale.ingest import table_features
-
     with tempfile.TemporaryDirectory(prefix="ntk-scale-predict-") as tmp:
         yield table_features(source, transform, f"{tmp}/x.zarr")
 
 
 def cmd_ingest(a: argparse.Namespace) -> int:
-    from ntk_scale.ingest import IngestOptions, ingest
-
     report = ingest(a.source, a.out, pick(IngestOptions, a), address=a.address,
                     progress=a.progress is not False)  # fmt: skip
     print(report.summary())
@@ -267,8 +254,6 @@ FIT_SOLVER_FLAGS = ("method", "centers", "center_selection", "knm", "warm_start"
 
 
 def cmd_fit(a: argparse.Namespace) -> int:
-    from ntk_scale.config import load_config, run_config
-
     cfg = load_config(a.config)
     if a.allow_cpu:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, allow_cpu=True))
@@ -281,8 +266,6 @@ def cmd_fit(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from ntk_scale.demo import run_demo
-
     return run_demo(a.out, workers=a.workers, n=a.n, kernel=a.kernel)
 
 
@@ -350,8 +333,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     _ingest_parser(sub)
 
-    from ntk_scale.config import schema
-
     p = sub.add_parser("fit", help="all stages from one TOML config",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="CONFIG.toml sections and keys (defaults shown):\n\n"
@@ -379,8 +360,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _ingest_parser(sub: Any) -> None:
-    from ntk_scale.ingest import IngestOptions
-
     p = sub.add_parser("ingest", help="CSV / Parquet tables -> Zarr X, y and their transform")
     p.add_argument("source", help="a CSV or Parquet file, a glob, or a directory (or s3://…)")
     p.add_argument("--out", required=True, help="output directory or URL prefix")
@@ -405,9 +384,6 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def _dispatch(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    from ntk_scale.errors import GPUUnavailableError, StoreLockedError
-    from ntk_scale.linalg import SolverError
-
     try:
         return func(args)
     except GPUUnavailableError as err:

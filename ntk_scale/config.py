@@ -11,7 +11,9 @@ import os
 import tomllib
 from typing import Any
 
-from ntk_scale.io import load_kernel_spec
+from ntk_scale import stages
+from ntk_scale.ingest import IngestOptions, ingest, load_split
+from ntk_scale.io import load_array, load_kernel_spec, load_targets
 from ntk_scale.kernels import FullyConnected, Layer, Network
 from ntk_scale.kernels.stax import PRESETS
 from ntk_scale.options import (
@@ -71,7 +73,6 @@ class Output:
 
 def schema() -> dict[str, dict[str, Any]]:
     """The config's sections and keys, all from the option records' fields."""
-    from ntk_scale.ingest import IngestOptions
 
     return toml_schema(DataFiles, IngestOptions, (FullyConnected, "kernel"), KernelSource,
                        GramOptions, StorePath, SolveOptions, RunOptions, Output)  # fmt: skip
@@ -137,7 +138,6 @@ def _check_required(path: str, values: dict[str, dict[str, Any]]) -> None:
 
 def _table(path: str, data: dict[str, Any], values: dict[str, dict[str, Any]]) -> Any:
     """[data] as a table to ingest (IngestOptions), or None for x_train / y_train arrays."""
-    from ntk_scale.ingest import IngestOptions
 
     arrays = [k for k in ("x_train", "y_train", "x_test", "y_test") if k in data]
     if "table" not in data:
@@ -200,9 +200,6 @@ def run_config(cfg: FitConfig) -> dict[str, Any]:
     OUT/model, OUT/predictions.npy (with x_test) and OUT/metrics.json; returns the metrics."""
     import numpy as np
 
-    from ntk_scale import stages
-    from ntk_scale.io import load_array, load_targets
-
     d, task, out = cfg.data, cfg.output["task"], cfg.output["dir"]
     classify = task == "classification"
     transform = None
@@ -239,8 +236,6 @@ def run_config(cfg: FitConfig) -> dict[str, Any]:
 def _ingested(cfg: FitConfig, task: str, out: str) -> tuple:
     """[data] table ingested into OUT/data: (x_train, y_train, x_test, y_test, transform)."""
     import numpy as np
-
-    from ntk_scale.ingest import ingest, load_split
 
     if task != "regression":
         raise ValueError(

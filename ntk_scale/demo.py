@@ -11,7 +11,10 @@ import time
 
 import numpy as np
 
+from ntk_scale import stages
 from ntk_scale.kernels import FullyConnected
+from ntk_scale.kernels.stax import SmallConv
+from ntk_scale.model import Model
 from ntk_scale.options import GramOptions, RunOptions, SolveOptions
 
 SPEC = FullyConnected(depth=3, activation="relu", W_std=1.4, b_std=0.1)
@@ -51,9 +54,6 @@ def dense_reference(x_train, y_onehot, x_test, ridge: float, spec=SPEC) -> np.nd
 
 def run_demo(out: str = "demo-output", workers: int | None = None, n: int | None = None,
              kernel: str = "fc") -> int:  # fmt: skip
-    from ntk_scale import stages
-    from ntk_scale.kernels.stax import SmallConv
-    from ntk_scale.model import Model
 
     if kernel not in KERNELS:
         raise ValueError(f"demo kernel={kernel!r}; use one of {', '.join(KERNELS)}")

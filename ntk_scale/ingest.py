@@ -24,9 +24,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from ntk_scale.cluster import ensure_ray
 from ntk_scale.options import option
 from ntk_scale.plan import DEFAULT_TILE
+from ntk_scale.pool import shutdown_pools
 from ntk_scale.progress import Progress
+from ntk_scale.store import atomic_put, url_fs, zarr_store
 from ntk_scale.tables import FILLS, TableTransform, check_fill, learn, read_table
 
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
@@ -111,7 +114,6 @@ def ingest(
 ) -> IngestReport:  # fmt: skip
     """Read ``source`` (CSV / Parquet: a file, glob or directory, local or a URL) and write the
     arrays and transform of the module docstring under ``out``."""
-    from ntk_scale.store import url_fs
 
     o, start = options, time.perf_counter()
     cols = list(o.features) + ([o.target] if o.target else [])
@@ -138,7 +140,6 @@ def ingest(
         except BaseException:
             _clear(fs, root)  # a value only the full pass finds: nothing half-written stays
             raise
-    from ntk_scale.store import atomic_put
 
     atomic_put(fs, f"{root}/transform.json", transform.to_json().encode())
     return IngestReport(out, transform, rows, dropped, time.perf_counter() - start)
@@ -156,7 +157,6 @@ def _clear(fs: Any, root: str) -> None:
 
 def _refuse_existing(out: str, overwrite: bool) -> None:
     """An earlier ingest at ``out`` is replaced only with overwrite; anything else is refused."""
-    from ntk_scale.store import url_fs
 
     fs, root = url_fs(out)
     if not fs.exists(root) or not fs.ls(root):
@@ -181,9 +181,6 @@ def _scheduler(address: str | None) -> Iterator[None]:
             yield
         return
     from ray.util.dask import ray_dask_get
-
-    from ntk_scale.cluster import ensure_ray
-    from ntk_scale.pool import shutdown_pools
 
     ensure_ray(address)
     # The graph runs as Ray tasks of one CPU each: this process's idle pool would hold every CPU
@@ -264,8 +261,6 @@ def write_arrays(
     import zarr
     from zarr.codecs import Crc32cCodec
 
-    from ntk_scale.store import zarr_store
-
     parts = [(p, k) for p, k in parts if k > 0]
     n = sum(k for _, k in parts)
     if n == 0:
@@ -306,8 +301,6 @@ def table_features(source: str, transform: TableTransform, x_url: str, block: in
     lazy Zarr array."""
     import zarr
 
-    from ntk_scale.store import zarr_store
-
     write_arrays(partitions(read_table(source, transform.columns)), transform, x_url, None,
                  block, stage="transform X*", progress=progress)  # fmt: skip
     return zarr.open_array(zarr_store(x_url, read_only=True), mode="r")
@@ -337,8 +330,6 @@ class _DaskProgress:
 def load_split(out: str, split: str = "train") -> tuple[Any, Any]:
     """(X, y) of an ingest's split as lazy Zarr arrays (y None without a target)."""
     import zarr
-
-    from ntk_scale.store import zarr_store
 
     x = zarr.open_array(zarr_store(f"{out.rstrip('/')}/x_{split}.zarr", read_only=True), mode="r")
     try:

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from ntk_scale.kernels import spec_from_json
+
 SUFFIXES = (".npy", ".npz", ".csv", ".zarr")
 
 
@@ -176,7 +178,6 @@ def as_rows(x: Any, name: str = "x") -> tuple[Any, tuple[int, ...]]:
 
 def load_kernel_spec(path: str) -> Any:
     """A kernel spec from a JSON file written by ``spec.to_json()`` (FullyConnected or stax)."""
-    from ntk_scale.kernels import spec_from_json
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"kernel spec file {path!r} does not exist; write one with "

@@ -28,7 +28,9 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from ntk_scale.kernels import Kernel
+from ntk_scale.cost import workload
+from ntk_scale.kernels import Kernel, spec_from_json
+from ntk_scale.store import atomic_put, chunk_body, url_fs
 
 _PROBE_PREFIX = ".ntk-probe-"
 _PROBE_FILE_BYTES = 16 << 20
@@ -50,7 +52,7 @@ def time_worker_tile(
     write: encoding its chunk and writing it atomically into a probe under a local
     ``store_url`` (None for no store or an object store, whose puts are network-bound).
     gpu: on this machine's GPU instead, with a GPU worker's environment (no pinning)."""
-    from ntk_scale.pool import worker_env
+    from ntk_scale.pool import worker_env  # cycle: pool -> sizing -> measure
 
     with contextlib.ExitStack() as stack:
         where = None
@@ -74,8 +76,6 @@ def _worker_tile_main(argv: list[str]) -> None:
     # Pinned first, as a worker is, before the first computation starts XLA's thread pool (no
     # preexec_fn in the parent: forking a multithreaded driver is unsafe).
     os.sched_setaffinity(0, {int(c) for c in argv[6].split(",")})
-    from ntk_scale.kernels import spec_from_json
-    from ntk_scale.store import atomic_put, chunk_body, url_fs
 
     spec, kind, dtype, t, d, where = (
         spec_from_json(argv[0]),
@@ -151,7 +151,6 @@ def cloud_workload(
     GPU here when ``measure`` and there is one of the catalog's models, and the read rate
     measured against ``store_url`` when it is an object store (the head's rate, when `plan`
     runs on the head; a local disk's rate says nothing of a bucket)."""
-    from ntk_scale.cost import workload
 
     models = catalog.accelerators
     gpus = measured_gpu_flops(spec, kind, plan.dtype, plan.tile, d, models) if measure else {}

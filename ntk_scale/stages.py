@@ -26,9 +26,10 @@ from ntk_scale.kernels import Kernel, Layer, bind, diag_blocks, precision
 from ntk_scale.linalg import PCGState
 from ntk_scale.model import Model, load_model, save_model
 from ntk_scale.options import GramOptions, RunOptions, SolveOptions, default, to_json
-from ntk_scale.pool import cluster_operator_for, release_for_solve
+from ntk_scale.pool import cluster_operator_for, pool_for, release_for_solve
 from ntk_scale.predict import predict_from_store
 from ntk_scale.scheduler import GramReport, run_store
+from ntk_scale.sizing import choose_operator, measure_read_rate, plan_gram
 from ntk_scale.solve import (
     Folds,
     RidgeSelection,
@@ -157,7 +158,6 @@ def _auto_choice(
 ) -> OperatorDecision:
     """Measured once per process and problem: refits (GridSearchCV) do not time a tile and
     write a read-rate probe again."""
-    from ntk_scale.sizing import choose_operator, measure_read_rate, plan_gram
 
     plan = plan_gram(n, d, spec, o.kind, o.dtype, o.tile, workers, measure=True)
     pick = choose_operator(plan, measure_read_rate(where))
@@ -165,8 +165,6 @@ def _auto_choice(
 
 
 def _default_workers(run: RunOptions) -> int:
-    from ntk_scale.pool import pool_for
-
     return pool_for(run).default_workers()
 
 

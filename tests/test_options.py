@@ -281,7 +281,9 @@ def test_to_json_records_the_fields():
     assert got == {"ridge": [1e-3, 1e-2], "ridge_absolute": False, "cv": None, "holdout": None,
                    "preconditioner": "rpcholesky", "rank": 9, "tol": 1e-6, "max_iter": None,
                    "operator": "stored", "checkpoint_every": 10, "seed": 0, "pivot_block": 1,
-                   "memory_budget_bytes": 2 * 2**30}  # fmt: skip
+                   "memory_budget_bytes": 2 * 2**30, "method": "exact", "centers": 10_000,
+                   "center_selection": "rpcholesky", "knm": "auto",
+                   "warm_start": "none"}  # fmt: skip
     assert "progress" not in opts.to_json(RunOptions()) and "overwrite" not in opts.to_json(
         GramOptions()
     )
@@ -389,7 +391,7 @@ def test_estimator_init_refuses_what_sklearn_would_not_take():
 def test_a_solver_error_exits_1_not_2(monkeypatch, capsys):
     """A numerical failure (a real SolverError from PCG on an indefinite matrix) is a failure,
     not bad usage, although SolverError is still a ValueError subclass today."""
-    from ntk_scale import sizing
+    from ntk_scale import cli
     from ntk_scale.linalg import DenseOperator, SolverError, solve_pcg
 
     def indefinite(*args, **kwargs):
@@ -397,7 +399,7 @@ def test_a_solver_error_exits_1_not_2(monkeypatch, capsys):
 
     with pytest.raises(SolverError):
         indefinite()
-    monkeypatch.setattr(sizing, "plan_gram", indefinite)
+    monkeypatch.setattr(cli, "plan_gram", indefinite)
     assert main(["plan", "--n", "10", "--d", "3", "--no-measure"]) == 1
     err = capsys.readouterr().err
     assert "ntk-scale plan: failed:" in err and "curvature" in err, err
