@@ -122,7 +122,6 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 def _cloud_args(p: argparse.ArgumentParser) -> None:
     """The cost table's assumptions (ntk_scale.cost.CloudAssumptions) and the deadline."""
-
     g = p.add_argument_group("cloud cost (figures and prices: ntk_scale/data/accelerators.toml)")
     g.add_argument("--deadline", default=None, metavar="T",
                    help="recommend the cheapest pool done within T: 24h, 2d, 90m")  # fmt: skip
@@ -134,11 +133,16 @@ def _cloud_args(p: argparse.ArgumentParser) -> None:
         ("network-gbps", float, "a GPU node's bucket rate, Gbit/s (default: published)"),
         ("head-gbps", float, "the head's bucket rate, Gbit/s (default: measured or published)"),
         ("keep-months", float, "months the bucket keeps the store"),
+        ("startup-minutes", float, "minutes from a GPU node's launch to joining Ray"),
+        ("idle-minutes", float, "minutes the autoscaler keeps an idle GPU node"),
     ]:
         name = flag.replace("-", "_")
         value = default(C, name)
         g.add_argument(f"--{flag}", type=kind, default=value,
                        help=help_ if value is None else f"{help_} (default {value:g})")  # fmt: skip
+    g.add_argument("--bucket-path", choices=cost.BUCKET_PATHS, default=default(C, "bucket_path"),
+                   help="endpoint (S3 gateway endpoint / Private Google Access) or internet "
+                   "(AWS caps it at 5 Gbit/s below 32 vCPUs)")  # fmt: skip
     g.add_argument("--catalog", default=None, metavar="TOML",
                    help="a copy of the accelerator data file with your prices")  # fmt: skip
 

@@ -348,3 +348,18 @@ def test_the_rayjob_takes_operator_auto_and_its_deadline_covers_the_route(tmp_pa
     assert stored.hours * 3600 > spec["activeDeadlineSeconds"], "the old route would not finish"
     op, _ = cluster_operator(cfg.kernel, n, d, cfg.gram.kind, dtype, cfg.gram.tile, gpus, model)
     assert op == chosen.operator, "fit's auto on the cluster agrees with plan"
+
+
+def test_plan_flags_for_the_bucket_path_start_up_and_idle(capsys):
+    """The cost assumptions the table prints are the plan command's flags (they reach it)."""
+    from ntk_scale.cli import main
+
+    args = ["plan", "--n", "100000", "--d", "10", "--no-measure"]
+    assert main([*args, "--bucket-path", "internet", "--startup-minutes", "3",
+                 "--idle-minutes", "4"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "internet gateway (--bucket-path internet)" in out
+    assert "3 min from launch to joining Ray" in out and "then 4 min idle" in out
+    with pytest.raises(SystemExit) as bad:  # argparse's own refusal, naming the choices
+        main([*args, "--bucket-path", "nowhere"])
+    assert bad.value.code == 2
