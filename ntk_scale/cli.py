@@ -29,7 +29,7 @@ from ntk_scale.demo import run_demo
 from ntk_scale.errors import GPUUnavailableError, StoreLockedError
 from ntk_scale.ingest import IngestOptions, ingest, table_features
 from ntk_scale.io import load_array, load_kernel_spec, load_targets
-from ntk_scale.kernels import ACTIVATIONS, FullyConnected, Layer, bind
+from ntk_scale.kernels import FullyConnected, Layer, bind
 from ntk_scale.kernels.stax import PRESETS
 from ntk_scale.linalg import SolverError
 from ntk_scale.model import load_model
@@ -51,16 +51,11 @@ from ntk_scale.tables import is_table, load_transform
 def _kernel_args(p: argparse.ArgumentParser, gram_exclude: tuple[str, ...] = ()) -> None:
     """The kernel spec's flags, then GramOptions' (--kind; --dtype, --tile, --overwrite)."""
     g = p.add_argument_group("kernel")
-    spec = FullyConnected()
     g.add_argument("--kernel", default="fc", choices=("fc", *PRESETS),
                    help="fc (FullyConnected: --depth ...) or a preset stax network")  # fmt: skip
     g.add_argument("--kernel-spec", default=None, metavar="SPEC.json",
                    help="a kernel written by spec.to_json() (instead of --kernel)")  # fmt: skip
-    g.add_argument("--depth", type=int, default=spec.depth, help="hidden layers (default 3)")
-    g.add_argument("--activation", default=spec.activation, choices=ACTIVATIONS)
-    g.add_argument("--W-std", dest="W_std", type=float, default=spec.W_std, help="weight std")
-    g.add_argument("--b-std", dest="b_std", type=float, default=spec.b_std, help="bias std")
-    g.add_argument("--negative-slope", type=float, default=None, help="for leaky_relu")
+    add_arguments(p, FullyConnected, groups={"FullyConnected": g})
     add_arguments(p, GramOptions, exclude=gram_exclude, groups={"kernel": g})
 
 
@@ -72,7 +67,7 @@ def _spec(a: argparse.Namespace) -> FullyConnected | Layer:
         return load_kernel_spec(a.kernel_spec)
     if a.kernel != "fc":
         return PRESETS[a.kernel]()
-    return FullyConnected(a.depth, a.activation, a.W_std, a.b_std, a.negative_slope)
+    return pick(FullyConnected, a)
 
 
 def _gram_options(a: argparse.Namespace) -> GramOptions:

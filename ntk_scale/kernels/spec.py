@@ -38,11 +38,16 @@ class FullyConnected:
     negative_slope: only for activation="leaky_relu" (default 0.01).
     """
 
-    depth: int = 3
-    activation: str = "relu"
-    W_std: float = 1.4142135623730951
-    b_std: float = 0.0
-    negative_slope: float | None = None
+    # Option metadata in the form ntk_scale.options reads (help, choices): the CLI's kernel
+    # flags, the [kernel] TOML keys and --help come from these fields (plain metadata, since
+    # options imports kernels).
+    depth: int = dataclasses.field(default=3, metadata={"help": "hidden layers"})
+    activation: str = dataclasses.field(default="relu", metadata={
+        "help": "the hidden layers' nonlinearity", "choices": ACTIVATIONS})  # fmt: skip
+    W_std: float = dataclasses.field(default=1.4142135623730951, metadata={"help": "weight std"})
+    b_std: float = dataclasses.field(default=0.0, metadata={"help": "bias std"})
+    negative_slope: float | None = dataclasses.field(default=None, metadata={
+        "help": "for leaky_relu (default 0.01)"})  # fmt: skip
 
     def __post_init__(self) -> None:
         if isinstance(self.depth, bool) or not isinstance(self.depth, (int, np.integer)):
