@@ -270,7 +270,7 @@ def solve(
         save_model(model_dir, report.result.x, meta)
         meta["plots"] = _plots(model_dir, report, opts.tol)
         if selection is not None and "://" not in model_dir:
-            from ntk_scale.plots import plot_ridge_path
+            from ntk_scale.plots import plot_ridge_path  # matplotlib only when plotting
 
             meta["plots"].append(plot_ridge_path(selection.ridges, selection.scores,
                                                  selection.metric, selection.best,
@@ -353,7 +353,7 @@ def model_meta(
 def _plots(model_dir: str, report: SolveReport, tol: float) -> list[str]:
     if "://" in model_dir:
         return []
-    from ntk_scale.plots import plot_residuals, plot_spectrum
+    from ntk_scale.plots import plot_residuals, plot_spectrum  # matplotlib only when plotting
 
     plots = [plot_residuals(report.result.residuals, tol, f"{model_dir}/residuals.png")]
     if len(report.eigenvalues):

@@ -43,6 +43,8 @@ import numpy as np
 
 from ntk_scale.kernels import spatial
 from ntk_scale.kernels.layers import Inputs, Op, input_distance, input_variance, rule_of
+from ntk_scale.kernels.products import network_panel_function
+from ntk_scale.kernels.protocol import KernelCost
 from ntk_scale.kernels.shapes import (
     DEFAULT_KERNEL_MEMORY,
     Analysis,
@@ -53,6 +55,7 @@ from ntk_scale.kernels.shapes import (
     pair_flops,
 )
 from ntk_scale.kernels.stax import STAX_CODE_VERSION, Layer, check_kind_dtype
+from ntk_scale.kernels.timing import chunked_tile_seconds
 
 #: Moved to :mod:`ntk_scale.kernels.shapes` and :mod:`ntk_scale.kernels.layers`; importable
 #: from here as before.
@@ -472,8 +475,6 @@ class Network:
         return lambda x: compiled.diag(self.rows(x)).astype(dtype)
 
     def panel_function(self, kind: str = "ntk", dtype: str = "float32", n_rows: int | None = None):
-        from ntk_scale.kernels.products import network_panel_function
-
         return network_panel_function(self, kind, dtype, n_rows)
 
     def self_stats(self, x: Any, kind: str = "ntk", dtype: str = "float32") -> Any:
@@ -484,8 +485,6 @@ class Network:
 
     def cost(self, d: int, kind: str, dtype: str, t: int) -> Any:
         """Pairs in chunks within the kernel memory budget (:data:`DEFAULT_KERNEL_MEMORY`)."""
-        from ntk_scale.kernels.protocol import KernelCost
-
         c1, c2 = self.tile_chunk(kind, dtype, t, t)
         memory = c1 * c2 * pair_bytes(self.layer, self.sample_shape, kind, dtype)
         item = np.dtype(dtype).itemsize
@@ -493,8 +492,6 @@ class Network:
         return KernelCost(flops, memory + 3 * t * d * item, (c1, c2))
 
     def tile_seconds(self, kind: str, dtype: str, x1: Any, x2: Any) -> tuple[float, float]:
-        from ntk_scale.kernels.timing import chunked_tile_seconds
-
         return chunked_tile_seconds(self, kind, dtype, x1, x2)
 
 

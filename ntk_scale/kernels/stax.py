@@ -87,13 +87,13 @@ class Layer:
     ) -> np.ndarray:
         """K(x1, x2) -> numpy (n1, n2). x: (n, H, W, C) images for a network with Conv or
         pooling layers, (n, d) for a dense-only one; x2=None for K(x1, x1)."""
-        from ntk_scale.kernels.network import evaluate
+        from ntk_scale.kernels.network import evaluate  # network imports this module
 
         return evaluate(self, x1, x2, kind, dtype)
 
     def diag(self, x: Any, kind: str = "ntk", dtype: str = "float32") -> np.ndarray:
         """The diagonal K(x_i, x_i) without the off-diagonal entries -> (n,)."""
-        from ntk_scale.kernels.network import evaluate_diag
+        from ntk_scale.kernels.network import evaluate_diag  # network imports this module
 
         return evaluate_diag(self, x, kind, dtype)
 
