@@ -345,6 +345,9 @@ class SolveOptions:
                              section="solver", choices=WARM_STARTS)  # fmt: skip
 
     def __post_init__(self) -> None:
+        if isinstance(self.warm_start, bool):  # scikit-learn's checks set warm_start=False on
+            # any estimator with that parameter (its convention: a bool); False is no warm start
+            object.__setattr__(self, "warm_start", "nystrom" if self.warm_start else "none")
         check_choices(self)
         for name in ("rank", "checkpoint_every", "pivot_block"):
             _positive_int_or_none(name, getattr(self, name), "e.g. 10")
