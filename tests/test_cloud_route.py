@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fake_ray import FakeRay
 
 from ntk_scale import cost, pool
 from ntk_scale.cli import _dispatch
@@ -30,23 +31,6 @@ CATALOG = cost.load_catalog()
 GiB, TB = 2**30, 10**12
 
 
-class FakeRay:
-    """cluster_resources() / available_resources() / nodes() of nodes given as resource dicts."""
-
-    def __init__(self, *nodes: dict[str, float]):
-        self.node_list = list(nodes)
-
-    def nodes(self):
-        return [{"Alive": True, "Resources": dict(r)} for r in self.node_list]
-
-    def cluster_resources(self):
-        total: dict[str, float] = {}
-        for r in self.node_list:
-            for k, v in r.items():
-                total[k] = total.get(k, 0) + v
-        return total
-
-    available_resources = cluster_resources
 
 
 def _a10g_nodes(k: int) -> list[dict[str, float]]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_ray import FakeRay
 from processes import SCRIPTS, stop_group
 
 from ntk_scale import NTKRegressor
@@ -28,21 +29,6 @@ from ntk_scale.pool import HostRequest, host_request
 BIN = Path(sys.executable).parent
 
 
-class FakeRay:
-    """cluster_resources() and nodes() of a cluster whose nodes are given as resource dicts."""
-
-    def __init__(self, *nodes: dict[str, float]):
-        self.node_list = list(nodes)
-
-    def nodes(self):
-        return [{"Alive": True, "Resources": dict(r)} for r in self.node_list]
-
-    def cluster_resources(self):
-        total: dict[str, float] = {}
-        for r in self.node_list:
-            for k, v in r.items():
-                total[k] = total.get(k, 0) + v
-        return total
 
 
 CPU_ONLY = FakeRay({"CPU": 8})
