@@ -37,7 +37,7 @@ EXAMPLES = {
     "Erf": stax.Erf(0.5, 2.0, 0.1),
     "Identity": stax.Identity(),
 }
-_LEAF_FIELDS = ("out_hw", "cross", "variance")
+_LEAF_FIELDS = ("out_hw", "cross", "variance", "float32")
 
 
 def test_every_constructor_has_exactly_one_complete_record():
@@ -149,3 +149,26 @@ def test_a_layer_added_by_one_record_runs_on_images(registered):
         direct = stax.serial(stax.Conv(2, (3, 3), W_std=0.66, b_std=0.18), *head)
         want = direct.kernel(x, kind="nngp", dtype="float64")
         np.testing.assert_allclose(scaled.kernel(x, kind="nngp", dtype="float64"), want, rtol=1e-10)
+
+
+def test_the_float32_bound_comes_from_the_record_too(registered, monkeypatch):
+    """A record without a float32 step gives an infinite entry bound (dtype="auto" then takes
+    float64, naming why); the same layer with a step gets a finite bound from that step alone,
+    and it holds: Scale(c) scales D, v and Θ by c² (one rounding), as Dense's step allows."""
+    from ntk_scale.kernels import bind, precision
+
+    layer = stax.serial(stax.Dense(5, 1.3, 0.2), Scale(0.7), stax.Relu(), stax.Dense(1))
+    x = np.random.default_rng(5).normal(size=(40, 4)) + 50.0  # far from the origin
+    net = bind(layer, (4,))
+    diag = net.diag(x, kind="ntk", dtype="float64")
+    assert precision.entry_bound(net, "ntk", float(diag.max())) == math.inf
+    choice = precision.choose_dtype(net, "ntk", diag, lam=1e3 * float(diag.max()))
+    assert choice.dtype == "float64" and "inf" in choice.reason
+    with_step = dataclasses.replace(SCALE, float32=precision.dense_step)
+    monkeypatch.setitem(layers.RULES, "Scale", with_step)
+    bound = precision.entry_bound(net, "ntk", float(diag.max()))
+    plain = bind(stax.serial(stax.Dense(5, 1.3, 0.2), stax.Relu(), stax.Dense(1)), (4,))
+    assert bound > precision.entry_bound(plain, "ntk", float(diag.max())) > 0
+    exact = net.kernel(x, kind="ntk", dtype="float64")
+    err = np.abs(net.kernel(x, kind="ntk", dtype="float32").astype(np.float64) - exact).max()
+    assert 0 < err <= bound

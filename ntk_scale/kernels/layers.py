@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ntk_scale.kernels import spatial, stax
+from ntk_scale.kernels import precision, spatial, stax
 from ntk_scale.kernels.stax import Layer
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -366,7 +366,10 @@ class LayerRule:
     per-position variances; flops: p -> operations per output covariance entry (``plan``);
     to_dict: layer -> its JSON dict; from_dict: that dict -> the layer (validated again);
     mixes_positions: it couples different positions (the 'full' layout);
-    needs_images: it takes (H, W) positions, so the network takes NHWC images.
+    needs_images: it takes (H, W) positions, so the network takes NHWC images;
+    float32: a one-input layer's step (p, state, channels) -> state' of the float32 error walk
+    (:mod:`ntk_scale.kernels.precision`); None: no bound is derived for it, so a network that
+    holds it has an infinite float32 entry bound and dtype="auto" computes it in float64.
     """
 
     name: str
@@ -381,6 +384,7 @@ class LayerRule:
     from_dict: Callable[[dict[str, Any]], Layer]
     mixes_positions: bool = False
     needs_images: bool = False
+    float32: Callable | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -401,13 +405,14 @@ def _tap_flops(key: str) -> Callable:
 
 def leaf_rule(name: str, build: Callable[..., Layer], kind: str, cross: Callable,
               variance: Callable, out_hw: Callable = _keep_hw, flops: Callable | None = None,
-              **flags: bool) -> LayerRule:  # fmt: skip
+              float32: Callable | None = None, **flags: bool) -> LayerRule:  # fmt: skip
     """The record of a one-input layer (linear or activation), its shape and JSON rules made
     from out_hw and build; flops defaults to the activation cost or 0."""
     if flops is None:
         flops = _activation_flops if kind == "activation" else _no_flops
     return LayerRule(name, build, kind, _leaf_shape(out_hw), out_hw, cross, variance, flops,
-                     args_to_dict, _build_from_dict(build, name), **flags)  # fmt: skip
+                     args_to_dict, _build_from_dict(build, name), float32=float32,
+                     **flags)  # fmt: skip
 
 
 def _structural(name: str, build: Callable[..., Layer], kind: str,
@@ -433,31 +438,40 @@ def _flatten_variance(v: jax.Array, op: Op, rec: tuple) -> jax.Array:
     return v if op.hw is None else jnp.mean(v, axis=(1, 2))
 
 
+def _abrelu_rule(name: str, build: Callable[..., Layer], ab: Callable) -> LayerRule:
+    """The record of an a·min(x, 0) + b·max(x, 0) activation, (a, b) = ab(params), for all
+    of its rules (cross, variance, float32 step) from the one ab."""
+    return leaf_rule(name, build, "activation", *_abrelu(ab), float32=precision.abrelu_step(ab))
+
+
 _BUILTIN = (
     _structural("serial", stax.serial, "serial", _serial_shape),
     _structural("parallel", stax.parallel, "parallel", _parallel_shape),
     _structural("FanOut", stax.FanOut, "fan_out", _fan_out_shape),
     _structural("FanInSum", stax.FanInSum, "fan_in", _fan_in_shape),
-    leaf_rule("Dense", stax.Dense, "linear", _dense_rule, _dense_variance),
+    leaf_rule("Dense", stax.Dense, "linear", _dense_rule, _dense_variance,
+              float32=precision.dense_step),
     leaf_rule("Conv", stax.Conv, "linear", _conv_rule, _conv_variance, _window_hw("filter_shape"),
-              _tap_flops("filter_shape"), needs_images=True),
+              _tap_flops("filter_shape"), float32=precision.conv_step, needs_images=True),
     leaf_rule("AvgPool", stax.AvgPool, "linear",
               _reads(lambda z, op, lay, r1, r2: _pool(z, op, r1, r2)), _pool_variance,
-              _window_hw("window_shape"), _tap_flops("window_shape"), needs_images=True,
-              mixes_positions=True),
+              _window_hw("window_shape"), _tap_flops("window_shape"),
+              float32=precision.avg_pool_step, needs_images=True, mixes_positions=True),
     leaf_rule("GlobalAvgPool", stax.GlobalAvgPool, "linear",
               _reads(lambda z, op, lay, r1, r2: _global_pool(z, r1, r2)),
               lambda v, op, rec: jnp.mean(v, axis=(1, 2)) - rec[1], _global_pool_hw,
-              needs_images=True, mixes_positions=True),
+              float32=precision.global_pool_step, needs_images=True, mixes_positions=True),
     leaf_rule("Flatten", stax.Flatten, "linear", _reads(_flatten_cross), _flatten_variance,
-              _flatten_hw),
-    leaf_rule("Relu", stax.Relu, "activation", *_abrelu(lambda p: (0.0, 1.0))),
-    leaf_rule("LeakyRelu", stax.LeakyRelu, "activation", *_abrelu(lambda p: (p["alpha"], 1.0))),
-    leaf_rule("Abs", stax.Abs, "activation", *_abrelu(lambda p: (-1.0, 1.0))),
-    leaf_rule("ABRelu", stax.ABRelu, "activation", *_abrelu(lambda p: (p["a"], p["b"]))),
-    leaf_rule("Erf", stax.Erf, "activation", _erf_cross, _erf_variance),
+              _flatten_hw, float32=precision.flatten_step),
+    _abrelu_rule("Relu", stax.Relu, lambda p: (0.0, 1.0)),
+    _abrelu_rule("LeakyRelu", stax.LeakyRelu, lambda p: (p["alpha"], 1.0)),
+    _abrelu_rule("Abs", stax.Abs, lambda p: (-1.0, 1.0)),
+    _abrelu_rule("ABRelu", stax.ABRelu, lambda p: (p["a"], p["b"])),
+    leaf_rule("Erf", stax.Erf, "activation", _erf_cross, _erf_variance,
+              float32=precision.erf_step),
     leaf_rule("Identity", stax.Identity, "linear",
-              _reads(lambda z, op, lay, r1, r2: (z, r1)), lambda v, op, rec: v),
+              _reads(lambda z, op, lay, r1, r2: (z, r1)), lambda v, op, rec: v,
+              float32=precision.identity_step),
 )  # fmt: skip
 #: Every layer type by name: the one table shape analysis, the interpreter and JSON read.
 RULES: dict[str, LayerRule] = {rule.name: rule for rule in _BUILTIN}

@@ -51,6 +51,7 @@ from ntk_scale.kernels.shapes import (
     Shape,
     analyse,
     chunk_shape,
+    float32_error,
     pair_bytes,
     pair_flops,
 )
@@ -427,6 +428,9 @@ class Network:
     def fingerprint(self) -> str:
         payload = f"{self.to_json()}|stax-code-v{STAX_CODE_VERSION}"
         return hashlib.sha256(payload.encode()).hexdigest()
+
+    def float32_relative_error(self, kind: str) -> float | None:
+        return float32_error(self.layer, self.sample_shape, kind)
 
     def compiled(self, kind: str, dtype: str, budget: int | None = None) -> Compiled:
         return _compiled_network(self.layer, self.sample_shape, kind, dtype, budget)

@@ -67,7 +67,8 @@ The interpreter carries, per entry of a chunk's tensor (a pair of positions of a
 images), the pair distance D = E(z1 − z2)² (and Θ for the NTK) beside each image's variance
 map v from the self pass; K = (v1 + v2 − D)/2 only at the end (network.py, spatial.py). Same
 model as above (u, correctly rounded operations, first order, SAFETY = 2), walked over the
-layer tree (``layer.name``, ``layer.p``, ``layer.layers`` only; ``stax_relative_error``).
+layer tree: each layer record's ``float32`` step (one of this module's ``*_step`` functions, in
+:mod:`ntk_scale.kernels.layers`), composed by :func:`ntk_scale.kernels.shapes.float32_error`.
 
 Scales. Per entry, A = (v1 + v2)/2 and T = (Θ11 + Θ22)/2 (arithmetic means, not the FC's
 geometric ones: D ≤ 4A always, so D's rounding is bounded by A while v1/v2 may be anything,
@@ -129,6 +130,7 @@ loosest, and it is the honest worst case of the D form, not a measured one.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -153,9 +155,14 @@ def entry_bound(spec: Any, kind: str, diag_max: float) -> float:
         raise ValueError(f"kind={kind!r} is not supported; use one of ntk, nngp")
     if not math.isfinite(diag_max) or diag_max < 0:
         raise ValueError(f"diag_max={diag_max!r} must be a finite number >= 0")
-    if hasattr(spec, "params") and hasattr(spec, "depth"):
-        return SAFETY * fc_relative_error(spec.params, kind) * float(diag_max)
-    return SAFETY * _stax_relative_error(spec, kind) * float(diag_max)
+    relative = getattr(spec, "float32_relative_error", None)
+    if relative is None:
+        raise ValueError(
+            f"entry_bound takes a kernel (FullyConnected or a bound stax Network), got "
+            f"{type(spec).__name__}; bind a layer tree first (ntk_scale.kernels.bind)"
+        )
+    eps = relative(kind)
+    return math.inf if eps is None else SAFETY * eps * float(diag_max)
 
 
 def fc_relative_error(p: Any, kind: str) -> float:
@@ -199,25 +206,12 @@ def _erf_step(p: Any, rho: float, eta: float, e: float, first: bool):
     return eps_c_new, eps_s, eta + 2 * rho + 30 * u, e + rho + 8 * u
 
 
-def _stax_relative_error(spec: Any, kind: str) -> float:
-    """ε_K of the stax walk (docstring, Stax networks) for a Network or a bare layer tree."""
-    tree = getattr(spec, "layer", None) or spec
-    if not hasattr(tree, "layers") or not hasattr(tree, "name"):
-        raise ValueError(
-            f"entry_bound takes a FullyConnected spec or a stax network, got {type(spec).__name__}"
-        )
-    shape = tuple(getattr(spec, "sample_shape", None) or _DEFAULT_SHAPE)
-    return stax_relative_error(tree, shape, kind)
-
-
 # -- stax networks ------------------------------------------------------------------------------
 #: (A3) centred inputs: |x − m|² of a chunk's rows (or patches) about the chunk mean m is at most
 #: this many times a pair's mean square (every row within a factor 2 in norm of the others).
 _CENTRE = 2.0
 #: (A5) erf inputs: at every entry, (v1 + v2) / 2 ≤ this times √(v1 v2) (a variance ratio ≤ 62).
 _R_AH = 4.0
-#: Shape assumed for a bare layer tree (entry_bound of a Layer, not of a bound Network).
-_DEFAULT_SHAPE = (32, 32, 3)
 
 
 class _Err(NamedTuple):
@@ -239,38 +233,22 @@ class _Err(NamedTuple):
     corr: float | None = None
 
 
-def stax_relative_error(tree: Any, sample_shape: tuple[int, ...], kind: str) -> float:
-    """ε_K of the docstring's stax walk for a layer tree on inputs of ``sample_shape``:
-    |ΔK| ≤ ε_K · diag_max, before SAFETY."""
+def stax_start(sample_shape: tuple[int, ...]) -> _Err:
+    """The walk's state on the raw input of ``sample_shape`` ((H, W, C) or (d,))."""
     u = _U
     hw = tuple(sample_shape[:2]) if len(sample_shape) == 3 else None
     chans = int(sample_shape[-1])
-    st = _Err((chans + 1) * u, 4 * (chans + 2) * u, None, 1.0, 1.0, hw, True)
-    st = _walk(tree, st, chans)
+    return _Err((chans + 1) * u, 4 * (chans + 2) * u, None, 1.0, 1.0, hw, True)
+
+
+def stax_finish(st: _Err, kind: str) -> float:
+    """ε_K of the walk's final state: |ΔK| ≤ ε_K · diag_max, before SAFETY."""
     if kind == "ntk":
         return st.et if st.et is not None else 0.0
-    return st.ev + st.ed / 2 + 2 * u
+    return st.ev + st.ed / 2 + 2 * _U
 
 
-def _walk(layer: Any, st: Any, chans: int) -> Any:
-    name, kids = layer.name, tuple(layer.layers)
-    if name == "serial":
-        for child in kids:
-            st = _walk(child, st, chans)
-        return st
-    if name == "parallel":
-        return tuple(_walk(c, s, chans) for c, s in zip(kids, st, strict=True))
-    if name == "FanOut":
-        return (st,) * int(layer.p["num"])
-    if name == "FanInSum":
-        return _fan_in(st)
-    rule = _STAX_RULES.get(name)
-    if rule is None:
-        raise ValueError(f"entry_bound has no float32 rule for stax.{name}")
-    return rule(layer.p, st, chans)
-
-
-def _fan_in(branches: tuple) -> _Err:
+def fan_in_step(branches: tuple) -> _Err:
     """Σ of the branches' D, v, Θ: nonnegative sums, the largest relative error plus n − 1 adds."""
     u, n = _U, len(branches)
     ets = [b.et for b in branches if b.et is not None]
@@ -308,12 +286,12 @@ def _weighted(p: dict, st: _Err, taps: int, chans: int, hw_out: Any) -> _Err:
     return _Err(ev, ed, et, lo, hi, hw_out, False, st.corr)
 
 
-def _conv(p: dict, st: _Err, chans: int) -> _Err:
+def conv_step(p: dict, st: _Err, chans: int) -> _Err:
     fh, fw = p["filter_shape"]
     return _weighted(p, st, fh * fw, chans, _window_out(st.hw, (fh, fw), p))
 
 
-def _dense(p: dict, st: _Err, chans: int) -> _Err:
+def dense_step(p: dict, st: _Err, chans: int) -> _Err:
     return _weighted(p, st, 0, chans, st.hw)
 
 
@@ -324,7 +302,7 @@ def _window_out(hw: tuple[int, int], window: tuple[int, int], p: dict) -> tuple[
     return out[0], out[1]
 
 
-def _avg_pool(p: dict, st: _Err, chans: int) -> _Err:
+def avg_pool_step(p: dict, st: _Err, chans: int) -> _Err:
     """D' = L(D12) − g1 − g2 (+ edge terms): a cancellation by up to κ (A4)."""
     u = _U
     fh, fw = p["window_shape"]
@@ -333,7 +311,7 @@ def _avg_pool(p: dict, st: _Err, chans: int) -> _Err:
     return _pooled(st, fh * fw, 2 * (fh + fw) * u, hw, edges)
 
 
-def _global_pool(p: dict, st: _Err, chans: int) -> _Err:
+def global_pool_step(p: dict, st: _Err, chans: int) -> _Err:
     n = st.hw[0] * st.hw[1]
     return _pooled(st, n, n * n * _U, None, False)
 
@@ -354,7 +332,7 @@ def _fresh_input(st: _Err) -> _Err:
     return st._replace(fresh=False) if st.fresh else st
 
 
-def _flatten(p: dict, st: _Err, chans: int) -> _Err:
+def flatten_step(p: dict, st: _Err, chans: int) -> _Err:
     """The mean over same-position entries: A' is the mean of A, no cancellation."""
     if st.hw is None:
         return st
@@ -363,14 +341,18 @@ def _flatten(p: dict, st: _Err, chans: int) -> _Err:
     return st._replace(ed=st.ed + n * _U, ev=st.ev + n * _U, et=et, hw=None)
 
 
-def _identity(p: dict, st: _Err, chans: int) -> _Err:
+def identity_step(p: dict, st: _Err, chans: int) -> _Err:
     return st
 
 
-def _abrelu(p: dict, st: _Err, chans: int) -> _Err:
+def abrelu_step(ab: Callable[[dict], tuple[float, float]]) -> Callable:
+    """The step of a·min(x, 0) + b·max(x, 0), (a, b) = ab(params) (the layer record's)."""
+    return lambda p, st, chans: _abrelu(*ab(p), st)
+
+
+def _abrelu(a: float, b: float, st: _Err) -> _Err:
     """D' = k·gap² + 2√(v1v2)·excess(δ), d excess/dδ = ṡ ∈ [ab, k]; Θ' = Θ·ṡ."""
     u, st = _U, _fresh_input(st)
-    a, b = _abrelu_ab(p)
     k = 0.5 * (a * a + b * b)
     eff = st.ed + 8 * st.ev + 28 * u  # δ's numerator D − gap² and its scaling, over A
     rounding = (2 * abs(a * b) + 40 * (b - a) ** 2) * u / k
@@ -391,13 +373,7 @@ def _abrelu_corr(a: float, b: float, corr: float | None) -> float | None:
     return 0.0 if a == 0 else None
 
 
-def _abrelu_ab(p: dict) -> tuple[float, float]:
-    if "alpha" in p:  # LeakyRelu
-        return float(p["alpha"]), 1.0
-    return float(p.get("a", 0.0)), float(p.get("b", 1.0))  # ABRelu, Relu (0, 1)
-
-
-def _erf(p: dict, st: _Err, chans: int) -> _Err:
+def erf_step(p: dict, st: _Err, chans: int) -> _Err:
     """D' = a²(2/π)(s1 + s2 − 2 s12), s12 = atan2(2b²c, root); Θ' = Θ·ṡ, ṡ ∝ 1/root (A5)."""
     u, st = _U, _fresh_input(st)
     eff = st.ed + 8 * st.ev + 28 * u
@@ -408,14 +384,6 @@ def _erf(p: dict, st: _Err, chans: int) -> _Err:
     # Θᵢᵢ/vᵢ is not followed through erf: a later ABReLU takes √(hi/lo) = √8 (docstring)
     corr = None if st.corr is None else 0.0  # erf is odd and increasing: signs kept
     return _Err(st.ev + 6 * u, ed, et, 1.0, 2 * _R_AH, st.hw, False, corr)
-
-
-_STAX_RULES = {
-    "Conv": _conv, "Dense": _dense, "AvgPool": _avg_pool, "GlobalAvgPool": _global_pool,
-    "Flatten": _flatten, "Identity": _identity, "Relu": _abrelu, "LeakyRelu": _abrelu,
-    "Abs": lambda p, st, chans: _abrelu({"a": -1.0, "b": 1.0}, st, chans),
-    "ABRelu": _abrelu, "Erf": _erf,
-}  # fmt: skip
 
 
 # -- what the stages do with the bound ----------------------------------------------------------

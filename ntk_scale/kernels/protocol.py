@@ -43,6 +43,11 @@ class Kernel(Protocol):
         """sha256 hex of the canonical JSON and the kernel-code version (a store's key)."""
         ...
 
+    def float32_relative_error(self, kind: str) -> float | None:
+        """ε_K of this kernel's float32 error (:mod:`ntk_scale.kernels.precision`): a float32
+        entry is within SAFETY · ε_K · max diag of the exact one; None: no bound is derived."""
+        ...
+
     # -- the input-shape contract ------------------------------------------------------------
     @property
     def d(self) -> int | None:

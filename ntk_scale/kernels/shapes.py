@@ -15,11 +15,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ntk_scale.kernels import precision
 from ntk_scale.kernels.layers import Shape, branches, rule_of
 from ntk_scale.kernels.stax import Layer
 
 __all__ = ["DEFAULT_KERNEL_MEMORY", "Analysis", "Shape", "analyse", "chunk_shape",
-           "entries", "pair_bytes", "pair_flops"]  # fmt: skip
+           "entries", "float32_error", "pair_bytes", "pair_flops"]  # fmt: skip
 
 #: Bytes the covariance tensors of one chunk of pairs may take on a worker (one definition).
 #: Small on purpose: a chunk whose tensors stay in the last-level cache runs several times
@@ -136,3 +137,32 @@ def pair_flops(layer: Layer, sample_shape: tuple[int, ...]) -> float:
 
     walk(layer, Shape(hw0), visit)  # type: ignore[arg-type]
     return sum(total)
+
+
+def float32_error(layer: Layer, sample_shape: tuple[int, ...], kind: str) -> float | None:
+    """ε_K of the float32 error walk (:mod:`ntk_scale.kernels.precision`, Stax networks) of a
+    layer tree on inputs of ``sample_shape``: |K32 − K| ≤ ε_K · diag_max before SAFETY. Each
+    one-input layer's step is its record's ``float32``; None where a layer has none."""
+    chans = int(sample_shape[-1])
+
+    def step(node: Layer, st: Any) -> Any:
+        rule = rule_of(node)
+        if rule.kind == "serial":
+            for child in node.layers:
+                st = step(child, st)
+                if st is None:
+                    return None
+            return st
+        if rule.kind == "parallel":
+            out = tuple(step(c, s) for c, s in zip(node.layers, st, strict=True))
+            return None if any(s is None for s in out) else out
+        if rule.kind == "fan_out":
+            return (st,) * int(node.p["num"])
+        if rule.kind == "fan_in":
+            return precision.fan_in_step(st)
+        if rule.float32 is None:
+            return None
+        return rule.float32(node.p, st, chans)
+
+    final = step(layer, precision.stax_start(tuple(sample_shape)))
+    return None if final is None else precision.stax_finish(final, kind)

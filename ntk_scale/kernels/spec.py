@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ntk_scale.kernels import fc, products, timing
+from ntk_scale.kernels import fc, precision, products, timing
 from ntk_scale.kernels.network import Network
 from ntk_scale.kernels.protocol import Kernel, KernelCost
 from ntk_scale.kernels.stax import Layer, layer_from_dict
@@ -94,6 +94,9 @@ class FullyConnected:
             act = "abrelu"
             a, b = _ABRELU_SLOPES.get(self.activation, (self.negative_slope, 1.0))
         return fc.FCParams(self.depth, act, float(a), float(b), self.W_std**2, self.b_std**2)
+
+    def float32_relative_error(self, kind: str) -> float:
+        return precision.fc_relative_error(self.params, kind)
 
     def kernel(
         self, x1: Any, x2: Any = None, kind: str = "ntk", dtype: str = "float32"
