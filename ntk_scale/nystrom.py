@@ -303,8 +303,11 @@ def products(p: Problem, Y: np.ndarray, mask: np.ndarray | None) -> Iterator[Any
         reps, system = distinct_masks(mask, Y.shape[1])
         ref = group.ray.put(np.asarray(Y, np.float64))
         parts = group.call_all("gram_normal", reps, ref, what="K_nmᵀK_nm")
-        H = np.sum([h for h, _ in parts], axis=0)
-        b = np.sum([b for _, b in parts], axis=0)
+        H, b = np.array(parts[0][0]), np.array(parts[0][1])  # writable copies, summed in place
+        for h_k, b_k in parts[1:]:
+            H += h_k
+            b += b_k
+        del parts
         normal = NormalProducts(H, system, b, p.x.shape[0], mask)
         normal.matmat = wp.matmat  # validation predictions: one more pass on the actors
         yield normal

@@ -26,7 +26,7 @@ import numpy as np
 
 from ntk_scale.kernels.products import bucket, panel_matmul_function
 from ntk_scale.linalg.columns import kernel_columns
-from ntk_scale.linalg.falkon import KernelBlocks, block_normal, block_rhs
+from ntk_scale.linalg.falkon import KernelBlocks, add_gram, block_normal, block_rhs, mirror_upper
 from ntk_scale.panels import (
     add_products,
     block_rows,
@@ -331,11 +331,12 @@ class NystromWorker:
         H, b = np.zeros((s, m, m)), np.zeros((m, Y.shape[1]))
         start = time.perf_counter()
         for rows, K_b in self.blocks:
-            K = np.asarray(K_b, dtype=np.float64)
+            K = np.asarray(K_b)  # the Gram's dtype: float32 products (add_gram) on float32
             for k in range(s):
-                Kk = K if masks is None else K[np.asarray(masks[rows, k], dtype=bool)]
-                H[k] += Kk.T @ Kk
+                add_gram(H[k], K if masks is None else K[np.asarray(masks[rows, k], bool)])
             b += block_rhs(K, Y[rows], self._mask(rows, slice(None)))
+        for k in range(s):
+            mirror_upper(H[k])
         self.passes, self.seconds = self.passes + 1, self.seconds + time.perf_counter() - start
         return H, b
 

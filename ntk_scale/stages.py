@@ -517,6 +517,7 @@ def _fit_nystrom(inputs: Inputs, spec: Kernel, store: str, go: GramOptions, so: 
     t0 = time.perf_counter()
     s, g = nystrom.fit(inputs.x_train, y, spec, store, go, so, run, model_dir=model_dir,
                        extra={"classes": classes, **extra})  # fmt: skip
+    g = dataclasses.replace(g, dtype_reason=extra.get("dtype_choice", g.dtype_reason))
     seconds = {"gram+solve": time.perf_counter() - t0}
     if inputs.x_test is None:
         return FitReport(g, s, seconds)

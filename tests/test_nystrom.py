@@ -202,6 +202,28 @@ def test_block_normal_is_knm_transpose_mask_knm_p():
                                K.T @ P[:, :1].repeat(7, 0)[:7], rtol=1e-12)  # fmt: skip
 
 
+@pytest.mark.parametrize("m, panel", [(37, 8), (16, 16), (5, 64)])
+def test_add_gram_and_mirror_equal_the_float64_product(m, panel):
+    """H accumulated block by block on the upper block triangle, then mirrored, is KᵀK: to
+    1e-12 for float64 blocks; float32 blocks (their products in float32) within b·u of
+    Σ|K_ik K_il| per entry (the rounding add_gram's docstring promises), against numpy float64."""
+    rng = np.random.default_rng(7)
+    K = rng.normal(size=(90, m)) + 3.0
+    H = np.zeros((m, m))
+    for r0 in range(0, 90, 40):
+        F.add_gram(H, K[r0 : r0 + 40], panel)
+    np.testing.assert_allclose(F.mirror_upper(H, panel), K.T @ K, rtol=1e-12)
+    K32 = K.astype(np.float32)
+    H32 = np.zeros((m, m))
+    for r0 in range(0, 90, 40):
+        F.add_gram(H32, K32[r0 : r0 + 40], panel)
+    F.mirror_upper(H32, panel)
+    want = K32.astype(np.float64).T @ K32.astype(np.float64)
+    scale = np.abs(K32.astype(np.float64)).T @ np.abs(K32.astype(np.float64))
+    assert np.all(np.abs(H32 - want) <= 40 * 2.0**-24 * scale)
+    assert np.abs(H32 - want).max() > 0  # the float32 products did round
+
+
 # -- centre selection -------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["uniform", "rpcholesky"])
 def test_centres_are_deterministic_distinct_sorted_in_range(fc, method):

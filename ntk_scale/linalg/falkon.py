@@ -165,6 +165,28 @@ def block_normal(K_b: np.ndarray, P: np.ndarray, mask_b: np.ndarray | None) -> n
     return K.T @ KP
 
 
+def add_gram(H: np.ndarray, K_b: np.ndarray, panel: int = 2048) -> None:
+    """H += K_bᵀK_b on the upper block triangle (column panels of ``panel``, diagonal blocks
+    whole): H (M, M) float64, K_b (b, M). The products run in K_b's dtype, about half a GEMM's
+    flops: a float32 block rounds each product by at most b·u of Σ|K_ik K_il| (typically √b·u,
+    the size of the float32 kernel's own entry error); the sum over blocks is float64.
+    :func:`mirror_upper` fills the lower triangle once all blocks are in."""
+    m = K_b.shape[1]
+    for j0 in range(0, m, panel):
+        j1 = min(j0 + panel, m)
+        H[:j1, j0:j1] += K_b[:, :j1].T @ K_b[:, j0:j1]
+
+
+def mirror_upper(H: np.ndarray, panel: int = 2048) -> np.ndarray:
+    """The lower block triangle of H copied from the upper one (what :func:`add_gram` leaves),
+    in place, panel by panel; returns H."""
+    m = H.shape[0]
+    for j0 in range(0, m, panel):
+        j1 = min(j0 + panel, m)
+        H[j1:, j0:j1] = H[j0:j1, j1:].T
+    return H
+
+
 def block_rhs(K_b: np.ndarray, Y_b: np.ndarray, mask_b: np.ndarray | None) -> np.ndarray:
     """One block's share of K_nmᵀ (mask ⊙ Y): K_b (b, M), Y_b (b, C) float64, mask_b (b, C)
     bool or None -> (M, C) float64."""
