@@ -367,10 +367,11 @@ def estimate_nystrom(
 ) -> Estimate:
     """Hours and dollars of a Nyström fit (``work.nystrom``) on ``nodes`` nodes of type
     ``node``, K(X, C) on the normal route, billed as a distributed solve (the GPU nodes from
-    launch through the pass, plus the idle timeout). gram_hours: the kernel entries at the GPUs'
-    rate (as the matrix-free estimate), or the K(C, C) store's upload where slower;
-    solve_hours: H = K_nmᵀK_nm and the iterations' H·P at peak FLOP/s (the Gram's dtype) x
-    gpu_efficiency. The bucket keeps the K(C, C) store."""
+    launch through the pass, plus the idle timeout). gram_hours: X sent through the head to the
+    workers (each its rows: N x d x itemsize at the head's rate, where d is known), then the
+    kernel entries at the GPUs' rate (as the matrix-free estimate), or the K(C, C) store's
+    upload where slower; solve_hours: H = K_nmᵀK_nm and the iterations' H·P at peak FLOP/s
+    (the Gram's dtype) x gpu_efficiency. The bucket keeps the K(C, C) store."""
     ny = work.nystrom
     if ny is None:
         raise ValueError("the workload has no Nyström plan; build one with "
@@ -379,6 +380,8 @@ def estimate_nystrom(
     gemm = catalog.accelerators[node.accelerator].peak_flops(work.dtype) * a.gpu_efficiency
     net = nodes * node_rate(catalog, node, a)
     kernel_s = max(ny.entries * work.flops_per_entry / (gpus * rate), ny.bytes_on_disk / net)
+    if work.x_bytes is not None:
+        kernel_s += work.x_bytes / head_rate(work, catalog, node.cloud, a)
     solve_s = ny.gemm_flops / (gpus * gemm)
     return _priced(catalog, node, nodes, "nystrom", kernel_s, solve_s, ny.bytes_on_disk, True, a)
 
@@ -533,7 +536,8 @@ def nystrom_lines(
         best = min(same, key=lambda x: x.usd) if same else None
         month = work.nystrom.bytes_on_disk / 1e9 * catalog.buckets[node.cloud].usd_per_gb_month
         versus = "-" if best is None else f"{best.operator} {_hours(best.hours)} {_usd(best.usd)}"
-        ratio = "-" if best is None else f"{best.usd / e.usd:,.0f}x"
+        r = None if best is None else best.usd / e.usd
+        ratio = "-" if r is None else f"{r:,.1f}x" if r < 10 else f"{r:,.0f}x"
         lines.append(f"{node.accelerator:<5} {label:<52} {f'{e.gpus} GPUs':>8} "
                      f"{_span(e.gram_hours):>8} {_span(e.solve_hours):>7} "
                      f"{_span(e.hours):>8} {_usd(e.usd):>8} {_usd(e.spot_usd):>8} "
@@ -603,7 +607,8 @@ def nystrom_assumption_lines(work: Workload, a: CloudAssumptions) -> list[str]:
         f"Nyström: M = {ny.centers:,} centres (--centers), K(X, C) on the normal route (one "
         f"pass; the workers accumulate H = K_nmᵀK_nm, M x M), {ny.iterations} PCG iterations "
         "(Falkon's preconditioner); kernel entries (RPCholesky's pool x M, K(C, C), N x M = "
-        f"{ny.entries:.3e}) at the GPUs' rate as above; H and the iterations' H·P "
+        f"{ny.entries:.3e}) at the GPUs' rate as above, after X reaches the workers through the "
+        "head (each its rows, at the head's rate above); H and the iterations' H·P "
         f"({ny.gemm_flops:.3e} FLOPs) at peak {work.dtype} x {a.gpu_efficiency:g}; GPU nodes "
         f"billed start-up + the pass + idle; the bucket keeps K(C, C) ({_bytes(ny.bytes_on_disk)})",
         "Nyström, not priced: centre selection and Falkon's factors run in the driver (the "

@@ -108,6 +108,11 @@ def test_cloud_estimate_matches_the_formulas():
     assert e.compute_usd == pytest.approx(e.hours * (2 * node.usd_per_hour + head))
     assert e.spot_compute_usd == pytest.approx(e.hours * (2 * node.spot_usd_per_hour + head))
     assert e.storage_usd == pytest.approx(0.4 * 0.023)
+    # with d known, X (10^6 x 784 x 4 bytes) first reaches the workers through the head
+    with_x = cost.estimate(cost.Workload(**{**work.__dict__, "d": 784}), CATALOG, node, 2,
+                           "nystrom", a)  # fmt: skip
+    head_rate = 6.25e9 / 8 * 0.7  # m6i.4xlarge's baseline x network_efficiency
+    assert (with_x.gram_hours - e.gram_hours) * 3600 == pytest.approx(784 * 4e6 / head_rate)
     with pytest.raises(ValueError, match="no Nyström plan"):
         cost.estimate_nystrom(cost.Workload(1, 1, 1.0, 1.0, "float32"), CATALOG, node, 1, a)
 
