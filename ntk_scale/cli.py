@@ -42,7 +42,14 @@ from ntk_scale.options import (
     pick,
     toml_help,
 )
-from ntk_scale.sizing import choose_operator, cloud_workload, measure_read_rate, plan_gram
+from ntk_scale.sizing import (
+    choose_operator,
+    cloud_workload,
+    gemm_rate,
+    measure_read_rate,
+    plan_gram,
+    plan_nystrom,
+)
 from ntk_scale.solve import check_targets
 from ntk_scale.store import GramStore
 from ntk_scale.tables import is_table, load_transform
@@ -89,6 +96,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
     store = a.store_dir if measure else None
     deadline = None if a.deadline is None else cost.parse_duration(a.deadline)
     assume = pick(cost.CloudAssumptions, a)
+    centers = SolveOptions(centers=a.centers).centers  # checked before anything is measured
     spec, d = _plan_spec(a)
     # dtype auto: the plan assumes the larger float64 (float32 is taken only where its error
     # bound is far below λ, which needs the data): --dtype float32 plans the smaller store.
@@ -103,16 +111,29 @@ def cmd_plan(a: argparse.Namespace) -> int:
         pick_op = choose_operator(plan, read)
         rows.append(("store read rate", f"{read / 1e6:.1f} MB/s (measured at {a.store_dir})"))
         rows.append(("solver operator", f"{pick_op.choice} ({pick_op.reason})"))
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+    _print_rows(rows)
+    rates = {}
+    if measure:
+        rates = {"entry_seconds": plan.entry_seconds, "read_bytes_per_s": read,
+                 "gemm_flops_per_s": gemm_rate(centers, dtype)}  # fmt: skip
+    nystrom = plan_nystrom(a.n, centers, d, spec, a.kind, dtype, a.tile, a.workers or 1,
+                           **rates)  # fmt: skip
+    print(f"\nNyström (M = {nystrom.m:,}; fit with --method nystrom --centers {nystrom.m})")
+    _print_rows(nystrom.rows(), indent="  ")
     catalog = cost.load_catalog(a.catalog)
     work = cloud_workload(plan, spec, a.kind, d, a.store_dir, read, measure, catalog)
+    work = dataclasses.replace(work, nystrom=cost.nystrom_work(nystrom))
     for line in cost.report_lines(work, catalog, assume, deadline):
         print(line)
     if a.json:
         print(json.dumps(dataclasses_asdict(plan)))
     return 0
+
+
+def _print_rows(rows: list[tuple[str, str]], indent: str = "") -> None:
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{indent}{key:<{width}}  {value}")
 
 
 def _cloud_args(p: argparse.ArgumentParser) -> None:
@@ -293,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-mb", type=float, default=None,
                    help="MB written and read to time the store (default 256-1024)")  # fmt: skip
     _cloud_args(p)
+    add_arguments(p, SolveOptions, only=("centers",))  # the Nyström block's M
     p.add_argument("--json", action="store_true", help="also print the plan as JSON")
     _kernel_args(p, gram_exclude=("overwrite",))
     _worker_args(p)

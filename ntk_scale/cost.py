@@ -210,15 +210,30 @@ class CloudAssumptions:
 
 
 @dataclasses.dataclass(frozen=True)
+class NystromWork:
+    """What the cost model needs of a Nyström plan (:class:`ntk_scale.sizing.NystromPlan`),
+    K(X, C) on the normal route: one pass, the workers accumulating H = K_nmᵀK_nm (M x M).
+
+    centers: M; entries: kernel entries (RPCholesky's pool x M, K(C, C)'s stored triangle,
+    N x M); gemm_flops: H on its upper block triangle plus ``iterations`` products H·P;
+    bytes_on_disk: the K(C, C) store (K(X, C) is not stored on this route)."""
+
+    centers: int
+    entries: int
+    gemm_flops: float
+    iterations: int
+    bytes_on_disk: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Workload:
     """What the cost model needs of a plan: N, the store's bytes, the Gram's FLOPs (upper
     triangle), FLOPs per kernel entry, the tiles' dtype; ``measured``: FLOP/s of one GPU, by
     GPU model, from a tile timed on it; ``head_read_bytes_per_s``: measured against the store;
     ``d``: features per row (the copy of X a matrix-free node gets; None: not checked).
 
-    ``centers``: the hook for ``method = "nystrom"`` (M centres; None: the exact method). The
-    estimates here price the exact method only; a Nyström route is priced by a function that
-    takes M (K(X, C) of N x M entries at flops_per_entry, N x M x itemsize bytes when stored).
+    ``nystrom``: the same job by ``method = "nystrom"`` (:class:`NystromWork`; None: the exact
+    method only), priced beside the exact operators by :func:`estimate_nystrom`.
     """
 
     n: int
@@ -229,7 +244,7 @@ class Workload:
     measured: dict[str, float] = dataclasses.field(default_factory=dict)
     head_read_bytes_per_s: float | None = None
     d: int | None = None
-    centers: int | None = None
+    nystrom: NystromWork | None = None
 
     @property
     def itemsize(self) -> int:
@@ -325,6 +340,8 @@ def estimate(
 ) -> Estimate:
     """Hours and dollars of the GPU nodes' start-up, the Gram (none for matrixfree) and
     ``a.iterations`` PCG iterations with ``operator`` on ``nodes`` nodes of type ``node``."""
+    if operator == "nystrom":
+        return estimate_nystrom(work, catalog, node, nodes, a)
     gpus, rate = nodes * node.gpus, gpu_flops(work, catalog, node, a)
     net = nodes * node_rate(catalog, node, a)
     gram_s = max(work.gram_flops / (gpus * rate), work.bytes_on_disk / net)
@@ -339,7 +356,42 @@ def estimate(
             reads = 1  # every actor's panels fit in memory: read once
         solve_s = reads * work.bytes_on_disk * (2 - 1 / gpus) / net
     else:
-        raise ValueError(f"operator={operator!r}; use one of {OPERATORS}")
+        raise ValueError(f"operator={operator!r}; use one of {OPERATORS} or nystrom")
+    stored = 0 if operator == "matrixfree" else work.bytes_on_disk
+    fits = operator != "matrixfree" or x_fits(work, node)
+    return _priced(catalog, node, nodes, operator, gram_s, solve_s, stored, fits, a)
+
+
+def estimate_nystrom(
+    work: Workload, catalog: Catalog, node: Node, nodes: int, a: CloudAssumptions
+) -> Estimate:
+    """Hours and dollars of a Nyström fit (``work.nystrom``) on ``nodes`` nodes of type
+    ``node``, K(X, C) on the normal route, billed as a distributed solve (the GPU nodes from
+    launch through the pass, plus the idle timeout). gram_hours: X sent through the head to the
+    workers (each its rows: N x d x itemsize at the head's rate, where d is known), then the
+    kernel entries at the GPUs' rate (as the matrix-free estimate), or the K(C, C) store's
+    upload where slower; solve_hours: H = K_nmᵀK_nm and the iterations' H·P at peak FLOP/s
+    (the Gram's dtype) x gpu_efficiency. The bucket keeps the K(C, C) store."""
+    ny = work.nystrom
+    if ny is None:
+        raise ValueError("the workload has no Nyström plan; build one with "
+                         "cost.nystrom_work(sizing.plan_nystrom(...))")  # fmt: skip
+    gpus, rate = nodes * node.gpus, gpu_flops(work, catalog, node, a)
+    gemm = catalog.accelerators[node.accelerator].peak_flops(work.dtype) * a.gpu_efficiency
+    net = nodes * node_rate(catalog, node, a)
+    kernel_s = max(ny.entries * work.flops_per_entry / (gpus * rate), ny.bytes_on_disk / net)
+    if work.x_bytes is not None:
+        kernel_s += work.x_bytes / head_rate(work, catalog, node.cloud, a)
+    solve_s = ny.gemm_flops / (gpus * gemm)
+    return _priced(catalog, node, nodes, "nystrom", kernel_s, solve_s, ny.bytes_on_disk, True, a)
+
+
+def _priced(
+    catalog: Catalog, node: Node, nodes: int, operator: str, gram_s: float, solve_s: float,
+    stored_bytes: int, fits: bool, a: CloudAssumptions,
+) -> Estimate:  # fmt: skip
+    """The Estimate of a run whose GPU nodes compute for gram_s and, off the head, solve_s
+    seconds, its bucket keeping ``stored_bytes`` (0: no storage billed)."""
     startup, idle = a.startup_minutes / 60, a.idle_minutes / 60
     busy_s = gram_s + (0.0 if operator in HEAD_OPERATORS else solve_s)
     node_hours = startup + busy_s / 3600 + idle  # billed from launch to removal
@@ -348,10 +400,9 @@ def estimate(
     compute = node_hours * nodes * node.usd_per_hour + head_usd
     spot = node_hours * nodes * node.spot_usd_per_hour + head_usd
     storage = 0.0
-    if operator != "matrixfree":
+    if stored_bytes:
         months = max(a.keep_months, hours / _HOURS_PER_MONTH)
-        storage = work.bytes_on_disk / 1e9 * catalog.buckets[node.cloud].usd_per_gb_month * months
-    fits = operator != "matrixfree" or x_fits(work, node)
+        storage = stored_bytes / 1e9 * catalog.buckets[node.cloud].usd_per_gb_month * months
     return Estimate(node, nodes, operator, gram_s / 3600, solve_s / 3600, compute, storage,
                     startup, node_hours, spot, fits)  # fmt: skip
 
@@ -363,6 +414,15 @@ def cost_table(work: Workload, catalog: Catalog, a: CloudAssumptions) -> list[Es
         for node in catalog.nodes
         for op in OPERATORS
     ]
+
+
+def nystrom_table(work: Workload, catalog: Catalog, a: CloudAssumptions) -> list[Estimate]:
+    """Every node type's Nyström estimate for the pool of :func:`cost_table` (none without a
+    Nyström plan)."""
+    if work.nystrom is None:
+        return []
+    return [estimate_nystrom(work, catalog, node, math.ceil(a.gpus / node.gpus), a)
+            for node in catalog.nodes]  # fmt: skip
 
 
 def recommend(
@@ -456,6 +516,35 @@ def table_lines(estimates: list[Estimate], work: Workload, catalog: Catalog) -> 
     return lines
 
 
+def nystrom_lines(
+    nystrom: list[Estimate], exact: list[Estimate], work: Workload, catalog: Catalog
+) -> list[str]:
+    """The Nyström rows: per node type (the exact table's pools), hours of the kernel entries
+    and of the normal equations, the total, dollars on-demand and spot, the bucket's monthly
+    cost, and the exact method's cheapest runnable operator on the same pool for comparison."""
+    if not nystrom or work.nystrom is None:
+        return []
+    head = (f"{'GPU':<5} {'node (cloud region, $/h, spot)':<52} {'pool':>8} {'kernel h':>8} "
+            f"{'KᵀK h':>7} {'total h':>8} {'$':>8} {'spot $':>8} {'bucket $/mo':>11} "
+            f"{'exact: cheapest':>26} {'exact $ / N.':>12}")  # fmt: skip
+    lines = [head, "-" * len(head)]
+    for e in nystrom:
+        node = e.node
+        label = (f"{node.name} ({node.cloud} {node.region}, {node.usd_per_hour:g}, "
+                 f"{node.spot_usd_per_hour:g})")  # fmt: skip
+        same = [x for x in exact if x.node.name == node.name and x.x_fits]
+        best = min(same, key=lambda x: x.usd) if same else None
+        month = work.nystrom.bytes_on_disk / 1e9 * catalog.buckets[node.cloud].usd_per_gb_month
+        versus = "-" if best is None else f"{best.operator} {_hours(best.hours)} {_usd(best.usd)}"
+        r = None if best is None else best.usd / e.usd
+        ratio = "-" if r is None else f"{r:,.1f}x" if r < 10 else f"{r:,.0f}x"
+        lines.append(f"{node.accelerator:<5} {label:<52} {f'{e.gpus} GPUs':>8} "
+                     f"{_span(e.gram_hours):>8} {_span(e.solve_hours):>7} "
+                     f"{_span(e.hours):>8} {_usd(e.usd):>8} {_usd(e.spot_usd):>8} "
+                     f"{_usd(month):>11} {versus:>26} {ratio:>12}")  # fmt: skip
+    return lines
+
+
 def _gram_usd(e: Estimate, catalog: Catalog) -> float:
     head = catalog.heads[e.node.cloud].usd_per_hour
     return e.gram_hours * (e.nodes * e.node.usd_per_hour + head)
@@ -507,6 +596,34 @@ def assumption_lines(work: Workload, catalog: Catalog, a: CloudAssumptions) -> l
         "figure per node (40% of on-demand; look the current price up) "
         "(ntk_scale/data/accelerators.toml)",
     ]
+
+
+def nystrom_assumption_lines(work: Workload, a: CloudAssumptions) -> list[str]:
+    """What the Nyström rows assume (none without a Nyström plan)."""
+    ny = work.nystrom
+    if ny is None:
+        return []
+    return [
+        f"Nyström: M = {ny.centers:,} centres (--centers), K(X, C) on the normal route (one "
+        f"pass; the workers accumulate H = K_nmᵀK_nm, M x M), {ny.iterations} PCG iterations "
+        "(Falkon's preconditioner); kernel entries (RPCholesky's pool x M, K(C, C), N x M = "
+        f"{ny.entries:.3e}) at the GPUs' rate as above, after X reaches the workers through the "
+        "head (each its rows, at the head's rate above); H and the iterations' H·P "
+        f"({ny.gemm_flops:.3e} FLOPs) at peak {work.dtype} x {a.gpu_efficiency:g}; GPU nodes "
+        f"billed start-up + the pass + idle; the bucket keeps K(C, C) ({_bytes(ny.bytes_on_disk)})",
+        "Nyström, not priced: centre selection and Falkon's factors run in the driver (the "
+        "head; O(pool·M) entries, O(M³) flops); the workers compute H with numpy on their "
+        "nodes' CPUs today (roles.NystromWorker), so its hours here are a lower bound",
+    ]
+
+
+def nystrom_work(plan: Any) -> NystromWork:
+    """The NystromWork of a :class:`ntk_scale.sizing.NystromPlan`, on the normal route
+    whatever route the plan chose locally (one pass of K(X, C), H on the workers)."""
+    entries = plan.selection_entries + plan.kmm_entries + plan.knm_entries
+    gemm = plan.normal_flops + plan.iterations * 2.0 * plan.m**2
+    return NystromWork(centers=plan.m, entries=entries, gemm_flops=gemm,
+                       iterations=plan.iterations, bytes_on_disk=plan.kmm_bytes)  # fmt: skip
 
 
 def path_lines(catalog: Catalog, a: CloudAssumptions) -> list[str]:
@@ -575,6 +692,11 @@ def _hours(h: float) -> str:
     return f"{h * 60:.0f} min" if h < 1 else f"{h:.1f} h"
 
 
+def _span(h: float) -> str:
+    """Hours as _hours writes them, seconds under a minute (a Nyström pass can be that short)."""
+    return f"{h * 3600:.0f} s" if 0 < h < 1 / 60 else _hours(h)
+
+
 def _usd(x: float) -> str:
     return f"${x:,.0f}" if x >= 10 else f"${x:,.2f}"
 
@@ -600,8 +722,15 @@ def report_lines(
     """What `ntk-scale plan` prints for the cloud: the table, its assumptions and, with a
     deadline, the cheapest node type, operator and pool that meet it."""
     lines = ["", f"cloud cost: Gram + {a.iterations} PCG iterations, each operator", ""]
-    lines += table_lines(cost_table(work, catalog, a), work, catalog)
+    exact = cost_table(work, catalog, a)
+    lines += table_lines(exact, work, catalog)
+    if work.nystrom is not None:
+        ny = work.nystrom
+        lines += ["", f"Nyström (M = {ny.centers:,}): K(X, C) on the normal route, "
+                  f"{ny.iterations} PCG iterations, the same pools", ""]  # fmt: skip
+        lines += nystrom_lines(nystrom_table(work, catalog, a), exact, work, catalog)
     lines += ["", "assumptions:", *(f"  {line}" for line in assumption_lines(work, catalog, a))]
+    lines += [f"  {line}" for line in nystrom_assumption_lines(work, a)]
     lines += [f"  {line}" for line in x_copy_lines(work, catalog)]
     if deadline_hours is not None:
         lines += ["", *recommendation_lines(*recommend(work, catalog, a, deadline_hours),

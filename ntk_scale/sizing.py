@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import numpy as np
 
 from ntk_scale import cost
 from ntk_scale.kernels import Kernel
+from ntk_scale.linalg.falkon import BLOCK, default_pool
 
 # The measurements `plan_gram(measure=True)` takes, re-exported for the CLI and the benchmarks.
 from ntk_scale.measure import (  # noqa: F401
@@ -72,6 +74,13 @@ class GramPlan:
     tile_compute_seconds: float | None = None
     #: A stax network's tile is computed this many (rows, cols) pairs at a time (None: FC).
     chunk_pairs: tuple[int, int] | None = None
+
+    @property
+    def entry_seconds(self) -> float | None:
+        """Seconds per kernel entry of one off-diagonal tile's compute, one worker (None: not
+        measured): what a Nyström plan prices K(X, C) at."""
+        per_tile = self.tile_compute_seconds or self.seconds_per_tile
+        return None if per_tile is None else per_tile / self.tile**2
 
     def rows(self) -> list[tuple[str, str]]:
         """(label, value) pairs for `ntk-scale plan`."""
@@ -289,6 +298,17 @@ def cluster_operator(
 #: iterations reach tol = 1e-6 (Rudi et al. 2017 report 10-30).
 NYSTROM_ITERATIONS = 30
 KNM_ROUTES = ("stored", "recompute", "normal")
+#: H = K_nmᵀK_nm is accumulated on its upper block triangle in column panels this wide
+#: (the panel of ntk_scale.linalg.falkon.add_gram).
+GRAM_PANEL = 2048
+
+
+def normal_gram_flops(n: int, m: int, panel: int = GRAM_PANEL) -> float:
+    """FLOPs of H = K_nmᵀK_nm for K_nm (n, m) on the upper block triangle, column panel
+    [j0, j1) against columns [0, j1): 2·n·j1·(j1 - j0) per panel, about n·m·(m + panel) in all
+    (exactly that where panel divides m), a full GEMM's 2·n·m² where m <= panel."""
+    spans = [(j0, min(j0 + panel, m)) for j0 in range(0, m, panel)]
+    return float(sum(2.0 * n * j1 * (j1 - j0) for j0, j1 in spans))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,9 +336,10 @@ def choose_knm(
     - stored: one pass, N·M·itemsize bytes written once and read back every iteration at
       ``read_bytes_per_s`` (excluded where they exceed ``disk_bytes``);
     - normal: one pass that also accumulates H = K_nmᵀK_nm, one per distinct row mask
-      (``systems``: the folds, or 1), 2·N·M² flops each at ``gemm_flops_per_s`` per worker,
-      then 2·M²·columns flops an iteration; excluded where its (systems + 1)·M² float64
-      matrices exceed ``memory_bytes``.
+      (``systems``: the folds, or 1), on its upper block triangle (:func:`normal_gram_flops`:
+      about N·M·(M + 2048) flops, 2·N·M² where M <= 2048) each at ``gemm_flops_per_s`` per
+      worker, then 2·M²·columns flops an iteration; excluded where its (systems + 1)·M²
+      float64 matrices exceed ``memory_bytes``.
     """
     if min(n, m, workers, iterations, systems, columns) < 1:
         raise ValueError(f"choose_knm needs positive sizes, got n={n}, m={m}, workers={workers}, "
@@ -331,7 +352,7 @@ def choose_knm(
         "stored": (math.inf if stored_bytes > disk_bytes else
                    one_pass + (1 + iterations) * stored_bytes / read_bytes_per_s),
         "normal": (math.inf if normal_bytes > memory_bytes else
-                   one_pass + systems * 2.0 * n * m * m / (gemm_flops_per_s * workers)
+                   one_pass + systems * normal_gram_flops(n, m) / (gemm_flops_per_s * workers)
                    + iterations * 2.0 * m * m * columns / gemm_flops_per_s),
     }  # fmt: skip
     choice = min(KNM_ROUTES, key=lambda r: seconds[r])
@@ -340,3 +361,171 @@ def choose_knm(
     reason = (f"K(X, C) of {n:,} x {m:,}: one pass {_duration(one_pass)} on {workers} workers, "
               f"{iterations} iterations: {shown}; {choice} is cheapest")  # fmt: skip
     return KnmChoice(choice, seconds, reason)
+
+
+# --- Nyström: the whole method, priced -------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class NystromPlan:
+    """Size and time of a Nyström fit (``method="nystrom"``) on X (n, d) with m centres.
+
+    Entries: centre selection (RPCholesky's kernel on its pool: pool x m), K(C, C) (a symmetric
+    store: the upper triangle of (tile, tile) tiles) and K(X, C) (n x m a pass; every iteration
+    on the recompute route). FLOPs: those entries x flops_per_entry, H = K_nmᵀK_nm on the
+    normal route (:func:`normal_gram_flops`) and the iterations' products (normal: H·P, 2·m²;
+    stored, recompute: K_nm P and K_nmᵀ(·), 4·n·m). Bytes: the K(C, C) store, and K(X, C)
+    (n·m·itemsize) on the stored route. Memory: the driver holds K_mm and Falkon's T and A
+    (m x m float64 each) and H on the normal route; a worker its rows of X (n / workers x d),
+    one (BLOCK, m) block of K(X, C) with its float64 copy, and its H on the normal route.
+
+    route: the K(X, C) route of :func:`choose_knm` when rates are known (``chosen`` True),
+    else the first of normal, stored, recompute that fits (``chosen`` False). Times in
+    seconds: ``route_seconds`` the K(X, C) part per route (None: not measured),
+    ``estimated_seconds`` the whole fit: selection in the driver at one worker's rate, K(C, C)
+    and the route's seconds on ``workers`` workers.
+    """
+
+    n: int
+    d: int
+    m: int
+    asked: int
+    workers: int
+    dtype: str
+    pool: int
+    selection_entries: int
+    kmm_entries: int
+    knm_entries: int
+    flops_per_entry: float
+    normal_flops: float
+    iterations: int
+    route: str
+    chosen: bool
+    entries: int
+    flops: float
+    kmm_bytes: int
+    knm_bytes: int
+    driver_memory_bytes: int
+    worker_memory_bytes: int
+    route_seconds: dict[str, float] | None = None
+    reason: str | None = None
+    estimated_seconds: float | None = None
+
+    @property
+    def bytes_on_disk(self) -> int:
+        return self.kmm_bytes + self.knm_bytes
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(label, value) pairs for `ntk-scale plan`'s Nyström block."""
+        capped = f" (capped at N; {self.asked:,} asked)" if self.m < self.asked else ""
+        disk = f"K(C, C) {_bytes(self.kmm_bytes)}"
+        if self.knm_bytes:
+            disk += f" + K(X, C) {_bytes(self.knm_bytes)} = {_bytes(self.bytes_on_disk)}"
+        held = "K_mm, Falkon's T and A" + (", H" if self.route == "normal" else "")
+        return [
+            ("centres M", f"{self.m:,}{capped}; RPCholesky's pool {self.pool:,} rows"),
+            ("entries computed", f"{self.entries:.3e} (selection {self.selection_entries:.3e}, "
+             f"K(C, C) {self.kmm_entries:.3e}, K(X, C) {self.knm_entries:.3e} a pass)"),
+            ("FLOPs", f"{self.flops:.3e}"),
+            ("bytes on disk", disk),
+            ("driver memory", f"{_bytes(self.driver_memory_bytes)} ({held}: M x M float64)"),
+            ("memory per worker", _bytes(self.worker_memory_bytes)),
+            ("K(X, C) route", self._route_text()),
+            (f"estimated wall time ({self.workers} workers)", _maybe(self.estimated_seconds)),
+        ]  # fmt: skip
+
+    def _route_text(self) -> str:
+        if not self.chosen:
+            return (f"{self.route} (assumed: rates not measured; auto times a block, a GEMM "
+                    "and the disk)")  # fmt: skip
+        return f"{self.route} ({self.reason})"
+
+
+def plan_nystrom(
+    n: int, m: int, d: int, spec: Kernel, kind: str = "ntk", dtype: str = "float32",
+    tile: int = DEFAULT_TILE, workers: int = 1, *, entry_seconds: float | None = None,
+    gemm_flops_per_s: float | None = None, read_bytes_per_s: float | None = None,
+    iterations: int = NYSTROM_ITERATIONS, memory_bytes: float = math.inf,
+    disk_bytes: float = math.inf,
+) -> NystromPlan:  # fmt: skip
+    """Size (pure arithmetic) a Nyström fit on X (n, d) with m centres (capped at n): see
+    :class:`NystromPlan`. With ``entry_seconds`` (one kernel entry on one worker, e.g. a
+    measured tile's :attr:`GramPlan.entry_seconds`), ``gemm_flops_per_s`` (one worker) and
+    ``read_bytes_per_s`` (the disk), the route is :func:`choose_knm`'s and the plan is timed."""
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"centers={m!r} must be a positive integer, e.g. 10000")
+    _check_sizes(n, d, workers, None, read_bytes_per_s)
+    for name, value in (("entry_seconds", entry_seconds), ("gemm_flops_per_s", gemm_flops_per_s)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name}={value!r} must be > 0 (a measured rate), or None")
+    mc, item = min(m, n), np.dtype(dtype).itemsize
+    flops_entry = spec.cost(d, kind, dtype, min(tile, mc))[0]
+    sizes = _nystrom_sizes(n, mc, d, item, tile, workers)
+    rates = (entry_seconds, gemm_flops_per_s, read_bytes_per_s)
+    pick_ = None
+    if None not in rates:
+        pick_ = choose_knm(n, mc, entry_seconds=entry_seconds, workers=workers,
+                           gemm_flops_per_s=gemm_flops_per_s,
+                           read_bytes_per_s=read_bytes_per_s, iterations=iterations,
+                           itemsize=item, memory_bytes=memory_bytes,
+                           disk_bytes=disk_bytes)  # fmt: skip
+    route = pick_.choice if pick_ else _fitting_route(sizes, memory_bytes, disk_bytes)
+    work = _nystrom_work(n, mc, sizes, route, iterations, flops_entry)
+    total = None
+    if pick_ is not None:
+        front = entry_seconds * (sizes["selection"] + sizes["kmm"] / workers)
+        total = front + pick_.seconds[route]
+    return NystromPlan(
+        n=n, d=d, m=mc, asked=m, workers=workers, dtype=dtype, pool=sizes["pool"],
+        selection_entries=sizes["selection"], kmm_entries=sizes["kmm"], knm_entries=n * mc,
+        flops_per_entry=flops_entry, normal_flops=normal_gram_flops(n, mc),
+        iterations=iterations, route=route, chosen=pick_ is not None, **work,
+        kmm_bytes=sizes["kmm"] * item, knm_bytes=sizes["knm_bytes"] if route == "stored" else 0,
+        driver_memory_bytes=sizes["driver"] + (sizes["h"] if route == "normal" else 0),
+        worker_memory_bytes=sizes["worker"] + (sizes["h"] if route == "normal" else 0),
+        route_seconds=None if pick_ is None else dict(pick_.seconds),
+        reason=None if pick_ is None else pick_.reason, estimated_seconds=total,
+    )  # fmt: skip
+
+
+def _nystrom_sizes(n: int, m: int, d: int, item: int, tile: int, workers: int) -> dict[str, int]:
+    """Entries and bytes of a Nyström fit that do not depend on the K(X, C) route."""
+    rows = math.ceil(n / workers)
+    return {
+        "pool": (pool := default_pool(n, m)),
+        "selection": pool * m,
+        "kmm": BlockPlan.square(m, min(tile, m)).entries(),
+        "knm_bytes": n * m * item,
+        "h": 8 * m * m,
+        "driver": 3 * 8 * m * m,  # K_mm, T, A
+        "worker": rows * d * item + min(BLOCK, rows) * m * (item + 8),
+    }
+
+
+def _fitting_route(sizes: dict[str, int], memory_bytes: float, disk_bytes: float) -> str:
+    """Without rates: the normal route where H fits (choose_knm's (1 + 1)·8·M²), else stored
+    where K(X, C) fits the disk, else recompute."""
+    if 2 * sizes["h"] <= memory_bytes:
+        return "normal"
+    return "stored" if sizes["knm_bytes"] <= disk_bytes else "recompute"
+
+
+def _nystrom_work(n: int, m: int, sizes: dict[str, int], route: str, iterations: int,
+                  flops_entry: float) -> dict[str, float]:  # fmt: skip
+    """The route's kernel entries and FLOPs (NystromPlan's entries and flops)."""
+    passes = iterations if route == "recompute" else 1
+    entries = sizes["selection"] + sizes["kmm"] + passes * n * m
+    products = 2.0 * m * m if route == "normal" else 4.0 * n * m
+    flops = entries * flops_entry + iterations * products
+    if route == "normal":
+        flops += normal_gram_flops(n, m)
+    return {"entries": entries, "flops": flops}
+
+
+def gemm_rate(m: int, dtype: str = "float32", rows: int = BLOCK) -> float:
+    """FLOP/s of K_bᵀK_b for a (rows, min(m, GRAM_PANEL)) block in ``dtype``, timed here (one
+    add_gram panel; a probe, beside :mod:`ntk_scale.measure`'s)."""
+    cols = min(m, GRAM_PANEL)
+    k = np.random.default_rng(0).standard_normal((rows, cols)).astype(dtype)
+    k.T @ k  # warm the BLAS threads
+    t0 = time.perf_counter()
+    k.T @ k
+    return 2.0 * rows * cols * cols / max(time.perf_counter() - t0, 1e-9)
