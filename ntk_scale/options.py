@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import json
 import keyword
+import math
 import re
 import sys
 import types
@@ -236,9 +237,19 @@ class RunOptions:
     allow_fewer_workers: bool = option(False, "go on with the GPUs that joined within "
                                        "--gpu-wait when fewer than --workers did (default: "
                                        "exit 3)", section="run")  # fmt: skip
+    deadline_hours: float | None = option(None, "on a cluster, operator auto takes plan's "
+                                          "cheapest route that finishes within this many hours "
+                                          "(the RayJob's activeDeadlineSeconds / 3600; default: "
+                                          "the cheapest)", section="run",
+                                          metavar="H")  # fmt: skip
 
     def __post_init__(self) -> None:
         _check_accelerator(self.accelerator)
+        h = self.deadline_hours
+        if h is not None and (isinstance(h, bool) or not isinstance(h, (int, float))
+                              or not 0 < h < math.inf):  # fmt: skip
+            raise ValueError(f"deadline_hours={h!r} must be a number of hours > 0, e.g. 6, or "
+                             "unset for the cheapest route")  # fmt: skip
         for name in ("allow_cpu", "allow_fewer_workers"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")

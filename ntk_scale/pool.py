@@ -419,7 +419,7 @@ def cluster_operator_for(
     run: Any, spec: Any, n: int, d: int, kind: str, dtype: str, tile: int, workers: int
 ) -> tuple[str, str] | None:
     """What operator="auto" takes on a cluster joined by address: (operator, reason) from
-    `plan`'s cost model for ``workers`` GPUs of the cluster's model
+    `plan`'s cost model for ``workers`` GPUs of the cluster's model, within run.deadline_hours
     (:func:`ntk_scale.sizing.cluster_operator`); None on a local Ray, for CPU hosts, or for a
     GPU model the catalog lacks (the caller then times a tile here)."""
     if not joins_cluster(run.address):
@@ -430,7 +430,8 @@ def cluster_operator_for(
     # Imported here: sizing imports measure, which imports this module (worker_env).
     from ntk_scale.sizing import cluster_operator
 
-    return cluster_operator(spec, n, d, kind, dtype, tile, workers, accelerator)
+    return cluster_operator(spec, n, d, kind, dtype, tile, workers, accelerator,
+                            deadline_hours=run.deadline_hours)
 
 
 def _no_gpu_message(

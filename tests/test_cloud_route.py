@@ -332,6 +332,23 @@ def test_the_rayjob_takes_operator_auto_and_its_deadline_covers_the_route(tmp_pa
     assert stored.hours * 3600 > spec["activeDeadlineSeconds"], "the old route would not finish"
     op, _ = cluster_operator(cfg.kernel, n, d, cfg.gram.kind, dtype, cfg.gram.tile, gpus, model)
     assert op == chosen.operator, "fit's auto on the cluster agrees with plan"
+    # fit's auto is given the job's own deadline
+    assert cfg.run.deadline_hours * 3600 == spec["activeDeadlineSeconds"]
+
+
+def test_fits_auto_on_a_cluster_takes_the_cheapest_route_within_its_deadline():
+    """deadline_hours reaches plan's choice: at N = 10^6 on 16 A10G the cheapest route
+    (matrixfree, about 19 min) stands within 6 h; within 5 minutes none finishes, so auto takes
+    the fastest and says so."""
+    base = RunOptions(address="10.0.0.1:6379", accelerator="A10G")
+    args = (FullyConnected(), 10**6, 784, "ntk", "float32", 4096, 16)
+    op, why = pool.cluster_operator_for(dataclasses.replace(base, deadline_hours=6), *args)
+    assert op == "matrixfree" and "the cheapest within 6" in why
+    _, why = pool.cluster_operator_for(dataclasses.replace(base, deadline_hours=5 / 60), *args)
+    assert "none finishes within" in why and "the fastest" in why
+    for bad in (0, -1.0, float("inf"), "6h", True):
+        with pytest.raises(ValueError, match="deadline_hours=.* must be a number of hours > 0"):
+            RunOptions(deadline_hours=bad)
 
 
 def test_plan_flags_for_the_bucket_path_start_up_and_idle(capsys):
