@@ -96,6 +96,28 @@ def _wait_for_jobs_api(address, env, head, log_path, limit=120):
     raise AssertionError(f"the Ray head's job API never came up: {log_path.read_text()[-3000:]}")
 
 
+#: What the head answers while its job agent has not registered yet (the jobs API itself is
+#: up): Ray says to try again later, and so do we, for up to AGENT_WAIT_S.
+NO_AGENT = "No available agent to submit job"
+AGENT_WAIT_S = 120
+
+
+def _submit(address, env, job, argv):
+    """`ray job submit` of ``python argv`` from ``job``; (submission id, CompletedProcess). A
+    submission refused only because the node's job agent is not up yet is tried again."""
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        sid = f"ntk-scale-test-{secrets.token_hex(4)}"
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir",
+               str(job), "--submission-id", sid, "--", sys.executable, *argv]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+        if proc.returncode == 0 or NO_AGENT not in proc.stdout + proc.stderr:
+            return sid, proc
+        if time.monotonic() > deadline:
+            return sid, proc
+        time.sleep(3)
+
+
 def test_ray_job_submit_fit(ray_head, tmp_path):
     address, env = ray_head
     job = tmp_path / "job"
@@ -133,30 +155,7 @@ accelerator = "cpu"  # a job on a cluster asks for GPUs by default; this head ha
 dir = "file://{out}"
 """
     )
-    sid = f"ntk-scale-test-{secrets.token_hex(4)}"
-    submit = subprocess.run(
-        [
-            str(BIN / "ray"),
-            "job",
-            "submit",
-            "--address",
-            address,
-            "--working-dir",
-            str(job),
-            "--submission-id",
-            sid,
-            "--",
-            sys.executable,
-            "-m",
-            "ntk_scale.cli",
-            "fit",
-            "cfg.toml",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    sid, submit = _submit(address, env, job, ["-m", "ntk_scale.cli", "fit", "cfg.toml"])
     status = subprocess.run(
         [str(BIN / "ray"), "job", "status", "--address", address, sid],
         env=env,
