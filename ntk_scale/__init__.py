@@ -2,6 +2,11 @@
 
 The public surface: re-exports only. The stages (gram, solve, predict, fit) each take one frozen
 options record; the estimators, the CLI and the config run through them.
+
+The scikit-learn estimators are imported on first use (``ntk_scale.NTKRegressor``, PEP 562):
+scikit-learn and what it pulls in (SciPy's stats, pandas) take 8-16 s of CPU to import here,
+and every CLI process and every Ray worker process imports this package (a worker unpickles
+its role class from ntk_scale.roles), while only estimator users need them.
 """
 
 from ntk_scale.errors import (
@@ -16,7 +21,6 @@ from ntk_scale.errors import (
     TileCorruptError,
     WorkerLostError,
 )
-from ntk_scale.estimator import NTKClassifier, NTKClassifierCV, NTKRegressor, NTKRegressorCV
 from ntk_scale.kernels import FullyConnected, Myrtle, spec_from_json, stax
 from ntk_scale.options import GramOptions, RunOptions, SolveOptions
 from ntk_scale.pool import shutdown_pools
@@ -24,6 +28,17 @@ from ntk_scale.stages import fit, gram, predict, solve, verify
 from ntk_scale.store import GramStore
 
 __version__ = "0.1.0"
+
+
+_ESTIMATORS = ("NTKClassifier", "NTKClassifierCV", "NTKRegressor", "NTKRegressorCV")
+
+
+def __getattr__(name: str):
+    if name in _ESTIMATORS:
+        from ntk_scale import estimator  # on first use: it imports scikit-learn (docstring)
+
+        return getattr(estimator, name)
+    raise AttributeError(f"module 'ntk_scale' has no attribute {name!r}")
 
 
 def shutdown() -> None:
