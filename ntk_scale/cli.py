@@ -115,7 +115,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
     rates = {}
     if measure:
         rates = {"entry_seconds": plan.entry_seconds, "read_bytes_per_s": read,
-                 "gemm_flops_per_s": gemm_rate(centers, dtype)}  # fmt: skip
+                 "gemm_flops_per_s": gemm_rate(centers, "float64")}  # fmt: skip
     nystrom = plan_nystrom(a.n, centers, d, spec, a.kind, dtype, a.tile, a.workers or 1,
                            **rates)  # fmt: skip
     print(f"\nNyström (M = {nystrom.m:,}; fit with --method nystrom --centers {nystrom.m})")

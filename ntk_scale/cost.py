@@ -377,7 +377,8 @@ def estimate_nystrom(
         raise ValueError("the workload has no Nyström plan; build one with "
                          "cost.nystrom_work(sizing.plan_nystrom(...))")  # fmt: skip
     gpus, rate = nodes * node.gpus, gpu_flops(work, catalog, node, a)
-    gemm = catalog.accelerators[node.accelerator].peak_flops(work.dtype) * a.gpu_efficiency
+    # H's products run in float64 whatever the Gram's dtype (falkon.add_gram)
+    gemm = catalog.accelerators[node.accelerator].peak_flops("float64") * a.gpu_efficiency
     net = nodes * node_rate(catalog, node, a)
     kernel_s = max(ny.entries * work.flops_per_entry / (gpus * rate), ny.bytes_on_disk / net)
     if work.x_bytes is not None:
@@ -609,7 +610,7 @@ def nystrom_assumption_lines(work: Workload, a: CloudAssumptions) -> list[str]:
         "(Falkon's preconditioner); kernel entries (RPCholesky's pool x M, K(C, C), N x M = "
         f"{ny.entries:.3e}) at the GPUs' rate as above, after X reaches the workers through the "
         "head (each its rows, at the head's rate above); H and the iterations' H·P "
-        f"({ny.gemm_flops:.3e} FLOPs) at peak {work.dtype} x {a.gpu_efficiency:g}; GPU nodes "
+        f"({ny.gemm_flops:.3e} FLOPs) at peak float64 x {a.gpu_efficiency:g}; GPU nodes "
         f"billed start-up + the pass + idle; the bucket keeps K(C, C) ({_bytes(ny.bytes_on_disk)})",
         "Nyström, not priced: centre selection and Falkon's factors run in the driver (the "
         "head; O(pool·M) entries, O(M³) flops); the workers compute H with numpy on their "

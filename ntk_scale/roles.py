@@ -331,7 +331,7 @@ class NystromWorker:
         H, b = np.zeros((s, m, m)), np.zeros((m, Y.shape[1]))
         start = time.perf_counter()
         for rows, K_b in self.blocks:
-            K = np.asarray(K_b)  # the Gram's dtype: float32 products (add_gram) on float32
+            K = np.asarray(K_b)  # add_gram's products are float64 whatever the Gram's dtype
             for k in range(s):
                 add_gram(H[k], K if masks is None else K[np.asarray(masks[rows, k], bool)])
             b += block_rhs(K, Y[rows], self._mask(rows, slice(None)))

@@ -103,7 +103,9 @@ def test_cloud_estimate_matches_the_formulas():
     assert e.gram_hours * 3600 == pytest.approx(
         max(1e10 * 6000 / rate, 4e8 / (2 * 100e9 / 8 * 0.7))
     )
-    assert e.solve_hours * 3600 == pytest.approx(1.2e14 / rate)
+    # H's products are float64 whatever the Gram's dtype (falkon.add_gram): H100's fp64 peak
+    fp64 = 16 * CATALOG.accelerators["H100"].peak_flops("float64") * 0.5
+    assert e.solve_hours * 3600 == pytest.approx(1.2e14 / fp64)
     head = CATALOG.heads["aws"].usd_per_hour
     assert e.compute_usd == pytest.approx(e.hours * (2 * node.usd_per_hour + head))
     assert e.spot_compute_usd == pytest.approx(e.hours * (2 * node.spot_usd_per_hour + head))

@@ -167,14 +167,18 @@ def block_normal(K_b: np.ndarray, P: np.ndarray, mask_b: np.ndarray | None) -> n
 
 def add_gram(H: np.ndarray, K_b: np.ndarray, panel: int = 2048) -> None:
     """H += K_bᵀK_b on the upper block triangle (column panels of ``panel``, diagonal blocks
-    whole): H (M, M) float64, K_b (b, M). The products run in K_b's dtype, about half a GEMM's
-    flops: a float32 block rounds each product by at most b·u of Σ|K_ik K_il| (typically √b·u,
-    the size of the float32 kernel's own entry error); the sum over blocks is float64.
+    whole), about half a GEMM's flops: H (M, M) float64, K_b (b, M) any float dtype, upcast.
+
+    The products run in float64 even for a float32 Gram: K̃ᵀK̃ of rounded entries K̃ is still
+    positive semi-definite, but float32 products round H by ~√b·u·‖H‖, while λK_mm, what keeps
+    (H + λK_mm) positive definite, is ~λ/(N·diag) of ‖H‖ (1e-8 at N = 10⁶). With float32
+    products PCG met negative curvature on 10⁶ rows (benchmarks/million_rows.py).
     :func:`mirror_upper` fills the lower triangle once all blocks are in."""
-    m = K_b.shape[1]
+    K = np.asarray(K_b, dtype=np.float64)
+    m = K.shape[1]
     for j0 in range(0, m, panel):
         j1 = min(j0 + panel, m)
-        H[:j1, j0:j1] += K_b[:, :j1].T @ K_b[:, j0:j1]
+        H[:j1, j0:j1] += K[:, :j1].T @ K[:, j0:j1]
 
 
 def mirror_upper(H: np.ndarray, panel: int = 2048) -> np.ndarray:
