@@ -370,8 +370,8 @@ def estimate_nystrom(
     launch through the pass, plus the idle timeout). gram_hours: X sent through the head to the
     workers (each its rows: N x d x itemsize at the head's rate, where d is known), then the
     kernel entries at the GPUs' rate (as the matrix-free estimate), or the K(C, C) store's
-    upload where slower; solve_hours: H = K_nmᵀK_nm and the iterations' H·P at peak FLOP/s
-    (the Gram's dtype) x gpu_efficiency. The bucket keeps the K(C, C) store."""
+    upload where slower; solve_hours: H = K_nmᵀK_nm and the iterations' H·P at peak float64
+    FLOP/s (falkon.add_gram's products) x gpu_efficiency. The bucket keeps the K(C, C) store."""
     ny = work.nystrom
     if ny is None:
         raise ValueError("the workload has no Nyström plan; build one with "

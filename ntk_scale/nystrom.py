@@ -57,7 +57,7 @@ from ntk_scale.linalg.falkon import (
 from ntk_scale.options import GramOptions, RunOptions, SolveOptions, to_json
 from ntk_scale.pool import pool_for
 from ntk_scale.roles import NystromWorker
-from ntk_scale.sizing import choose_knm, measure_read_rate
+from ntk_scale.sizing import choose_knm, gemm_rate, measure_read_rate
 from ntk_scale.solve import (
     Folds,
     RidgeSelection,
@@ -271,10 +271,7 @@ def choose_route(so: SolveOptions, spec: Kernel, x: Any, C: np.ndarray, idx: np.
     t0 = time.perf_counter()
     _, K_b = next(iter(KernelBlocks(spec, x[:rows], C, go.kind, go.dtype, rows)))
     entry = (time.perf_counter() - t0) / K_b.size
-    K = np.asarray(K_b, np.float64)
-    t0 = time.perf_counter()
-    K.T @ K
-    gemm = 2.0 * rows * m * m / max(time.perf_counter() - t0, 1e-9)
+    gemm = gemm_rate(m, "float64", rows)  # H's products are float64 (falkon.add_gram)
     workers = run.workers or pool_for(run).default_workers()
     parent = os.path.dirname(store.rstrip("/")) or "."
     read = measure_read_rate(parent, nbytes=32 << 20)

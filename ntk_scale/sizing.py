@@ -520,7 +520,7 @@ def _nystrom_work(n: int, m: int, sizes: dict[str, int], route: str, iterations:
     return {"entries": entries, "flops": flops}
 
 
-def gemm_rate(m: int, dtype: str = "float32", rows: int = BLOCK) -> float:
+def gemm_rate(m: int, dtype: str = "float64", rows: int = BLOCK) -> float:
     """FLOP/s of K_bᵀK_b for a (rows, min(m, GRAM_PANEL)) block in ``dtype``, timed here (one
     add_gram panel; a probe, beside :mod:`ntk_scale.measure`'s)."""
     cols = min(m, GRAM_PANEL)
