@@ -1,4 +1,5 @@
-"""Test-wide setup: CPU JAX, loopback Ray with its token in a private HOME, one Ray a session.
+"""Test-wide setup: CPU JAX, loopback Ray with its token in a private HOME, one Ray a session
+(one per pytest worker: make test runs two, pytest-xdist with --dist loadfile).
 
 Two tiers. ``make test`` runs everything. ``make test-fast`` (the inner loop) runs the tests
 that need no Ray, no subprocess and no S3 server: a test is in the full tier only when it uses a
@@ -34,10 +35,40 @@ CLUSTER_FIXTURES = {"ray_local", "ray_head", "cpu_head", "s3", "pipeline"}
 FAST = os.environ.get("NTK_SCALE_TEST_TIER") == "fast"
 
 
+#: The slowest files, slowest first (seconds of a serial run on 2 cores, 2026-12-03). Under
+#: pytest-xdist (--dist loadfile) they are handed out first, so that no long file starts last
+#: while the other worker idles: longest-first scheduling. Order only; no test depends on it.
+SLOW_FILES = (
+    "test_pool",
+    "test_sklearn_checks",
+    "test_stax_oracle",
+    "test_faults",
+    "test_gram_processes",
+    "test_lazy_inputs",
+    "test_ray_job",
+    "test_nystrom_stages",
+    "test_gpu_wait",
+    "test_s3",
+    "test_stax_properties",
+    "test_kernels_oracle",
+    "test_stax_pipeline",
+    "test_float32_conv",
+    "test_stax_cli",
+    "test_cli",
+)
+
+
+def _file_rank(item):
+    name = item.path.stem
+    return SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.cluster)
+    if hasattr(config, "workerinput"):  # an xdist worker: every worker sorts the same way
+        items.sort(key=_file_rank)  # stable: a file's own order is kept
 
 
 @pytest.fixture(scope="session")
