@@ -11,6 +11,8 @@ export PYTHONUNBUFFERED := 1
 # make test runs its files on two pytest workers (pytest-xdist), a whole file on one worker so
 # that a file's module fixtures and its session Ray are built once. Half the suite's time is
 # waiting (Ray and subprocess start-up, resumes after kills), which the other worker fills.
+# tests/conftest.py puts the slowest files first; --no-loadscope-reorder keeps that order
+# (xdist would otherwise hand out files by their number of tests, so slow few-test files ran last).
 TEST_WORKERS ?= 2
 
 .PHONY: demo test test-fast lint bench clean
@@ -29,7 +31,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check ntk_scale tests benchmarks
-	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check ntk_scale tests benchmarks
