@@ -1,6 +1,7 @@
 # The README's two commands: `make demo` and `make test`. Each creates .venv and installs what it
 # needs on first use (re-installing when pyproject.toml changes). `make test-fast` is the inner loop:
-# no Ray, no subprocess, no S3 server (tests/conftest.py enforces it), under 3 minutes on 2 cores.
+# no Ray, no subprocess, no S3 server (tests/conftest.py enforces it) and no test marked slow (an
+# in-process test of more than a few seconds, or one of many alike), under 3 minutes on 2 cores.
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -35,7 +36,8 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check ntk_scale tests benchmarks
-	NTK_SCALE_TEST_TIER=fast $(VENV)/bin/python -m pytest -q -m 'not cluster' --durations=10 tests
+	NTK_SCALE_TEST_TIER=fast $(VENV)/bin/python -m pytest -q -m 'not cluster and not slow' \
+	  -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=10 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ntk_scale tests benchmarks

@@ -99,7 +99,8 @@ def test_oracle_matches_float64_path():
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("depth", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("depth", [1, 2, 3, pytest.param(4, marks=pytest.mark.slow),
+                                   pytest.param(5, marks=pytest.mark.slow)])  # fmt: skip
 def test_float32_within_entry_bound(family, depth):
     x = _inputs(family)
     worst = []

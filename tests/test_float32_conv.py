@@ -101,9 +101,16 @@ def _errors(layer: stax.Layer, x: np.ndarray, kind: str, x2: np.ndarray | None =
     return float(np.max(np.abs(got - exact))), entry_bound(net, kind, float(np.max(diag)))
 
 
+#: The networks make test-fast checks (one of each layout: dense, conv + Flatten, pools); make
+#: test checks them all.
+QUICK_NETS = ("dense_relu3", "conv_flatten", "conv_pools")
+
+
 @pytest.mark.parametrize("kind", ["ntk", "nngp"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("net", list(NETS))
+@pytest.mark.parametrize(
+    "net", [pytest.param(n, marks=() if n in QUICK_NETS else pytest.mark.slow) for n in NETS]
+)
 def test_float32_conv_within_bound(net, family, kind):
     err, bound = _measured(net, family, kind)
     assert err <= bound, (net, family, kind, err, bound)
@@ -116,6 +123,7 @@ def _measured(net: str, family: str, kind: str) -> tuple[float, float]:
     return _errors(NETS[net], _inputs(net, FAMILIES[family]), kind)
 
 
+@pytest.mark.slow
 def test_float32_conv_cross_tile_clustered():
     """x1 != x2 (a rectangular tile, both self passes) on the hardest family."""
     x = FAMILIES["clustered"]
@@ -123,6 +131,7 @@ def test_float32_conv_cross_tile_clustered():
     assert err <= bound
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["clustered", "scaled"])
 def test_float32_myrtle5(family):
     """Myrtle-5 needs 32 x 32 images (five 2 x 2 pools); three images per family. Its bound is
@@ -141,6 +150,7 @@ LOOSENESS = {"nngp": 1e4, "ntk": 1e5}
 POOLED = ("conv_pools", "smallconv", "residual")
 
 
+@pytest.mark.slow  # measures every network in NETS
 def test_float32_bound_not_absurdly_loose():
     """Per network and kind, bound / (worst error over the families) stays within LOOSENESS."""
     for net in NETS:

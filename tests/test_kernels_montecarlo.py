@@ -200,7 +200,7 @@ def compare(samples: np.ndarray, kernel: np.ndarray, scale_kernel: np.ndarray, d
 
 
 @pytest.fixture(scope="module")
-def samples():
+def samples():  # ~27 s: the tests that use it are slow (make test only)
     return empirical_samples()
 
 
@@ -220,6 +220,7 @@ def test_oracle_is_exact_at_depth_zero():
     np.testing.assert_allclose(nngp, expected, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("act", "depth"), CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("kind", ["ntk", "nngp"])
 def test_analytic_kernel_matches_montecarlo(samples, act, depth, kind):
@@ -235,6 +236,7 @@ def test_analytic_kernel_matches_montecarlo(samples, act, depth, kind):
 NEGATIVE_CONTROLS = [("ntk", "depth+1"), ("ntk", "W_std*1.1"), ("nngp", "W_std*1.1")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("act", "depth"), CASES, ids=CASE_IDS)
 @pytest.mark.parametrize(
     ("kind", "wrong"), NEGATIVE_CONTROLS, ids=[f"{k}-{w}" for k, w in NEGATIVE_CONTROLS]

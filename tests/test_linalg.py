@@ -133,12 +133,16 @@ def solved(problems):
     return get
 
 
+#: make test-fast solves at N=600; make test also at N=1500 (~1,200 unpreconditioned iterations).
+N_SIZES = [600, pytest.param(1500, marks=pytest.mark.slow)]
+
+
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.mark.parametrize("name", PRECONDITIONERS)
-@pytest.mark.parametrize("n", [600, 1500])
+@pytest.mark.parametrize("n", N_SIZES)
 def test_pcg_matches_cholesky_at_moderate_ridge(solved, n, name):
     res, _, ref = solved(n, 1e-2, name)
     assert res.converged.all()
@@ -146,7 +150,7 @@ def test_pcg_matches_cholesky_at_moderate_ridge(solved, n, name):
 
 
 @pytest.mark.parametrize("name", PRECONDITIONERS)
-@pytest.mark.parametrize("n", [600, 1500])
+@pytest.mark.parametrize("n", N_SIZES)
 def test_pcg_fitted_values_match_cholesky_at_tiny_ridge(problems, solved, n, name):
     res, lam, ref = solved(n, 1e-6, name)
     K, Y = problems[n]
@@ -158,6 +162,7 @@ def test_pcg_fitted_values_match_cholesky_at_tiny_ridge(problems, solved, n, nam
     assert rel_err(K @ res.x, K @ ref) <= 1e-6
 
 
+@pytest.mark.slow  # solves N=1500 with every preconditioner
 def test_rpcholesky_cuts_iterations_at_tiny_ridge(solved):
     its = {name: solved(1500, 1e-6, name)[0].iterations for name in PRECONDITIONERS}
     # Observed (N=1500, one column, rank 200): identity 1182, jacobi 790, uniform 312,

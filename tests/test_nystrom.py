@@ -101,6 +101,7 @@ def test_float32_blocks_agree_with_float64(fc):
     assert _rel(pred, ref) < 1e-3
 
 
+@pytest.mark.slow
 def test_conv_kernel_on_image_rows():
     net = stax.serial(stax.Conv(4, (3, 3), padding="SAME", W_std=1.4, b_std=0.1), stax.Relu(),
                       stax.Flatten(), stax.Dense(1, W_std=1.4, b_std=0.1))  # fmt: skip

@@ -1,11 +1,17 @@
 """BlockPlan: every entry covered exactly once, for any N, N* and tile size."""
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ntk_scale.plan import BlockPlan, locate, n_blocks, pad_rows, rows_in_block, split_blocks
+
+#: Hypothesis examples per property: make test-fast draws a fifth (the coverage checks walk every
+#: tile in Python, up to 90,000 of them at tile 1).
+EXAMPLES = 40 if os.environ.get("NTK_SCALE_TEST_TIER") == "fast" else 200
 
 
 def _coverage(plan: BlockPlan) -> np.ndarray:
@@ -18,7 +24,7 @@ def _coverage(plan: BlockPlan) -> np.ndarray:
 
 
 @given(n=st.integers(1, 300), tile=st.integers(1, 128))
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=EXAMPLES, deadline=None)
 def test_symmetric_tiles_cover_every_entry_once(n, tile):
     plan = BlockPlan.square(n, tile)
     assert (_coverage(plan) == 1).all()
@@ -29,7 +35,7 @@ def test_symmetric_tiles_cover_every_entry_once(n, tile):
 
 
 @given(n_star=st.integers(1, 300), n=st.integers(1, 300), tile=st.integers(1, 128))
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=EXAMPLES, deadline=None)
 def test_rectangular_tiles_cover_every_entry_once(n_star, n, tile):
     plan = BlockPlan(n_star, n, tile, symmetric=False)
     assert (_coverage(plan) == 1).all()
@@ -75,7 +81,7 @@ def test_pad_rows():
 
 
 @given(n=st.integers(1, 300), tile=st.integers(1, 128), data=st.data())
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=EXAMPLES, deadline=None)
 def test_index_arithmetic_agrees_with_the_plan(n, tile, data):
     """locate / rows_in_block / n_blocks / split_blocks against the plan's own row ranges (a
     brute-force oracle: the block whose range holds each row)."""

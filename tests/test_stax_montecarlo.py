@@ -142,6 +142,7 @@ def _compare(samples, kernel, scale_kernel):
     )
 
 
+@pytest.mark.slow  # the samples fixture takes ~40 s
 @pytest.mark.parametrize("kind", ["ntk", "nngp"])
 def test_empirical_conv_kernel_matches_analytic(samples, kind):
     k = _net().kernel(_inputs(), kind=kind, dtype="float64")
@@ -150,6 +151,7 @@ def test_empirical_conv_kernel_matches_analytic(samples, kind):
     assert ok, f"max |z| = {z:.2f} > {Z}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ntk", "nngp"])
 @pytest.mark.parametrize("wrong", ["flatten_readout", "w_std_x1.1"])
 def test_negative_controls_are_rejected(samples, kind, wrong):

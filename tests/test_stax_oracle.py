@@ -22,6 +22,14 @@ FAST = [
 ]  # fmt: skip
 MYRTLE = ["myrtle5", "myrtle7", "myrtle10"]
 BOUND = {"float64": 1e-8, "float32": 1e-4}
+#: The (network, dtype) pairs make test-fast checks: one per layout family (dense, circular
+#: conv + Flatten, strided VALID, pool first, residual) in one dtype or the other. make test
+#: checks every pair; each costs ~5 s of compilation.
+QUICK = {
+    ("dense_flatten_first", "float64"), ("dense_flatten_first", "float32"),
+    ("pool_input_first", "float64"), ("circular5_erf_flatten", "float32"),
+    ("valid4_stride2_abs", "float64"), ("residual_identity_shortcut", "float32"),
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +80,14 @@ def test_fixture_grid_covers_the_contract(fx):
     assert {s[2] for s in shapes if len(s) == 3} >= {1, 2, 3, 4, 5}  # channel counts
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [
+        pytest.param(n, d, marks=() if (n, d) in QUICK else pytest.mark.slow, id=f"{n}-{d}")
+        for n in FAST
+        for d in ("float64", "float32")
+    ],
+)
 def test_matches_neural_tangents(fx, name, dtype):
     spec, x1, x2 = _case(fx, name)
     for kind in ("nngp", "ntk"):
@@ -86,6 +100,7 @@ def test_matches_neural_tangents(fx, name, dtype):
         assert _worst(diag, np.diag(fx[f"{name}|{kind}|11"])) <= BOUND[dtype]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MYRTLE)
 def test_myrtle_matches_neural_tangents(fx, name):
     from ntk_scale import Myrtle

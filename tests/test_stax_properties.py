@@ -28,7 +28,13 @@ def _images(n, shape=(7, 6, 2), seed=0):
     return np.random.default_rng(seed).standard_normal((n, *shape))
 
 
-@pytest.mark.parametrize("net", [RESIDUAL, FLAT], ids=["residual-pool", "flatten"])
+@pytest.mark.parametrize(
+    "net",
+    [
+        pytest.param(RESIDUAL, id="residual-pool", marks=pytest.mark.slow),
+        pytest.param(FLAT, id="flatten"),
+    ],
+)
 @pytest.mark.parametrize("kind", ["ntk", "nngp"])
 def test_symmetric_and_positive_semidefinite(net, kind):
     x = _images(12)
@@ -41,6 +47,7 @@ def test_symmetric_and_positive_semidefinite(net, kind):
     assert np.allclose(k[5], k[2], rtol=1e-7, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_tiles_and_chunks_equal_one_large_call(dtype):
     x = _images(11)
@@ -57,7 +64,11 @@ def test_tiles_and_chunks_equal_one_large_call(dtype):
                                rtol=tol)  # fmt: skip
 
 
-@pytest.mark.parametrize("activation", ["relu", "erf", "abs", "identity", "leaky_relu"])
+@pytest.mark.parametrize(
+    "activation",
+    [pytest.param(a, marks=() if a == "identity" else pytest.mark.slow)
+     for a in ("relu", "erf", "abs", "identity", "leaky_relu")],
+)  # fmt: skip
 def test_fully_connected_equals_its_stax_form(activation):
     extra = {"negative_slope": 0.3} if activation == "leaky_relu" else {}
     fc = FullyConnected(depth=3, activation=activation, W_std=1.3, b_std=0.2, **extra)
