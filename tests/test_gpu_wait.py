@@ -136,7 +136,7 @@ def cpu_head(tmp_path_factory):
     gcs, client, http, grpc, metrics, env_agent, nm, om = _free_ports(8)
     env = {**os.environ, "HOME": str(tmp / "home"), "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "JAX_PLATFORMS": "cpu"}  # fmt: skip
+           "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}  # fmt: skip
     env.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="gw", dir="/tmp")  # unix socket paths must stay short
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
@@ -149,12 +149,13 @@ def cpu_head(tmp_path_factory):
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
     try:
+        # `ray start` prints this once the GCS and the raylet are up: a driver that connects
+        # when the GCS only listens can fail ("Failed to connect to Ray cluster") under load.
         deadline = time.monotonic() + 120
-        with socket.socket() as s:  # the GCS listening means `ray start` got far enough
-            while s.connect_ex(("127.0.0.1", gcs)) != 0:
-                assert head.poll() is None, (tmp / "head.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "the Ray head never listened"
-                time.sleep(0.5)
+        while "Ray runtime started" not in (tmp / "head.log").read_text():
+            assert head.poll() is None, (tmp / "head.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the Ray head never started"
+            time.sleep(0.5)
         yield f"127.0.0.1:{gcs}", env, tmp
     finally:
         stop_group(head, timeout=5)
