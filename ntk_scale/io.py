@@ -117,6 +117,9 @@ class DaskRows:
     def __len__(self) -> int:
         return self.shape[0]
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cached": None}  # the graph, not the chunk read last
+
     def _chunk(self, k: int) -> np.ndarray:
         if self._cached is None or self._cached[0] != k:
             lo, hi = int(self._bounds[k]), int(self._bounds[k + 1])
@@ -141,6 +144,79 @@ class DaskRows:
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         return np.asarray(self[:], dtype=dtype)
+
+
+class RowRange:
+    """Rows [r0, r1) of an (n, d) row source, read only when sliced: what a worker is sent
+    instead of its rows. Pickles as the source's address (a Zarr array's store and path, a
+    dask graph, an .npy file's name), never as the rows. Slicing rows [a, b) reads rows
+    [r0 + a, r0 + b) of the source."""
+
+    def __init__(self, source: Any, r0: int, r1: int) -> None:
+        self.source, self.r0, self.r1 = source, int(r0), int(r1)
+        self.shape = (self.r1 - self.r0, int(source.shape[1]))
+        self.dtype, self.ndim = source.dtype, 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        if not (isinstance(idx, slice) and idx.step in (None, 1)):
+            raise TypeError(f"RowRange reads contiguous row slices, got {idx!r}")
+        a, b, _ = idx.indices(self.shape[0])
+        return np.asarray(self.source[self.r0 + a : self.r0 + max(a, b)])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(self[:], dtype=dtype)
+
+
+class NpyFile:
+    """An .npy file's rows, memory-mapped where they are read: pickles as the file name (a
+    memory map would pickle as its whole contents). path: the file; shape, dtype: its array's."""
+
+    def __init__(self, path: str, shape: tuple[int, ...], dtype: Any) -> None:
+        self.path, self.shape, self.dtype, self.ndim = path, tuple(shape), np.dtype(dtype), 2
+        self._map: np.ndarray | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_map": None}
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        if self._map is None:
+            self._map = np.load(self.path, mmap_mode="r", allow_pickle=False)
+            self._map = self._map.reshape((self._map.shape[0], -1))
+        return np.asarray(self._map[idx])
+
+
+def row_range(x: Any, r0: int, r1: int, same_machine: bool = True) -> Any:
+    """Rows [r0, r1) of x (n, d) for another process: a :class:`RowRange` that reads them
+    there, or the rows themselves (an ndarray) when it could not. same_machine: whether that
+    process runs on this machine. It can read a Zarr array in object storage anywhere; a local
+    Zarr array (or its :class:`FlatRows`), a dask array (:class:`DaskRows`) or a memory-mapped
+    .npy file only on this machine; an array in memory nowhere."""
+    source = _shared_source(x, same_machine)
+    return np.asarray(x[r0:r1]) if source is None else RowRange(source, r0, r1)
+
+
+def _shared_source(x: Any, same_machine: bool) -> Any:
+    """x as a source another process can read, or None when it cannot."""
+    if isinstance(x, FlatRows):
+        return x if _shared_source(x.arr, same_machine) is not None else None
+    if type(x).__module__.startswith("zarr"):
+        store = type(getattr(x, "store", None)).__name__
+        if store == "MemoryStore" or (store == "LocalStore" and not same_machine):
+            return None
+        return x
+    if not same_machine:
+        return None
+    if isinstance(x, DaskRows):
+        return x
+    if isinstance(x, np.memmap) and str(getattr(x, "filename", "") or "").endswith(".npy"):
+        whole = np.load(x.filename, mmap_mode="r", allow_pickle=False)
+        same = (whole.shape[0] == x.shape[0] and whole.size == x.size and whole.dtype == x.dtype
+                and whole.offset == x.offset and x.flags.c_contiguous)  # fmt: skip
+        return NpyFile(str(x.filename), x.shape, x.dtype) if same else None
+    return None
 
 
 def _is_dask(x: Any) -> bool:

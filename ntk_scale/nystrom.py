@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from ntk_scale import stages
+from ntk_scale.io import row_range
 from ntk_scale.kernels import Kernel, diag_blocks
 from ntk_scale.linalg import PCGState
 from ntk_scale.linalg import checkpoint as ckpt
@@ -56,7 +57,8 @@ from ntk_scale.linalg.falkon import (
 )
 from ntk_scale.options import GramOptions, RunOptions, SolveOptions, to_json
 from ntk_scale.pool import pool_for
-from ntk_scale.roles import NystromWorker
+from ntk_scale.progress import Progress
+from ntk_scale.roles import NystromWorker, node_id
 from ntk_scale.sizing import choose_knm, gemm_rate, measure_read_rate
 from ntk_scale.solve import (
     Folds,
@@ -170,19 +172,25 @@ def row_parts(n: int, parts: int, block: int) -> list[tuple[int, int]]:
 def nystrom_workers(spec: Kernel, x: Any, centers: np.ndarray, index: np.ndarray, kind: str,
                     dtype: str, run: RunOptions, mask: np.ndarray | None,
                     block: int = BLOCK) -> Iterator[RoleGroup]:  # fmt: skip
-    """NystromWorker actors on the pool's hosts, each its contiguous rows of x (read from the
-    source when the part is attached: a replacement reads them again). Yields the RoleGroup."""
+    """NystromWorker actors on the pool's hosts, each its contiguous rows of x. A worker reads
+    its rows from x's source one block at a time where it can (:func:`ntk_scale.io.row_range`:
+    a Zarr array, a dask array or an .npy file that the worker's machine reads); otherwise the
+    driver sends it its rows when the part is attached (a replacement is sent them again).
+    Yields the RoleGroup."""
     pool = pool_for(run)
     n = int(x.shape[0])
     block = min(block, n)
     slots = pool.take(run.workers, limit=math.ceil(n / block))
     ranges = row_parts(n, len(slots), block)
     c_ref = pool.ray.put(np.asarray(centers))
+    here = node_id()
+    same_machine = all(s.info.get("node") == here for s in slots)
 
     def args(k: int) -> tuple:
         r0, r1 = ranges[k]
         part = None if mask is None else mask[r0:r1]
-        return (spec, np.asarray(x[r0:r1]), c_ref, index, kind, dtype, block, r0, part)
+        rows = row_range(x, r0, r1, same_machine)
+        return (spec, rows, c_ref, index, kind, dtype, block, r0, part)
 
     group = RoleGroup(pool, slots[: len(ranges)], NystromWorker, args, run, "nystrom")
     try:
@@ -297,17 +305,37 @@ def products(p: Problem, Y: np.ndarray, mask: np.ndarray | None) -> Iterator[Any
         if p.knm == "recompute":
             yield wp
             return
-        reps, system = distinct_masks(mask, Y.shape[1])
-        ref = group.ray.put(np.asarray(Y, np.float64))
-        parts = group.call_all("gram_normal", reps, ref, what="K_nmᵀK_nm")
-        H, b = np.array(parts[0][0]), np.array(parts[0][1])  # writable copies, summed in place
-        for h_k, b_k in parts[1:]:
-            H += h_k
-            b += b_k
-        del parts
+        H, b, system = normal_pass(group, Y, mask, p.run)
         normal = NormalProducts(H, system, b, p.x.shape[0], mask)
         normal.matmat = wp.matmat  # validation predictions: one more pass on the actors
         yield normal
+
+
+#: Calls a normal-route pass is cut into, so that the driver shows its progress between them.
+NORMAL_ROUNDS = 20
+
+
+def normal_pass(group: RoleGroup, Y: np.ndarray, mask: np.ndarray | None,
+                run: RunOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """The normal route's one pass over K(X, C) on the actors, in NORMAL_ROUNDS calls with a
+    progress line between them: (H (S, M, M), b (M, C), system (C,)) for targets Y (N, C) and
+    row masks mask (N, C) or None (:func:`distinct_masks`)."""
+    reps, system = distinct_masks(mask, Y.shape[1])
+    ref = group.ray.put(np.asarray(Y, np.float64))
+    token = os.urandom(8).hex()
+    n = int(Y.shape[0])
+    with Progress("K_nmᵀK_nm", n, "rows", enabled=run.show_progress) as bar:
+        for k in range(1, NORMAL_ROUNDS):
+            done = group.call_all("normal_pass", reps, ref, k / NORMAL_ROUNDS, token,
+                                  what="K_nmᵀK_nm")  # fmt: skip
+            bar.update(done=sum(done))  # each part's rows done
+        parts = group.call_all("gram_normal", reps, ref, token, what="K_nmᵀK_nm")
+        bar.update(done=n)
+    H, b = np.array(parts[0][0]), np.array(parts[0][1])  # writable copies, summed in place
+    for h_k, b_k in parts[1:]:
+        H += h_k
+        b += b_k
+    return H, b, system
 
 
 def _with_matmat(bp: BlockProducts, blocks: Any) -> Any:

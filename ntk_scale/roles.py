@@ -15,6 +15,7 @@ only the kernel protocol (:class:`ntk_scale.kernels.Kernel`), never ask which ke
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -269,20 +270,22 @@ class NystromWorker:
     :mod:`ntk_scale.nystrom`.
 
     spec, kind, dtype: the kernel; x_rows: (r1 - r0, d) this part's rows, r0 its first row in
-    X; centers: (M, d); center_index: (M,) int, where the centres sit in X (a centre meets its
-    own row with the exact diagonal); mask: (r1 - r0, C) bool or None, the rows each of the
-    system's C columns trains on. Memory: x_rows, one (block, M) block.
+    X: an ndarray, or a source read ``block`` rows at a time (:func:`ntk_scale.io.row_range`:
+    a Zarr array, a dask array, an .npy file); centers: (M, d); center_index: (M,) int, where
+    the centres sit in X (a centre meets its own row with the exact diagonal); mask:
+    (r1 - r0, C) bool or None, the rows each of the system's C columns trains on. Memory: one
+    (block, M) block (and x_rows when it came as an ndarray); the normal route's H.
     """
 
-    def __init__(self, spec: Any, x_rows: np.ndarray, centers: np.ndarray,
-                 center_index: np.ndarray, kind: str, dtype: str, block: int, r0: int = 0,
+    def __init__(self, spec: Any, x_rows: Any, centers: np.ndarray, center_index: np.ndarray,
+                 kind: str, dtype: str, block: int, r0: int = 0,
                  mask: np.ndarray | None = None) -> None:  # fmt: skip
-        x_rows = np.asarray(x_rows)
         self.r0, self.r1 = int(r0), int(r0) + int(x_rows.shape[0])
         self.blocks = KernelBlocks(spec, x_rows, centers, kind, dtype, block,
                                    center_index=np.asarray(center_index) - self.r0)  # fmt: skip
         self.mask = None if mask is None else np.asarray(mask, dtype=bool)
         self.passes, self.seconds = 0, 0.0
+        self._pass: dict[str, Any] | None = None  # the normal route's pass under way
 
     def _mask(self, rows: slice, columns: Any) -> np.ndarray | None:
         return None if self.mask is None else self.mask[rows, columns]
@@ -321,24 +324,42 @@ class NystromWorker:
 
         return self._each(put, np.empty((self.blocks.shape[0], A.shape[1])))
 
-    def gram_normal(self, reps: np.ndarray | None, Y: np.ndarray) -> tuple[np.ndarray, ...]:
-        """One pass: (H (S, M, M), b (M, C)) float64, H_s = K_bᵀ(mask[:, reps[s]] ⊙ K_b) for
-        the S columns ``reps`` whose masks are distinct (None: S = 1, all rows), and
-        b = K_bᵀ(mask ⊙ Y). Y: (N, C) float64, all rows."""
+    def normal_pass(self, reps: np.ndarray | None, Y: np.ndarray, until: float,
+                    token: str) -> int:  # fmt: skip
+        """Go on with the pass ``token`` of :meth:`gram_normal` up to the fraction ``until``
+        (0 < until <= 1) of this part's blocks, so that the driver can show progress between
+        calls. A new token starts a new pass; a replacement worker called with the same
+        arguments computes its rows up to ``until`` from the start. Returns the rows done."""
+        p = self._pass
+        if p is None or p["token"] != token:
+            m, s = self.blocks.shape[1], 1 if reps is None or self.mask is None else len(reps)
+            H, b = np.zeros((s, m, m)), np.zeros((m, np.shape(Y)[1]))
+            p = self._pass = {"token": token, "row": 0, "seconds": 0.0, "H": H, "b": b}
+        n, block = self.blocks.shape[0], self.blocks.block
+        stop = min(n, math.ceil(math.ceil(n / block) * float(until)) * block)
         Y = np.asarray(Y, dtype=np.float64)[self.r0 : self.r1]
         masks = None if reps is None or self.mask is None else self.mask[:, np.asarray(reps)]
-        m, s = self.blocks.shape[1], 1 if masks is None else masks.shape[1]
-        H, b = np.zeros((s, m, m)), np.zeros((m, Y.shape[1]))
         start = time.perf_counter()
-        for rows, K_b in self.blocks:
+        for rows, K_b in self.blocks.rows(p["row"], stop):
             K = np.asarray(K_b)  # add_gram's products are float64 whatever the Gram's dtype
-            for k in range(s):
-                add_gram(H[k], K if masks is None else K[np.asarray(masks[rows, k], bool)])
-            b += block_rhs(K, Y[rows], self._mask(rows, slice(None)))
-        for k in range(s):
-            mirror_upper(H[k])
-        self.passes, self.seconds = self.passes + 1, self.seconds + time.perf_counter() - start
-        return H, b
+            for k in range(p["H"].shape[0]):
+                add_gram(p["H"][k], K if masks is None else K[np.asarray(masks[rows, k], bool)])
+            p["b"] += block_rhs(K, Y[rows], self._mask(rows, slice(None)))
+            p["row"] = rows.stop
+        p["seconds"] += time.perf_counter() - start
+        return int(p["row"])
+
+    def gram_normal(self, reps: np.ndarray | None, Y: np.ndarray,
+                    token: str | None = None) -> tuple[np.ndarray, ...]:  # fmt: skip
+        """One pass (or the rest of pass ``token``): (H (S, M, M), b (M, C)) float64,
+        H_s = K_bᵀ(mask[:, reps[s]] ⊙ K_b) for the S columns ``reps`` whose masks are distinct
+        (None: S = 1, all rows), and b = K_bᵀ(mask ⊙ Y). Y: (N, C) float64, all rows."""
+        self.normal_pass(reps, Y, 1.0, token or f"pass-{self.passes}")
+        p, self._pass = self._pass, None
+        for k in range(p["H"].shape[0]):
+            mirror_upper(p["H"][k])
+        self.passes, self.seconds = self.passes + 1, self.seconds + p["seconds"]
+        return p["H"], p["b"]
 
     def stats(self) -> dict[str, Any]:
         """Rows, centres, passes over K(x_rows, C) and their seconds, pid."""

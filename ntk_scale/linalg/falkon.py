@@ -259,9 +259,13 @@ class KernelBlocks:
             self._diag = diag_blocks(kernel, self.centers, kind, dtype, block=self.block)
 
     def __iter__(self) -> Iterator[tuple[slice, np.ndarray]]:
+        return self.rows(0)
+
+    def rows(self, start: int, stop: int | None = None) -> Iterator[tuple[slice, np.ndarray]]:
+        """The blocks of rows [start, stop) (stop None: to N); start a multiple of block."""
         fn = self.kernel.tile_function(self.kind, self.dtype)
-        n = self.shape[0]
-        for r0 in range(0, n, self.block):
+        n = self.shape[0] if stop is None else min(int(stop), self.shape[0])
+        for r0 in range(int(start), n, self.block):
             r1 = min(r0 + self.block, n)
             xb = self.kernel.pad_block(np.asarray(self.x[r0:r1], dtype=self.dtype), self.block)
             K_b = np.array(np.asarray(fn(xb, self.centers))[: r1 - r0])
