@@ -281,7 +281,8 @@ def cmd_fit(a: argparse.Namespace) -> int:
     if given:
         cfg = dataclasses.replace(cfg, solver=dataclasses.replace(cfg.solver, **given))
     result = run_config(cfg)
-    print(json.dumps({k: result[k] for k in ("gram", "timings", "test") if k in result}, indent=2))
+    keys = ("method", "gram", "timings", "test")
+    print(json.dumps({k: result[k] for k in keys if k in result}, indent=2))
     return 0
 
 

@@ -220,6 +220,8 @@ def run_config(cfg: FitConfig) -> dict[str, Any]:
         "solver": report.solve.meta["solver"],
         "timings": {f"{k}_s": v for k, v in report.seconds.items()},
         "plots": report.solve.meta.get("plots", []),
+        "method": {"method": report.solve.meta.get("method", "exact"),
+                   "reason": report.solve.meta.get("method_choice")},
     }
     if report.predictions is not None:
         pred = report.predictions

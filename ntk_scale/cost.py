@@ -463,9 +463,12 @@ def cluster_route(
 ) -> tuple[Estimate, str]:  # fmt: skip
     """The operator `plan` chooses for a cluster of ``gpus`` GPUs of ``node``'s type: the
     cheapest that finishes within the deadline (None: the cheapest), else the fastest; and why.
-    What operator="auto" takes on a cluster (:func:`ntk_scale.sizing.cluster_operator`)."""
+    What operator="auto" takes on a cluster (:func:`ntk_scale.sizing.cluster_operator`). With
+    ``work.nystrom`` (method="auto") the Nyström fit is one of the options ("nystrom")."""
     nodes = max(1, math.ceil(gpus / node.gpus))
     options = [estimate(work, catalog, node, nodes, op, a) for op in OPERATORS]
+    if work.nystrom is not None:
+        options.append(estimate_nystrom(work, catalog, node, nodes, a))
     best, fastest = pick(options, deadline_hours)
     chosen = best or fastest
     others = ", ".join(f"{e.operator} {_hours(e.hours)} {_usd(e.usd)}"

@@ -14,6 +14,7 @@ scikit-learn's words do not say how to fix the input, the fix is appended.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 from collections.abc import Iterator
@@ -49,7 +50,8 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
     the actors take GPUs, waited for a bounded time, unless allow_cpu lets them fall back).
     method="nystrom": M = ``centers`` centres (``center_selection``), K(X, C) on route ``knm``
     (:mod:`ntk_scale.nystrom`); ``alpha_`` is then (M,) or (M, C) on the centres, whose K(C, C)
-    store is ``store_``.
+    store is ``store_``. method="auto": plan's choice (:func:`ntk_scale.stages.choose_method`),
+    kept in ``method_`` and ``method_choice_``.
 
     Fitted: ``alpha_`` (N,) or (N, C); ``n_iter_`` the PCG iterations of the solve;
     ``n_features_in_`` the width of a row the kernel sees (H·W·C for images);
@@ -90,10 +92,12 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
         go, so, run = self._options()
         spec = self._spec()
         go = self._resolve_dtype(X, spec, go, so)
+        so = self._resolve_method(X, spec, go, so, run)
         self.store_ = self._store_path(spec, X, go)
         inputs = stages.Inputs(X, Y, None, None, None, self.sample_shape_)
         report = stages.fit(inputs, spec, self.store_, go, so, run,
-                            extra={"dtype_choice": self.dtype_choice_})  # fmt: skip
+                            extra={"dtype_choice": self.dtype_choice_,
+                                   "method_choice": self.method_choice_})  # fmt: skip
         self.gram_report_ = report.gram
         self._keep_solve(report.solve)
         return self
@@ -118,14 +122,28 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
         self.dtype_ = go.dtype
         return go
 
-    def _store_path(self, spec: FullyConnected | Network, X: np.ndarray, go: GramOptions) -> str:
-        """The Gram store for these data and kernel settings in workdir (reused by refits)."""
+    def _resolve_method(self, X: np.ndarray, spec: Any, go: GramOptions, so: SolveOptions,
+                        run: RunOptions) -> SolveOptions:  # fmt: skip
+        """so with method "auto" resolved (:func:`ntk_scale.stages.choose_method`, the disk
+        of workdir); sets ``method_`` and ``method_choice_``."""
+        where = os.path.join(self._workdir(), "store")
+        self.method_, self.method_choice_ = stages.choose_method(
+            so, spec, X.shape[0], int(np.prod(X.shape[1:])), go, run, where
+        )
+        return dataclasses.replace(so, method=self.method_)
+
+    def _workdir(self) -> str:
         self.workdir_ = (
             self.workdir or getattr(self, "workdir_", None) or tempfile.mkdtemp(prefix="ntk-scale-")
         )
+        return self.workdir_
+
+    def _store_path(self, spec: FullyConnected | Network, X: np.ndarray, go: GramOptions) -> str:
+        """The Gram store for these data and kernel settings in workdir (reused by refits)."""
+        self._workdir()
         fp = fingerprint_rows(X, go.dtype)[:16]
         name = f"gram-{spec.fingerprint()[:8]}-{go.kind}-{go.dtype}-{go.tile}-{fp}.zarr"
-        if self.method == "nystrom":  # K(C, C) of these centres: another store per choice
+        if self.method_ == "nystrom":  # K(C, C) of these centres: another store per choice
             name = (f"nystrom-{self.centers}-{self.center_selection}-{self.seed}-"
                     + name.removeprefix("gram-"))  # fmt: skip
         return os.path.join(self.workdir_, name)
@@ -318,9 +336,11 @@ class NTKRegressorCV(NTKRegressor):
         folds = self._folds(X.shape[0], labels)
         spec = self._spec()
         go = self._resolve_dtype(X, spec, go, so)
+        so = self._resolve_method(X, spec, go, so, run)
         self.store_ = self._store_path(spec, X, go)
         task = "classification" if self._metric == "accuracy" else "regression"
-        extra = {"task": task, "dtype_choice": self.dtype_choice_}
+        extra = {"task": task, "dtype_choice": self.dtype_choice_,
+                 "method_choice": self.method_choice_}  # fmt: skip
         if so.method == "nystrom":
             res, self.gram_report_ = nystrom.fit(X, Y, spec, self.store_, go, so, run,
                                                  folds=folds, extra=extra)  # fmt: skip

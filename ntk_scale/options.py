@@ -40,7 +40,7 @@ PRECONDITIONERS = ("rpcholesky", "nystrom", "jacobi", "none")
 #: "auto" picks stored or matrixfree from a tile timed here and the store disk's read rate.
 OPERATORS = ("stored", "distributed", "dense", "matrixfree", "auto")
 #: SolveOptions.method: the exact N x N system, or Nyström's M x M one on M centres.
-METHODS = ("exact", "nystrom")
+METHODS = ("exact", "nystrom", "auto")
 CENTER_SELECTIONS = ("rpcholesky", "uniform")
 #: Where Nyström's K(X, C) lives (see ntk_scale.nystrom and ntk_scale.sizing.choose_knm).
 KNM_ROUTES = ("auto", "stored", "recompute", "normal")
@@ -339,8 +339,10 @@ class SolveOptions:
                               section="solver")  # fmt: skip
     memory_budget_bytes: int = option(2 * 2**30, "bytes of row panels per distributed actor",
                                       section="solver", metavar="BYTES")  # fmt: skip
-    method: str = option("exact", "exact (the N x N system) or nystrom (M centres: "
-                         "(K_nmᵀK_nm + λK_mm) α = K_nmᵀy, Falkon's preconditioner)",
+    method: str = option("exact", "exact (the N x N system), nystrom (M centres: "
+                         "(K_nmᵀK_nm + λK_mm) α = K_nmᵀy, Falkon's preconditioner) or auto "
+                         "(plan's choice: on a cluster the cheapest within the deadline, here "
+                         "exact where its store fits the disk)",
                          section="solver", choices=METHODS)  # fmt: skip
     centers: int = option(10_000, "Nyström centres M (capped at N, with a warning)",
                           section="solver", metavar="M")  # fmt: skip

@@ -416,12 +416,14 @@ def pool_accelerator(run: Any) -> str | None:
 
 
 def cluster_operator_for(
-    run: Any, spec: Any, n: int, d: int, kind: str, dtype: str, tile: int, workers: int
+    run: Any, spec: Any, n: int, d: int, kind: str, dtype: str, tile: int, workers: int,
+    centers: int | None = None,
 ) -> tuple[str, str] | None:
     """What operator="auto" takes on a cluster joined by address: (operator, reason) from
     `plan`'s cost model for ``workers`` GPUs of the cluster's model, within run.deadline_hours
     (:func:`ntk_scale.sizing.cluster_operator`); None on a local Ray, for CPU hosts, or for a
-    GPU model the catalog lacks (the caller then times a tile here)."""
+    GPU model the catalog lacks (the caller then times a tile here). With ``centers``
+    (method="auto") the answer may be "nystrom"."""
     if not joins_cluster(run.address):
         return None
     accelerator = pool_accelerator(run)
@@ -431,7 +433,7 @@ def cluster_operator_for(
     from ntk_scale.sizing import cluster_operator
 
     return cluster_operator(spec, n, d, kind, dtype, tile, workers, accelerator,
-                            deadline_hours=run.deadline_hours)
+                            deadline_hours=run.deadline_hours, centers=centers)
 
 
 def _no_gpu_message(

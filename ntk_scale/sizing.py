@@ -276,17 +276,22 @@ def choose_operator(plan: GramPlan, read_bytes_per_s: float) -> OperatorChoice:
 def cluster_operator(
     spec: Kernel, n: int, d: int, kind: str, dtype: str, tile: int, gpus: int,
     accelerator: str | None, deadline_hours: float | None = None,
-    catalog: cost.Catalog | None = None,
+    catalog: cost.Catalog | None = None, centers: int | None = None,
 ) -> tuple[str, str] | None:  # fmt: skip
     """(operator, reason) that `plan` chooses for K(X, X) of X (n, d) on a cluster of ``gpus``
     GPUs of ``accelerator``: :func:`ntk_scale.cost.cluster_route` on an unmeasured plan (the
     driver of a cluster job runs on the CPU head, where a tile's time says nothing of the GPUs).
-    None when the catalog has no node type of that GPU model (the caller measures instead)."""
+    With ``centers`` (method="auto") a Nyström fit of that many centres is priced too, and
+    chosen as operator "nystrom". None when the catalog has no node type of that GPU model
+    (the caller measures instead)."""
     catalog = catalog or cost.load_catalog()
     node = cost.node_for(catalog, accelerator)
     if node is None:
         return None
     work = cost.workload(plan_gram(n, d, spec, kind, dtype, tile, gpus, measure=False))
+    if centers is not None and centers < n:
+        ny = plan_nystrom(n, centers, d, spec, kind, dtype, tile, gpus)
+        work = dataclasses.replace(work, nystrom=cost.nystrom_work(ny))
     assume = cost.CloudAssumptions(gpus=gpus)
     chosen, reason = cost.cluster_route(work, catalog, node, gpus, assume, deadline_hours)
     return chosen.operator, reason

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -162,6 +163,39 @@ def _auto_choice(
     plan = plan_gram(n, d, spec, o.kind, o.dtype, o.tile, workers, measure=True)
     pick = choose_operator(plan, measure_read_rate(where))
     return OperatorDecision(pick.choice, f"auto: {pick.reason}")
+
+
+#: method="auto" off a cluster takes the exact method while its store takes at most this share
+#: of the free disk where the store lives (the rest for X's copy, the model, other files).
+EXACT_DISK_SHARE = 0.8
+
+
+def choose_method(so: SolveOptions, spec: Kernel, n: int, d: int, o: GramOptions,
+                  run: RunOptions, store: str) -> tuple[str, str]:  # fmt: skip
+    """(method, reason) for ``so.method`` ("auto" resolved). On a cluster joined by address:
+    plan's cost model, the cheapest of the exact operators and a Nyström fit of
+    ``so.centers`` within run.deadline_hours (:func:`ntk_scale.sizing.cluster_operator`).
+    Elsewhere: exact while its store (plan_gram's bytes) fits EXACT_DISK_SHARE of the free
+    disk where it lives (an object store: always), else Nyström."""
+    if so.method != "auto":
+        return so.method, "asked for"
+    if so.centers >= n:
+        return "exact", f"auto: centers={so.centers:,} >= N={n:,}, the exact system is no larger"
+    workers = run.workers or _default_workers(run)
+    picked = cluster_operator_for(run, spec, n, d, o.kind, o.dtype, o.tile, workers,
+                                  centers=so.centers)  # fmt: skip
+    if picked is not None:
+        return ("nystrom" if picked[0] == "nystrom" else "exact"), picked[1]
+    need = plan_gram(n, d, spec, o.kind, o.dtype, o.tile, workers, measure=False).bytes_on_disk
+    where = _store_parent(store)
+    if "://" in where:
+        return "exact", f"auto: the exact store ({need / 1e9:.3g} GB) goes to object storage"
+    free = shutil.disk_usage(where).free
+    fits = need <= EXACT_DISK_SHARE * free
+    verdict = "fits in" if fits else "is more than"
+    reason = (f"auto: the exact store ({need / 1e9:.3g} GB) {verdict} {EXACT_DISK_SHARE:.0%} of "
+              f"the {free / 1e9:.3g} GB free in {where}")  # fmt: skip
+    return ("exact", reason) if fits else ("nystrom", f"{reason}: Nyström, {so.centers:,} centres")
 
 
 def _default_workers(run: RunOptions) -> int:
@@ -470,12 +504,15 @@ def fit(
     )
     n, d = inputs.x_train.shape
     spec = bind(spec, inputs.sample_shape or (d,))
+    method, method_why = choose_method(so, spec, n, d, go, run, store)
+    so = dataclasses.replace(so, method=method)
+    extra = {"method_choice": method_why, **(extra or {})}
     if not (so.method == "nystrom" and so.selects):
         _check_ridges(so)  # before the Gram is computed
     go, why = resolve_dtype(inputs.x_train, spec, go, min(so.ridges), so.ridge_absolute, store)
     if so.method == "nystrom":
         return _fit_nystrom(inputs, spec, store, go, so, run, model_dir,
-                            {"dtype_choice": why, **(extra or {})}, transform)  # fmt: skip
+                            {"dtype_choice": why, **extra}, transform)  # fmt: skip
     decision = choose_solver_operator(so.operator, spec, n, d, go, run, store)
     so = dataclasses.replace(so, operator=decision.operator)
     seconds: dict[str, float] = {}
@@ -484,7 +521,7 @@ def fit(
     g = dataclasses.replace(g, dtype_reason=why)
     seconds["gram"] = time.perf_counter() - t0
     classes = None if inputs.classes is None else inputs.classes.tolist()
-    more = {"classes": classes, "dtype_choice": why, **(extra or {})}
+    more = {"classes": classes, "dtype_choice": why, **extra}
     x0 = None
     if so.warm_start == "nystrom" and not so.selects:
         x0, more["warm_start"] = _nystrom_start(inputs, spec, store, go, so, run, transform)
