@@ -182,6 +182,8 @@ def choose_method(so: SolveOptions, spec: Kernel, n: int, d: int, o: GramOptions
     if so.centers >= n:
         return "exact", f"auto: centers={so.centers:,} >= N={n:,}, the exact system is no larger"
     workers = run.workers or _default_workers(run)
+    if o.dtype == "auto":
+        o = dataclasses.replace(o, dtype="float64")  # unresolved: price the larger store
     picked = cluster_operator_for(run, spec, n, d, o.kind, o.dtype, o.tile, workers,
                                   centers=so.centers)  # fmt: skip
     if picked is not None:
@@ -504,12 +506,12 @@ def fit(
     )
     n, d = inputs.x_train.shape
     spec = bind(spec, inputs.sample_shape or (d,))
+    go, why = resolve_dtype(inputs.x_train, spec, go, min(so.ridges), so.ridge_absolute, store)
     method, method_why = choose_method(so, spec, n, d, go, run, store)
     so = dataclasses.replace(so, method=method)
     extra = {"method_choice": method_why, **(extra or {})}
     if not (so.method == "nystrom" and so.selects):
         _check_ridges(so)  # before the Gram is computed
-    go, why = resolve_dtype(inputs.x_train, spec, go, min(so.ridges), so.ridge_absolute, store)
     if so.method == "nystrom":
         return _fit_nystrom(inputs, spec, store, go, so, run, model_dir,
                             {"dtype_choice": why, **extra}, transform)  # fmt: skip

@@ -61,6 +61,11 @@ def test_here_auto_is_exact_while_its_store_fits_the_disk(tmp_path, monkeypatch)
         assert f"exact store ({need / 1e9:.3g} GB)" in why and "80%" in why
     assert "1,000 centres" in why
     assert stages.choose_method(so, SPEC, n, d, GO, run, "s3://bucket/g.zarr")[0] == "exact"
+    # dtype not resolved yet ("auto"): priced as the larger, float64, store
+    monkeypatch.setattr("shutil.disk_usage", lambda p: Usage(need * 4, need * 2, need * 2))
+    assert stages.choose_method(so, SPEC, n, d, GO, run, str(store / "g.zarr"))[0] == "exact"
+    auto = dataclasses.replace(GO, dtype="auto")
+    assert stages.choose_method(so, SPEC, n, d, auto, run, str(store / "g.zarr"))[0] == "nystrom"
     method, why = stages.choose_method(dataclasses.replace(so, centers=n), SPEC, n, d, GO, run,
                                        str(store / "g.zarr"))  # fmt: skip
     assert method == "exact" and "no larger" in why
