@@ -62,6 +62,7 @@ def test_killed_driver_then_rerun_computes_only_missing_tiles(ray_local, tmp_pat
     path = tmp_path / "g.zarr"
     proc = subprocess.Popen(
         [sys.executable, str(SCRIPTS / "gram_driver.py"), str(path), str(n), str(tile)],
+        env={**os.environ, "NTK_GRAM_SLEEP": "0.05"},  # 120 tiles: >= 6 s, the kill lands mid-run
         start_new_session=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

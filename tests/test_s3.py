@@ -261,7 +261,7 @@ def test_killed_gram_driver_resumes_from_the_bucket(ray_local, s3, tmp_path):
     _free_the_cores(ray_local)  # this process's worker pool holds the cluster's two CPUs
     proc = subprocess.Popen(
         [sys.executable, str(SCRIPTS / "gram_driver.py"), url, str(n), str(tile)],
-        env={**os.environ, "RAY_ADDRESS": address},
+        env={**os.environ, "RAY_ADDRESS": address, "NTK_GRAM_SLEEP": "0.05"},
         start_new_session=True,
         stdout=log,
         stderr=subprocess.STDOUT,
