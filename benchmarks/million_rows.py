@@ -2,8 +2,9 @@
 10⁴–10⁵ rows and against HistGradientBoostingRegressor, all in one run.
 
 Every fit is the command a user runs (``ntk-scale fit CONFIG.toml``), in its own process, timed,
-with the peak RSS of its whole process tree (the CLI and the local Ray it starts) sampled every
-0.2 s (``real_tables._stage``).
+with the peak memory of its whole process tree (the CLI and the local Ray it starts) sampled
+every 0.2 s (``real_tables._stage``): the sum of RSS (a page shared by k processes counted k
+times), of PSS (counted once: the tree's share of the machine) and of anonymous RSS.
 
 Datasets (nothing is downloaded):
 
@@ -84,6 +85,7 @@ def main() -> None:
         run = _fit(a, work / f"exact{n}", sub, data, "exact", ridge=ridge)
         runs.append(run)
         _print_run(run)
+        write_json(RESULTS / f"million_rows_{a.dataset}.json", result)  # so far
         # The smallest exact run chooses; the others reuse its ridge: a grid down to 1e-5 on
         # 10⁵ rows means a float64 store (dtype auto, at the smallest ridge) read ~100 times.
         ridge = run["ridge"] if ridge is None else ridge
@@ -91,6 +93,7 @@ def main() -> None:
         run = _fit(a, work / f"nystrom{m}", data, data, "nystrom", ridge=ridge or 1e-4, centers=m)
         runs.append(run)
         _print_run(run)
+        write_json(RESULTS / f"million_rows_{a.dataset}.json", result)  # so far
     result["hist_gradient_boosting"] = _hgb(data)
     _print(result)
     write_json(RESULTS / f"million_rows_{a.dataset}.json", result)
@@ -200,7 +203,8 @@ def _fit(a, work: Path, train: dict, data: dict, method: str, *, ridge: float | 
     run = {
         "method": method, "rows": int(train["rows"]["train"]), "centers": centers,
         "seconds": st["seconds"], "peak_rss_bytes": st["peak_rss_bytes"],
-        "peak_anon_rss_bytes": st["peak_anon_rss_bytes"], "timings": metrics.get("timings"),
+        "peak_anon_rss_bytes": st["peak_anon_rss_bytes"], "peak_pss_bytes": st["peak_pss_bytes"],
+        "timings": metrics.get("timings"),
         "ridge": meta["ridge"], "lam": meta["lam"], "dtype": meta.get("dtype"),
         "solver": {k: meta["solver"].get(k) for k in ("operator", "operator_reason",
                                                         "iterations", "converged", "tol")},
@@ -253,9 +257,10 @@ def _label(run: dict) -> str:
 
 
 def _print_run(run: dict) -> None:
+    gib = {k: run.get(f"peak_{k}_bytes", 0) / 2**30 for k in ("rss", "pss", "anon_rss")}
     print(
-        f"-> {_label(run)}: {run['seconds']:.0f} s, peak RSS "
-        f"{run['peak_rss_bytes'] / 2**30:.2f} GiB, test RMSE {run['test_rmse']:.4g}",
+        f"-> {_label(run)}: {run['seconds']:.0f} s, peak RSS {gib['rss']:.2f} GiB (PSS "
+        f"{gib['pss']:.2f}, anonymous {gib['anon_rss']:.2f}), test RMSE {run['test_rmse']:.4g}",
         flush=True,
     )
 
@@ -265,19 +270,23 @@ def _print(r: dict) -> None:
     print(f"\n{r['dataset']}: {rows['train']:,} training rows, {rows['test']:,} test rows, "
           f"d = {rows['features']}")  # fmt: skip
     print(f"  {'run':34s} {'fit (s)':>8s} {'predict (s)':>11s} {'total (s)':>9s} "
-          f"{'peak RSS GiB':>12s} {'PCG its':>7s} {'ridge':>7s} {'test RMSE':>10s}")  # fmt: skip
+          f"{'RSS GiB':>7s} {'PSS GiB':>7s} {'anon GiB':>8s} {'PCG its':>7s} {'ridge':>7s} "
+          f"{'test RMSE':>10s}")  # fmt: skip
     for run in r["runs"]:
         t = run.get("timings") or {}
         fit = sum(v for k, v in t.items() if k != "predict_s")
         print(
             f"  {_label(run):34s} {fit:8.1f} {t.get('predict_s', 0.0):11.1f} "
-            f"{run['seconds']:9.1f} {run['peak_rss_bytes'] / 2**30:12.2f} "
+            f"{run['seconds']:9.1f} {run['peak_rss_bytes'] / 2**30:7.2f} "
+            f"{run.get('peak_pss_bytes', 0) / 2**30:7.2f} "
+            f"{run['peak_anon_rss_bytes'] / 2**30:8.2f} "
             f"{run['solver']['iterations']:7d} {run['ridge']:7.0e} {run['test_rmse']:10.4g}"
         )
     h = r["hist_gradient_boosting"]
     print(
         f"  {'HistGradientBoosting, ' + format(h['rows'], ',') + ' rows':34s} "
-        f"{h['seconds']:8.1f} {'':11s} {'':9s} {'':12s} {'':7s} {'':7s} {h['test_rmse']:10.4g}"
+        f"{h['seconds']:8.1f} {'':11s} {'':9s} {'':7s} {'':7s} {'':8s} {'':7s} {'':7s} "
+        f"{h['test_rmse']:10.4g}"
     )
     print(f"  (mean predictor: test RMSE {h['mean_predictor_rmse']:.4g})")
 

@@ -156,13 +156,14 @@ def _stage(argv: list[str]) -> dict:
     print(f"$ ntk-scale {' '.join(argv)}", flush=True)
     start = time.perf_counter()
     proc = subprocess.Popen(CLI + argv, stdout=subprocess.PIPE, stderr=None, text=True)
-    peak, anon = [0], [0]
+    peak, anon, pss = [0], [0], [0]
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            total, private = _tree_rss(proc.pid)
+            total, private, proportional = _tree_rss(proc.pid)
             peak[0], anon[0] = max(peak[0], total), max(anon[0], private)
+            pss[0] = max(pss[0], proportional)
             done.wait(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -175,13 +176,16 @@ def _stage(argv: list[str]) -> dict:
     if proc.returncode not in (0,):
         raise SystemExit(f"ntk-scale {argv[0]} exited {proc.returncode}")
     return {"seconds": seconds, "peak_rss_bytes": peak[0], "peak_anon_rss_bytes": anon[0],
-            "stdout": stdout}  # fmt: skip
+            "peak_pss_bytes": pss[0], "stdout": stdout}  # fmt: skip
 
 
-def _tree_rss(root: int) -> tuple[int, int]:
-    """(resident bytes, anonymous resident bytes) of ``root`` and all its descendants, from
-    /proc. The second leaves out file-backed pages (a memory-mapped input read through once
-    stays resident until the kernel wants the memory, though the process holds none of it)."""
+def _tree_rss(root: int) -> tuple[int, int, int]:
+    """(resident bytes, anonymous resident bytes, proportional set size) of ``root`` and all
+    its descendants, from /proc. The second leaves out file-backed pages (a memory-mapped input
+    read through once stays resident until the kernel wants the memory, though the process
+    holds none of it). The sum of the first counts a page shared by k processes k times (the
+    shared libraries every Ray worker maps, Ray's object store); the third (smaps_rollup's
+    Pss) counts it once, split between them: the tree's share of the machine's memory."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -192,7 +196,7 @@ def _tree_rss(root: int) -> tuple[int, int]:
             children.setdefault(int(fields[1]), []).append(int(entry))
         except (OSError, IndexError, ValueError):
             continue
-    total = anon = 0
+    total = anon = pss = 0
     todo = [root]
     while todo:
         pid = todo.pop()
@@ -204,7 +208,12 @@ def _tree_rss(root: int) -> tuple[int, int]:
             continue
         total += int(status.get("VmRSS", "0 kB").split()[0]) * 1024
         anon += int(status.get("RssAnon", "0 kB").split()[0]) * 1024
-    return total, anon
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                pss += sum(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+        except (OSError, ValueError, IndexError):
+            continue
+    return total, anon, pss
 
 
 def _du(path: Path) -> int:

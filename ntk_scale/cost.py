@@ -215,7 +215,7 @@ class NystromWork:
     K(X, C) on the normal route: one pass, the workers accumulating H = K_nmᵀK_nm (M x M).
 
     centers: M; entries: kernel entries (RPCholesky's pool x M, K(C, C)'s stored triangle,
-    N x M); gemm_flops: H on its upper block triangle plus ``iterations`` products H·P;
+    N x M); gemm_flops: H on its upper triangle (syrk) plus ``iterations`` products H·P;
     bytes_on_disk: the K(C, C) store (K(X, C) is not stored on this route)."""
 
     centers: int

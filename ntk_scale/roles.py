@@ -341,7 +341,8 @@ class NystromWorker:
         masks = None if reps is None or self.mask is None else self.mask[:, np.asarray(reps)]
         start = time.perf_counter()
         for rows, K_b in self.blocks.rows(p["row"], stop):
-            K = np.asarray(K_b)  # add_gram's products are float64 whatever the Gram's dtype
+            # add_gram's products are float64 whatever the Gram's dtype; syrk reads F order
+            K = np.asfortranarray(K_b, dtype=np.float64)
             for k in range(p["H"].shape[0]):
                 add_gram(p["H"][k], K if masks is None else K[np.asarray(masks[rows, k], bool)])
             p["b"] += block_rhs(K, Y[rows], self._mask(rows, slice(None)))

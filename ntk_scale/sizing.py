@@ -303,17 +303,14 @@ def cluster_operator(
 #: iterations reach tol = 1e-6 (Rudi et al. 2017 report 10-30).
 NYSTROM_ITERATIONS = 30
 KNM_ROUTES = ("stored", "recompute", "normal")
-#: H = K_nmᵀK_nm is accumulated on its upper block triangle in column panels this wide
-#: (the panel of ntk_scale.linalg.falkon.add_gram).
+#: The probe block of :func:`gemm_rate` is this many columns wide (up to m).
 GRAM_PANEL = 2048
 
 
-def normal_gram_flops(n: int, m: int, panel: int = GRAM_PANEL) -> float:
-    """FLOPs of H = K_nmᵀK_nm for K_nm (n, m) on the upper block triangle, column panel
-    [j0, j1) against columns [0, j1): 2·n·j1·(j1 - j0) per panel, about n·m·(m + panel) in all
-    (exactly that where panel divides m), a full GEMM's 2·n·m² where m <= panel."""
-    spans = [(j0, min(j0 + panel, m)) for j0 in range(0, m, panel)]
-    return float(sum(2.0 * n * j1 * (j1 - j0) for j0, j1 in spans))
+def normal_gram_flops(n: int, m: int) -> float:
+    """FLOPs of H = K_nmᵀK_nm for K_nm (n, m) on its upper triangle by BLAS syrk
+    (ntk_scale.linalg.falkon.add_gram): n·m·(m + 1), half a GEMM's 2·n·m²."""
+    return float(n) * m * (m + 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,8 +338,8 @@ def choose_knm(
     - stored: one pass, N·M·itemsize bytes written once and read back every iteration at
       ``read_bytes_per_s`` (excluded where they exceed ``disk_bytes``);
     - normal: one pass that also accumulates H = K_nmᵀK_nm, one per distinct row mask
-      (``systems``: the folds, or 1), on its upper block triangle (:func:`normal_gram_flops`:
-      about N·M·(M + 2048) flops, 2·N·M² where M <= 2048) each at ``gemm_flops_per_s`` per
+      (``systems``: the folds, or 1), on its upper triangle (:func:`normal_gram_flops`:
+      N·M·(M + 1) flops, syrk's) each at ``gemm_flops_per_s`` per
       worker, then 2·M²·columns flops an iteration; excluded where its (systems + 1)·M²
       float64 matrices exceed ``memory_bytes``.
     """
@@ -526,11 +523,15 @@ def _nystrom_work(n: int, m: int, sizes: dict[str, int], route: str, iterations:
 
 
 def gemm_rate(m: int, dtype: str = "float64", rows: int = BLOCK) -> float:
-    """FLOP/s of K_bᵀK_b for a (rows, min(m, GRAM_PANEL)) block in ``dtype``, timed here (one
-    add_gram panel; a probe, beside :mod:`ntk_scale.measure`'s)."""
+    """FLOP/s of H += K_bᵀK_b (add_gram's syrk, counted as :func:`normal_gram_flops`) for a
+    (rows, min(m, GRAM_PANEL)) block, timed here (a probe, beside :mod:`ntk_scale.measure`'s).
+    ``dtype`` is the block's; the products are float64 (add_gram)."""
+    from ntk_scale.linalg.falkon import add_gram
+
     cols = min(m, GRAM_PANEL)
     k = np.random.default_rng(0).standard_normal((rows, cols)).astype(dtype)
-    k.T @ k  # warm the BLAS threads
+    H = np.zeros((cols, cols))
+    add_gram(H, k)  # warm the BLAS threads
     t0 = time.perf_counter()
-    k.T @ k
-    return 2.0 * rows * cols * cols / max(time.perf_counter() - t0, 1e-9)
+    add_gram(H, k)
+    return normal_gram_flops(rows, cols) / max(time.perf_counter() - t0, 1e-9)

@@ -28,13 +28,10 @@ def _small(**kw):
 
 
 # -- the arithmetic ---------------------------------------------------------------------------
-def test_normal_gram_flops_counts_the_upper_block_triangle():
+def test_normal_gram_flops_counts_syrk_on_the_upper_triangle():
     n = 7
-    assert normal_gram_flops(n, 1000) == 2 * n * 1000**2  # one panel: a whole GEMM
-    assert normal_gram_flops(n, 4096) == n * 4096 * (4096 + 2048)  # two panels: N·M·(M + 2048)
-    # M = 3000: panel [0, 2048) against 2048 columns, [2048, 3000) against 3000
-    assert normal_gram_flops(n, 3000) == 2 * n * (2048 * 2048 + 3000 * 952)
-    assert normal_gram_flops(n, 10_000) < 2 * n * 10_000**2 * 0.61  # about half a GEMM
+    assert normal_gram_flops(n, 1000) == n * 1000 * 1001  # syrk: n·m·(m + 1)
+    assert normal_gram_flops(n, 10_000) < 2 * n * 10_000**2 * 0.501  # half a GEMM
 
 
 def test_small_case_by_hand_normal_route_unmeasured():
@@ -44,8 +41,8 @@ def test_small_case_by_hand_normal_route_unmeasured():
     assert p.kmm_entries == 64 * 64 + 64 * 36 + 36 * 36 == 7696
     assert p.knm_entries == 100_000 and p.entries == 147_696
     assert p.route == "normal" and not p.chosen and p.estimated_seconds is None
-    # entries x 100, 30 iterations of H·P (2·M²), H = 2·N·M² (M < 2048: one panel)
-    assert p.flops == pytest.approx(147_696 * 100 + 30 * 2 * 100**2 + 2 * 1000 * 100**2)
+    # entries x 100, 30 iterations of H·P (2·M²), H = N·M·(M + 1) (syrk)
+    assert p.flops == pytest.approx(147_696 * 100 + 30 * 2 * 100**2 + 1000 * 100 * 101)
     assert (p.kmm_bytes, p.knm_bytes) == (7696 * 4, 0)
     assert p.driver_memory_bytes == 4 * 8 * 100**2  # K_mm, T, A, H
     # 500 rows of X (float32), one (500, M) block + its float64 copy, H
@@ -56,7 +53,7 @@ def test_small_case_by_hand_each_route_timed():
     rates = dict(entry_seconds=1e-6, gemm_flops_per_s=1e9, read_bytes_per_s=1e8)
     p = _small(**rates)
     one_pass = 100_000 * 1e-6 / 2
-    normal = one_pass + 2 * 1000 * 100**2 / (1e9 * 2) + 30 * 2 * 100**2 / 1e9
+    normal = one_pass + 1000 * 100 * 101 / (1e9 * 2) + 30 * 2 * 100**2 / 1e9
     assert p.chosen and p.route == "normal"
     assert p.route_seconds["normal"] == pytest.approx(normal)
     assert p.route_seconds["stored"] == pytest.approx(one_pass + 31 * 4e5 / 1e8)
@@ -130,9 +127,8 @@ def test_nystrom_work_from_a_plan_and_cheaper_than_exact_at_a_million_rows():
     exact_work, ny = _work_1e6()
     ny_work = cost.nystrom_work(ny)
     assert ny_work.entries == ny.pool * 10_000 + ny.kmm_entries + 10**6 * 10_000
-    # H's five panels of 2048 columns against 2048, 4096, 6144, 8192, 10000 columns, then 30 H·P
-    panels = 2048 * (2048 + 4096 + 6144 + 8192) + 10_000 * 1808
-    assert ny_work.gemm_flops == 2 * 10**6 * panels + 30 * 2 * 10_000**2
+    # H by syrk (N·M·(M + 1)), then 30 products H·P
+    assert ny_work.gemm_flops == 10**6 * 10_000 * 10_001 + 30 * 2 * 10_000**2
     assert ny_work.bytes_on_disk == ny.kmm_entries * 8 and ny_work.centers == 10_000
     work = cost.Workload(**{**exact_work.__dict__, "nystrom": ny_work})
     a = cost.CloudAssumptions()
