@@ -1,0 +1,109 @@
+"""Posterior standard deviations and covariances from stores (ntk_scale.variance): Neural
+Tangents' gp_inference covariances (tests/fixtures/nt_posteriors.npz) reproduced through
+Zarr stores and multi-right-hand-side PCG, blocks of test rows resumable, and the errors that
+name the fix. The stores' tiles are written here from the kernel (the Gram engine has its own
+tests), so no Ray is needed."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ntk_scale import posterior as post
+from ntk_scale import variance
+from ntk_scale.kernels import bind, diag_blocks
+from ntk_scale.kernels.stax import layer_from_dict
+from ntk_scale.options import RunOptions, SolveOptions
+from ntk_scale.store import GramStore
+
+FIXTURES = Path(__file__).parent / "fixtures" / "nt_posteriors.npz"
+RUN = RunOptions(progress=False)
+#: tol 1e-12 and a full-rank preconditioner: the solve is exact to rounding here.
+OPTS = SolveOptions(tol=1e-12, rank=8, operator="stored")
+
+
+@pytest.fixture(scope="module")
+def fx():
+    with np.load(FIXTURES, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def fill(url, spec, x, kind, tile=8):
+    """A complete float64 store of K(x, x), its tiles written from the kernel."""
+    store = GramStore.create(url, spec, x, kind=kind, dtype="float64", tile=tile,
+                             diag=diag_blocks(spec, x, kind, "float64", block=tile))  # fmt: skip
+    for t in store.missing():
+        (r0, r1), (c0, c1) = store.plan.row_range(t.i), store.plan.col_range(t.j)
+        store.write_tile(t, spec.kernel(x[r0:r1], x[c0:c1], kind=kind, dtype="float64"))
+    return url
+
+
+@pytest.fixture(scope="module")
+def stores(fx, tmp_path_factory):
+    root = tmp_path_factory.mktemp("posterior-stores")
+    out = {}
+    for name in ("fc_relu_erf", "conv_relu_avgpool"):
+        layer = layer_from_dict(json.loads(str(fx[f"{name}|spec"])))
+        x = fx[f"{name}|x_train"]
+        spec = bind(layer, x.shape[1:])
+        flat = x.reshape(len(x), -1)
+        out[name] = {k: fill(str(root / f"{name}-{k}.zarr"), spec, flat, k)
+                     for k in ("nngp", "ntk")}  # fmt: skip
+    return out
+
+
+def _rel(got, ref):
+    return float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+
+
+def _run(stores, fx, name, g, r, **kw):
+    s = stores[name]
+    return variance.posterior_uncertainty(
+        s[post.solved_kind(g)], fx[f"{name}|x_test"], g, ridge=float(fx[f"{name}|diag_reg"][r]),
+        prior_store=s["nngp"] if g == "ntk" else None, options=OPTS, run=RUN, **kw)
+
+
+@pytest.mark.parametrize("name", ["fc_relu_erf", "conv_relu_avgpool"])
+@pytest.mark.parametrize("g", post.POSTERIORS)
+def test_std_and_covariance_from_stores_equal_neural_tangents(stores, fx, name, g):
+    for r in (0, 1):
+        want = fx[f"{name}|{g}|{r}|cov"]
+        std = _run(stores, fx, name, g, r)
+        assert std.shape == (len(want),)
+        assert _rel(std**2, np.diag(want)) <= 1e-6, (g, r)
+        cov = _run(stores, fx, name, g, r, full_cov=True)
+        assert _rel(cov, want) <= 1e-6, (g, r)
+
+
+def test_std_written_resumably_block_by_block(stores, fx, tmp_path, monkeypatch):
+    name, g = "fc_relu_erf", "ntkgp"
+    x = np.vstack([fx[f"{name}|x_test"]] * 3)  # 21 rows: blocks of 8, 8, 5
+    out = str(tmp_path / "std.zarr")
+    s = stores[name]
+    kw = dict(ridge=1e-2, options=OPTS, run=RUN, out=out)
+    first = np.asarray(variance.posterior_uncertainty(s["ntk"], x, g, **kw)[...])
+    want = np.sqrt(np.diag(fx[f"{name}|{g}|0|cov"]))
+    np.testing.assert_allclose(first[:, 0], np.tile(want, 3), rtol=1e-6)
+    # Lose block 1's marker (a killed run): the rerun computes that block only.
+    (tmp_path / "std.zarr" / "tiles" / "1.0.json").unlink()
+    calls = []
+    real = variance.cross_kernel
+    monkeypatch.setattr(variance, "cross_kernel", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = np.asarray(variance.posterior_uncertainty(s["ntk"], x, g, **kw)[...])
+    assert len(calls) == 1
+    np.testing.assert_array_equal(again, first)
+    with pytest.raises(ValueError, match="--overwrite"):
+        variance.posterior_uncertainty(s["ntk"], x, g, **{**kw, "ridge": 1e-3})
+
+
+def test_the_ntk_posterior_needs_the_nngp_store_of_the_same_rows(stores, fx):
+    s, x = stores["fc_relu_erf"], fx["fc_relu_erf|x_test"]
+    with pytest.raises(ValueError, match="needs the NNGP Gram"):
+        variance.posterior_uncertainty(s["ntk"], x, "ntk", ridge=1e-2, options=OPTS, run=RUN)
+    other = stores["conv_relu_avgpool"]["nngp"]
+    with pytest.raises(ValueError, match="another network"):
+        variance.posterior_uncertainty(s["ntk"], x, "ntk", ridge=1e-2, prior_store=other,
+                                       options=OPTS, run=RUN)  # fmt: skip
+    with pytest.raises(ValueError, match="fit with kind='nngp'"):
+        variance.posterior_uncertainty(s["ntk"], x, "nngp", ridge=1e-2, options=OPTS, run=RUN)
