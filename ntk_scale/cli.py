@@ -244,7 +244,26 @@ def cmd_predict(a: argparse.Namespace) -> int:
     if a.out.endswith(".npy"):
         stages.write_npy(a.out, pred)
     print(f"wrote {pred.shape} predictions to {a.out}")
+    if a.std:
+        out = std_path(a.out)
+        with _inputs(a.x, stages.transform_of(model.meta)) as x:
+            std = stages.predict_uncertainty(
+                a.model_dir, x, _run(a), store=a.store, overwrite=a.overwrite,
+                out=None if out.endswith(".npy") else out)  # fmt: skip
+        if out.endswith(".npy"):
+            stages.write_npy(out, np.asarray(std).reshape(-1, 1))
+        which = load_model(a.model_dir).meta.get("posterior")
+        print(f"wrote {tuple(std.shape)} posterior standard deviations ({which}) to {out}")
     return 0
+
+
+def std_path(out: str) -> str:
+    """Where ``predict --std`` writes the standard deviations: beside the means at ``out``,
+    ``preds.zarr`` -> ``preds-std.zarr``, ``preds.npy`` -> ``preds-std.npy``."""
+    for ext in (".npy", ".zarr"):
+        if out.rstrip("/").endswith(ext):
+            return out.rstrip("/")[: -len(ext)] + "-std" + ext
+    return out.rstrip("/") + "-std"
 
 
 @contextlib.contextmanager
@@ -350,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "resumably: a rerun skips the blocks already written)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace other predictions at --out")
     p.add_argument("--store", default=None, help="override the store recorded in the model")
+    p.add_argument("--std", action="store_true",
+                   help="also the posterior's standard deviations (model.json's posterior), "
+                   "written beside --out as <out>-std (Zarr: resumably)")  # fmt: skip
     _worker_args(p)
     p.set_defaults(func=cmd_predict)
 

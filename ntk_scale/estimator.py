@@ -25,7 +25,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ntk_scale import nystrom, stages
+from ntk_scale import nystrom, posterior, stages, variance
 from ntk_scale.kernels import FullyConnected, Network, bind
 from ntk_scale.model import Model, save_model
 from ntk_scale.options import GramOptions, RunOptions, SolveOptions, estimator_init, pick
@@ -90,6 +90,8 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
     def _fit_rows(self, X: np.ndarray, Y: np.ndarray) -> NTKRegressor:
         """Gram, solve on validated rows X (N, d) and float64 targets Y (N,) or (N, C)."""
         go, so, run = self._options()
+        posterior.check_posterior(so.posterior, go.kind)
+        self.prior_store_ = None  # the NNGP store of posterior "ntk", made on demand
         spec = self._spec()
         go = self._resolve_dtype(X, spec, go, so)
         so = self._resolve_method(X, spec, go, so, run)
@@ -149,13 +151,47 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
         return os.path.join(self.workdir_, name)
 
     # -- predict --------------------------------------------------------------------------------
-    def predict(self, X: Any) -> np.ndarray:
+    def predict(self, X: Any, return_std: bool = False, return_cov: bool = False) -> Any:
         """X: (M, d) (or (M, *sample shape) as in fit) -> (M,) or (M, C) predictions
-        K(X, X_train) @ alpha."""
+        K(X, X_train) @ alpha, the posterior mean.
+
+        return_std / return_cov (at most one, as scikit-learn's GaussianProcessRegressor):
+        also the posterior's standard deviations (M,) or covariance (M, M), for ``posterior``
+        (ntk_scale.posterior; "auto": the kind's own) at the fitted ridge. Several targets
+        share them: the kernel is traced over outputs, as in Neural Tangents. "ntk" needs the
+        NNGP Gram of the training rows too, computed on the first such call (one more pass
+        over the tiles) and kept beside the store (``prior_store_``). Exact method only."""
         check_is_fitted(self)
         X = _validate_predict(self, X)
         model = Model(self.alpha_, self.solve_result_.meta)
-        return stages.predict(model, X, self._options()[2], store=self.store_)
+        mean = stages.predict(model, X, self._options()[2], store=self.store_)
+        if return_std and return_cov:
+            raise ValueError("at most one of return_std and return_cov can be True (the "
+                             "standard deviations are the covariance's diagonal's roots)")
+        if not (return_std or return_cov):
+            return mean
+        return mean, self._uncertainty(X, full_cov=return_cov)
+
+    def _uncertainty(self, X: np.ndarray, full_cov: bool) -> np.ndarray:
+        """The posterior std (M,) or covariance (M, M) of validated rows X."""
+        if getattr(self, "method_", "exact") != "exact":
+            raise ValueError(f"predict(return_std/return_cov) needs the exact method's store; "
+                             f"this model was fitted with method={self.method_!r}: refit with "
+                             "method='exact'")  # fmt: skip
+        go, so, run = self._options()
+        which = posterior.check_posterior(so.posterior, go.kind)
+        prior = self._prior_store(go, run) if posterior.needs_prior_train(which) else None
+        so = dataclasses.replace(so, operator=self.operator_, ridge=self.solve_report_.lam,
+                                 ridge_absolute=True)  # fmt: skip
+        return variance.posterior_uncertainty(
+            self.store_, X, which, ridge=self.solve_report_.lam, ridge_absolute=True,
+            prior_store=prior, options=so, run=run, full_cov=full_cov)
+
+    def _prior_store(self, go: GramOptions, run: RunOptions) -> str:
+        """The NNGP Gram of the training rows (the store's copy of X), made once, beside it."""
+        if getattr(self, "prior_store_", None) is None:
+            self.prior_store_ = stages.nngp_store_for(self.store_, run)
+        return self.prior_store_
 
     def save(self, path: str, extra: dict[str, Any] | None = None) -> None:
         """Write the model directory (alpha as Zarr + JSON metadata, as `ntk-scale solve`)."""
@@ -333,6 +369,8 @@ class NTKRegressorCV(NTKRegressor):
     def _fit_rows(self, X: np.ndarray, Y: np.ndarray, labels: Any = None) -> NTKRegressorCV:
         """The ridge path on the folds of validated rows X (N, d), targets Y, then the refit."""
         go, so, run = self._options()
+        posterior.check_posterior(so.posterior, go.kind)
+        self.prior_store_ = None  # the NNGP store of posterior "ntk", made on demand
         folds = self._folds(X.shape[0], labels)
         spec = self._spec()
         go = self._resolve_dtype(X, spec, go, so)

@@ -45,6 +45,8 @@ CENTER_SELECTIONS = ("rpcholesky", "uniform")
 #: Where Nyström's K(X, C) lives (see ntk_scale.nystrom and ntk_scale.sizing.choose_knm).
 KNM_ROUTES = ("auto", "stored", "recompute", "normal")
 WARM_STARTS = ("none", "nystrom")
+#: predict's posterior (ntk_scale.posterior): auto is the kernel kind's own.
+POSTERIOR_CHOICES = ("auto", "nngp", "ntk", "ntkgp")
 
 # -- declaring an option --------------------------------------------------------------------------
 _MISSING = dataclasses.MISSING
@@ -356,6 +358,11 @@ class SolveOptions:
     warm_start: str = option("none", "the exact solve's starting point: none, or nystrom "
                              "(x0 = (y - K_nm α)/λ from a Nyström fit of --centers)",
                              section="solver", choices=WARM_STARTS)  # fmt: skip
+    posterior: str = option("auto", "the posterior of predict's std and cov (Neural Tangents' "
+                            "gp_inference): nngp, ntk (an ensemble of trained networks; needs "
+                            "the NNGP store too), ntkgp (the GP with the NTK), or auto (the "
+                            "kind's own: nngp for nngp, ntk for ntk)", section="solver",
+                            choices=POSTERIOR_CHOICES)  # fmt: skip
 
     def __post_init__(self) -> None:
         if isinstance(self.warm_start, bool):  # scikit-learn's checks set warm_start=False on

@@ -25,8 +25,10 @@ from typing import Any
 
 import numpy as np
 
-#: The posteriors of ``gp_inference``'s ``get``.
-POSTERIORS = ("nngp", "ntk", "ntkgp")
+from ntk_scale.options import POSTERIOR_CHOICES
+
+#: The posteriors of ``gp_inference``'s ``get`` (the option's choices less "auto").
+POSTERIORS = tuple(p for p in POSTERIOR_CHOICES if p != "auto")
 #: A kernel kind's own posterior, and the posteriors its store can serve.
 DEFAULT_POSTERIOR = {"nngp": "nngp", "ntk": "ntk"}
 ALLOWED = {"nngp": ("nngp",), "ntk": ("ntk", "ntkgp")}
@@ -41,14 +43,14 @@ class NegativeVarianceError(ValueError):
 
 def check_posterior(posterior: str | None, kind: str) -> str:
     """The posterior to compute for a store of kernel ``kind``: ``posterior``, or the kind's
-    own where None. Raises ValueError naming the fix where it does not fit the kind."""
+    own where None or "auto". Raises ValueError naming the fix where it does not fit the kind."""
     if kind not in ALLOWED:
         raise ValueError(f"kind={kind!r} has no posterior; use kind 'nngp' or 'ntk'")
-    if posterior is None:
+    if posterior is None or posterior == "auto":
         return DEFAULT_POSTERIOR[kind]
     if posterior not in POSTERIORS:
         raise ValueError(f"posterior={posterior!r} is not one of {POSTERIORS}; pass one of "
-                         f"them, or None for the kind's own ({DEFAULT_POSTERIOR[kind]!r})")
+                         f"them, or 'auto' for the kind's own ({DEFAULT_POSTERIOR[kind]!r})")
     if posterior not in ALLOWED[kind]:
         fits = [k for k, allowed in ALLOWED.items() if posterior in allowed][0]
         raise ValueError(f"posterior={posterior!r} inverts the {fits.upper()} kernel, but this "

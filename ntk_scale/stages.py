@@ -21,6 +21,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
+from ntk_scale import posterior, variance
 from ntk_scale.errors import PrecisionWarning, SolverError
 from ntk_scale.io import as_rows
 from ntk_scale.kernels import Kernel, Layer, bind, diag_blocks, precision
@@ -270,6 +271,7 @@ def solve(
             y = transform.to_model_units(y)
         extra = {**(extra or {}), "transform": transform.to_dict()}
     g = GramStore.open(store)
+    posterior.check_posterior(opts.posterior, g.meta.kind)  # a misfit fails before the solve
     decision = choose_solver_operator(
         opts.operator, g.meta.spec, g.meta.n_rows, g.meta.d,
         GramOptions(g.meta.kind, g.meta.dtype, g.meta.tile), run, store,
@@ -367,6 +369,10 @@ def model_meta(
         "lam": report.lam,
         "store": g.url,
         "store_fingerprint": g.fingerprint,
+        # predict's std / cov (ntk_scale.posterior); "ntk" also needs the NNGP store, made
+        # on the first such predict (nngp_store_for) and recorded here once it exists
+        "posterior": posterior.check_posterior(o.posterior, g.meta.kind),
+        "nngp_store": None,
         # every solver option as its record holds it (the one definition: ntk_scale.options)
         "options": {"solver": to_json(o)},
         "solver": {
@@ -426,6 +432,64 @@ def predict(
     of = {} if transform is None else {"transform": transform.fingerprint()}
     return predict_from_store(url, m.alpha, x_star, run, out=out, overwrite=overwrite,
                               finish=finish, of=of)  # fmt: skip
+
+
+def predict_uncertainty(
+    model: str | Model,
+    x_star: Any,
+    run: RunOptions | None = None,
+    *,
+    store: str | None = None,
+    full_cov: bool = False,
+    out: str | None = None,
+    overwrite: bool = False,
+    model_dir: str | None = None,
+) -> Any:
+    """The posterior standard deviations (M,) of x_star for a model (its directory, or a
+    Model), or with ``full_cov`` its covariance (M, M): model.json's ``posterior`` at its λ,
+    by multi-right-hand-side PCG with the fit's solver options (:mod:`ntk_scale.variance`).
+    out: a path or URL where the (M, 1) standard deviations are written resumably. Posterior
+    "ntk" first makes the NNGP store of the training rows if the model has none
+    (:func:`nngp_store_for`), and records it in model.json when ``model_dir`` (or the model's
+    own directory) is given. In the target's units: a table transform's scale applies."""
+    m = load_model(model) if isinstance(model, str) else model
+    model_dir = model_dir or (model if isinstance(model, str) else None)
+    url = store or m.store_url
+    if "nystrom" in m.meta:
+        raise ValueError("predict --std needs the exact method's store; this model was fitted "
+                         "with method='nystrom': refit with method='exact'")  # fmt: skip
+    which = m.meta.get("posterior") or posterior.check_posterior(None, m.meta["kind"])
+    prior = None
+    if posterior.needs_prior_train(which):
+        prior = m.meta.get("nngp_store") or nngp_store_for(url, run)
+        if model_dir is not None and m.meta.get("nngp_store") != prior:
+            save_model(model_dir, m.alpha, {**m.meta, "nngp_store": prior})
+    so = SolveOptions(**{k: v for k, v in m.meta["options"]["solver"].items()
+                         if k in ("preconditioner", "rank", "tol", "max_iter", "seed",
+                                  "pivot_block", "memory_budget_bytes")},
+                      operator=m.meta["solver"]["operator"])  # fmt: skip
+    result = variance.posterior_uncertainty(
+        url, x_star, which, ridge=m.meta["lam"], ridge_absolute=True, prior_store=prior,
+        options=so, run=run, full_cov=full_cov, out=out, overwrite=overwrite)
+    transform = transform_of(m.meta)
+    scale = 1.0 if transform is None or not transform.target else float(transform.target_std)
+    if scale != 1.0:
+        if out is not None:
+            raise ValueError("a standardised target's std is written in model units only; "
+                             "predict without --out (a .npy) to get them in the target's")
+        result = result * (scale**2 if full_cov else scale)
+    return result
+
+
+def nngp_store_for(store_url: str, run: RunOptions | None = None) -> str:
+    """The NNGP Gram of the NTK store's training rows (its copy of X), same network, dtype and
+    tile, at ``<store>-nngp.zarr`` (reused when it is there): posterior "ntk" needs it."""
+    g = GramStore.open(store_url)
+    url = store_url.rstrip("/").removesuffix(".zarr") + "-nngp.zarr"
+    x = np.vstack([g.x_block("rows", b) for b in range(g.plan.row_blocks)])
+    gram(x, g.meta.spec, url, GramOptions(kind="nngp", dtype=g.meta.dtype, tile=g.meta.tile),
+         run or RunOptions())  # fmt: skip
+    return url
 
 
 def transform_of(meta: dict[str, Any]) -> TableTransform | None:

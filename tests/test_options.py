@@ -283,7 +283,7 @@ def test_to_json_records_the_fields():
                    "operator": "stored", "checkpoint_every": 10, "seed": 0, "pivot_block": 1,
                    "memory_budget_bytes": 2 * 2**30, "method": "exact", "centers": 10_000,
                    "center_selection": "rpcholesky", "knm": "auto",
-                   "warm_start": "none"}  # fmt: skip
+                   "warm_start": "none", "posterior": "auto"}  # fmt: skip
     assert "progress" not in opts.to_json(RunOptions()) and "overwrite" not in opts.to_json(
         GramOptions()
     )

@@ -1,0 +1,97 @@
+"""NTKRegressor(posterior=...).predict(X, return_std=True / return_cov=True) and
+NTKRegressorCV's, end to end on a local Ray (the Gram engine, the store, PCG), against Neural
+Tangents' gp_inference (tests/fixtures/nt_posteriors.npz): mean and covariance to 1e-6."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ntk_scale import NTKRegressor, NTKRegressorCV
+from ntk_scale.kernels.stax import layer_from_dict
+
+FIXTURES = Path(__file__).parent / "fixtures" / "nt_posteriors.npz"
+NAME = "fc_relu_erf"
+
+
+@pytest.fixture(scope="module")
+def fx():
+    with np.load(FIXTURES, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def _est(fx, tmp_path, cls=NTKRegressor, **kw):
+    layer = layer_from_dict(json.loads(str(fx[f"{NAME}|spec"])))
+    base = dict(kernel=layer, dtype="float64", tile=8, tol=1e-12, rank=8, workers=1,
+                workdir=str(tmp_path))  # fmt: skip
+    return cls(**{**base, **kw})
+
+
+def _rel(got, ref):
+    return float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+
+
+@pytest.mark.parametrize("g, kind", [("ntk", "ntk"), ("ntkgp", "ntk"), ("nngp", "nngp")])
+def test_estimator_std_and_cov_equal_neural_tangents(ray_local, fx, tmp_path, g, kind):
+    x, y, xs = fx[f"{NAME}|x_train"], fx[f"{NAME}|y_train"], fx[f"{NAME}|x_test"]
+    est = _est(fx, tmp_path, kind=kind, posterior=g, ridge=float(fx[f"{NAME}|diag_reg"][0]))
+    est.fit(x, y)
+    mean, std = est.predict(xs, return_std=True)
+    mean2, cov = est.predict(xs, return_cov=True)
+    want = fx[f"{NAME}|{g}|0|cov"]
+    assert mean.shape == (len(xs), 2) and std.shape == (len(xs),) and cov.shape == want.shape
+    assert _rel(mean, fx[f"{NAME}|{g}|0|mean"]) <= 1e-6
+    np.testing.assert_array_equal(mean, mean2)
+    assert _rel(std**2, np.diag(want)) <= 1e-6
+    assert _rel(cov, want) <= 1e-6
+    assert (est.prior_store_ is not None) == (g == "ntk")
+    with pytest.raises(ValueError, match="at most one"):
+        est.predict(xs, return_std=True, return_cov=True)
+
+
+def test_cv_estimator_gives_the_posterior_at_the_chosen_ridge(ray_local, fx, tmp_path):
+    x, y, xs = fx[f"{NAME}|x_train"], fx[f"{NAME}|y_train"], fx[f"{NAME}|x_test"]
+    grid = tuple(float(r) for r in fx[f"{NAME}|diag_reg"])
+    est = _est(fx, tmp_path, NTKRegressorCV, posterior="ntkgp", ridges=grid, cv=3).fit(x, y)
+    r = grid.index(est.ridge_)
+    _, cov = est.predict(xs, return_cov=True)
+    assert _rel(cov, fx[f"{NAME}|ntkgp|{r}|cov"]) <= 1e-6
+
+
+def test_a_posterior_that_does_not_fit_the_kind_is_refused_before_any_work(fx, tmp_path):
+    x, y = fx[f"{NAME}|x_train"], fx[f"{NAME}|y_train"]
+    with pytest.raises(ValueError, match="fit with kind='nngp'"):
+        _est(fx, tmp_path, kind="ntk", posterior="nngp").fit(x, y)
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_predict_std_writes_them_beside_the_means(ray_local, fx, tmp_path):
+    """gram, solve --posterior ntk, predict --std on the conv + pooling case: the standard
+    deviations (a second resumable Zarr array, p-std.zarr) equal Neural Tangents' ntk
+    posterior's; model.json records the posterior and the NNGP store made on the way."""
+    import zarr
+
+    from ntk_scale.cli import main
+
+    name, t = "conv_relu_avgpool", tmp_path
+    layer = layer_from_dict(json.loads(str(fx[f"{name}|spec"])))
+    (t / "spec.json").write_text(layer.to_json())
+    for key in ("x_train", "y_train", "x_test"):
+        np.save(t / f"{key}.npy", fx[f"{name}|{key}"])
+    common = ["--kernel-spec", str(t / "spec.json"), "--dtype", "float64", "--tile", "8"]
+    assert main(["gram", "--x", str(t / "x_train.npy"), "--store", str(t / "g.zarr"),
+                 *common]) == 0  # fmt: skip
+    solve = ["solve", "--store", str(t / "g.zarr"), "--y", str(t / "y_train.npy"),
+             "--ridge", "1e-2", "--tol", "1e-12", "--rank", "8"]  # fmt: skip
+    assert main([*solve, "--model-dir", str(t / "bad"), "--posterior", "nngp"]) == 2
+    assert not (t / "bad").exists()
+    assert main([*solve, "--model-dir", str(t / "m"), "--posterior", "ntk"]) == 0
+    assert main(["predict", "--model-dir", str(t / "m"), "--x", str(t / "x_test.npy"),
+                 "--out", str(t / "p.zarr"), "--std"]) == 0  # fmt: skip
+    std = np.asarray(zarr.open_array(str(t / "p-std.zarr"), mode="r")[...])[:, 0]
+    mean = np.asarray(zarr.open_array(str(t / "p.zarr"), mode="r")[...])
+    assert _rel(std**2, np.diag(fx[f"{name}|ntk|0|cov"])) <= 1e-6
+    assert _rel(mean, fx[f"{name}|ntk|0|mean"]) <= 1e-6
+    meta = json.loads((t / "m" / "model.json").read_text())
+    assert meta["posterior"] == "ntk" and meta["nngp_store"].endswith("g-nngp.zarr")
