@@ -159,6 +159,68 @@ def posterior_uncertainty(
     return sink.read() if sink is not None else std
 
 
+def sketch_std(
+    store_url: str,
+    x_star: Any,
+    posterior: str | None = None,
+    *,
+    ridge: float,
+    ridge_absolute: bool = False,
+    rank: int = SolveOptions.rank,
+    seed: int = SolveOptions.seed,
+    run: RunOptions | None = None,
+) -> np.ndarray:
+    """A cheap estimate of the posterior standard deviations (M,) for very many test rows: the
+    deterministic-training-conditional (DTC) variance of the Nyström approximation on ``rank``
+    pivots P drawn by randomly pivoted Cholesky (as the preconditioner draws them),
+
+        var(x*) = k** − k*ᵀ K_PP⁻¹ k* + λ k*ᵀ (λK_PP + K_PX K_XP)⁻¹ k*,   k* = K(P, x*),
+
+    which is >= 0 (both differences are Schur complements) and equals the exact variance
+    when P holds every row. Costs K(X, P) once (N·r entries) and r kernel entries a test row:
+    no solve, no pass over the stored Gram per block. For the GP posteriors ("nngp",
+    "ntkgp"); "ntk" needs the exact route. tests/test_variance.py measures how far it is."""
+    import scipy.linalg
+
+    from ntk_scale.linalg.pcg import resolve_ridge
+    from ntk_scale.linalg.preconditioners import rpcholesky
+    from ntk_scale.linalg.stored import StoredOperator
+
+    run = run or RunOptions()
+    store = open_symmetric(store_url, complete=False)
+    posterior = post.check_posterior(posterior, store.meta.kind)
+    if post.needs_prior_train(posterior):
+        raise ValueError("the sketch estimate covers the GP posteriors (nngp, ntkgp); for "
+                         "posterior 'ntk' use the exact route (estimate='exact')")  # fmt: skip
+    meta = store.meta
+    x_star = flat_samples(x_star, meta.spec, meta.d)
+    op = StoredOperator(store)
+    lam = resolve_ridge(ridge, op, ridge_absolute)
+    n = store.shape[0]
+    _, piv, _ = rpcholesky(op, min(int(rank), n), np.random.default_rng(seed))
+    A = op.columns(piv)  # K_XP (N, r)
+    B = A[piv]  # K_PP (r, r)
+    jitter = 1e-12 * float(np.trace(B)) / len(piv)
+    Bf = scipy.linalg.cho_factor(B + jitter * np.eye(len(piv)), lower=True)
+    Gf = scipy.linalg.cho_factor(A.T @ A + lam * B + lam * jitter * np.eye(len(piv)), lower=True)
+    x_p = np.vstack([store.x_block("rows", b) for b in range(meta.plan.row_blocks)])[piv]
+    fn = meta.spec.tile_function(meta.kind, meta.dtype)  # a GP posterior: prior = solved
+    m, tile = int(x_star.shape[0]), meta.tile
+    out = np.empty(m)
+    xp_pad = meta.spec.pad_block(np.asarray(x_p, dtype=meta.dtype), max(len(x_p), tile))
+    with Progress("posterior variance (sketch)", m, "rows", enabled=run.show_progress) as bar:
+        for r0 in range(0, m, tile):
+            x_b = np.asarray(x_star[r0 : r0 + tile], dtype=np.float64)
+            x1 = meta.spec.pad_block(np.asarray(x_b, dtype=meta.dtype), tile)
+            k = np.asarray(fn(x1, xp_pad), dtype=np.float64)[: len(x_b), : len(x_p)].T  # (r, t)
+            diag = self_kernel(store, x_b, meta.kind, full=False)
+            var = (diag - np.einsum("rt,rt->t", k, scipy.linalg.cho_solve(Bf, k))
+                   + lam * np.einsum("rt,rt->t", k, scipy.linalg.cho_solve(Gf, k)))  # fmt: skip
+            out[r0 : r0 + len(x_b)] = post.checked_std(var, diag, _kernel_eps(store))
+            bar.update(done=min(r0 + tile, m))
+    return out
+
+
 class _BlockSolver:
     """(K + λI)⁻¹ B for blocks B (N, c), on one operator and one preconditioner for all."""
 
