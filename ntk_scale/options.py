@@ -299,6 +299,9 @@ class GramOptions:
                        "padded)", section="store")  # fmt: skip
     overwrite: bool = option(False, "replace a store made for other inputs", section="store",
                              keyword=False, record=False)  # fmt: skip
+    also_nngp: bool = option(False, "with kind ntk, also write the NNGP Gram of the same rows "
+                             "in the same pass over the tiles, at <store>-nngp.zarr (posterior "
+                             "'ntk' std and cov need it)", section="store")  # fmt: skip
 
     def __post_init__(self) -> None:
         check_choices(self)

@@ -50,15 +50,23 @@ class GramTileWorker:
 
     It reads its input rows from the store's copy of X, so X travels to each worker once per
     block it needs, never through the driver. The tile function is compiled once, for the one
-    padded tile shape, when the role is attached.
+    padded tile shape, when the role is attached. companion_url: a second store of the same
+    rows and network in the other kind (the NNGP beside an NTK store): every tile is computed
+    in both kinds by the same task, from the same input blocks, the companion's written first,
+    so one pass over the tiles fills both.
     """
 
-    def __init__(self, store_url: str):
+    def __init__(self, store_url: str, companion_url: str | None = None):
         self.store = GramStore.open(store_url, mode="r+")
         meta = self.store.meta
         spec, self.size = meta.spec, meta.tile
         self._fn = spec.tile_function(meta.kind, meta.dtype)
         self._sym = spec.tile_function(meta.kind, meta.dtype, symmetric=True)
+        self.companion = None if companion_url is None else GramStore.open(companion_url, "r+")
+        if self.companion is not None:
+            kind = self.companion.meta.kind
+            self._fn2 = spec.tile_function(kind, meta.dtype)
+            self._sym2 = spec.tile_function(kind, meta.dtype, symmetric=True)
         self._lock = threading.Lock()
         self._fault = os.environ.get(FAULT_KILL_TILE_ENV)
         self._warm_up(spec, meta)
@@ -68,30 +76,41 @@ class GramTileWorker:
         pairs compiles per chunk: one chunk's worth of rows suffices (a tile can take hours)."""
         rows = spec.tile_chunk(meta.kind, meta.dtype, self.size, self.size)
         zeros = np.zeros((max(rows), meta.d), dtype=meta.dtype)
-        np.asarray(self._fn(zeros[: rows[0]], zeros[: rows[1]]))
-        if meta.symmetric:
-            np.asarray(self._sym(zeros[: min(rows)], zeros[: min(rows)]))
+        pairs = [(self._fn, self._sym)] + ([] if self.companion is None else
+                                           [(self._fn2, self._sym2)])  # fmt: skip
+        for fn, sym in pairs:
+            np.asarray(fn(zeros[: rows[0]], zeros[: rows[1]]))
+            if meta.symmetric:
+                np.asarray(sym(zeros[: min(rows)], zeros[: min(rows)]))
 
     def _rows(self, side: str, b: int) -> np.ndarray:
         """Block b's inputs, padded to the tile when the kernel compiles one shape."""
         return self.store.meta.spec.pad_block(self.store.x_block(side, b), self.size)
 
+    def _values(self, tile: Any, fn: Any, sym: Any, x1: np.ndarray, j: int) -> np.ndarray:
+        if tile.diagonal and self.store.meta.symmetric:
+            values = np.asarray(sym(x1, x1))
+        else:
+            values = np.asarray(fn(x1, self._rows("cols", j)))
+        return values[: tile.shape[0], : tile.shape[1]]
+
     def compute(self, i: int, j: int) -> dict[str, Any]:
-        """Compute, write and mark tile (i, j). Returns where and how long it took."""
+        """Compute, write and mark tile (i, j) (and the companion's). Returns where and how
+        long it took."""
         tile = self.store.plan.tile_at(i, j)
         with self._lock:
             if self._fault == f"{i}.{j}":
                 os.kill(os.getpid(), signal.SIGKILL)
             t0, started = time.perf_counter(), time.time()
             x1 = self._rows("rows", i)
-            if tile.diagonal and self.store.meta.symmetric:
-                values = np.asarray(self._sym(x1, x1))
-            else:
-                values = np.asarray(self._fn(x1, self._rows("cols", j)))
-            values = values[: tile.shape[0], : tile.shape[1]]
+            values = self._values(tile, self._fn, self._sym, x1, j)
+            other = (None if self.companion is None
+                     else self._values(tile, self._fn2, self._sym2, x1, j))  # fmt: skip
             t1 = time.perf_counter()
         info = {"node": node_id(), "host": socket.gethostname(), "pid": os.getpid()}
         info.update(compute_s=t1 - t0, start=started)
+        if other is not None:
+            self.companion.write_tile(tile, other, info)
         self.store.write_tile(tile, values, info)
         info.update(write_s=time.perf_counter() - t1, end=time.time(), bytes=values.nbytes)
         info["entries"] = values.size

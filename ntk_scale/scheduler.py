@@ -63,20 +63,27 @@ def run_store(
     gram: GramStore,
     run: RunOptions | None = None,
     on_tile: Callable[[dict[str, Any]], None] | None = None,
+    companion: GramStore | None = None,
 ) -> GramReport:
     """Compute the missing tiles of an existing store on the process's pool.
 
     on_tile: called on the driver with each finished tile's record (tests inject faults here).
+    companion: a store of the same plan in the other kind, filled by the same tasks (a tile
+    missing from either is computed for both).
     """
     run = run or RunOptions()
     start = time.perf_counter()
     with gram.lock() as lock:
         missing = gram.missing()
+        if companion is not None:
+            missing = sorted(set(missing) | set(companion.missing()))
         total = gram.plan.n_tiles
         if not missing:
             return GramReport(gram.url, total, 0, total, 0, 0, time.perf_counter() - start, 0)
-        records, stats, group = _compute(gram, missing, run, lock, on_tile)
+        records, stats, group = _compute(gram, missing, run, lock, on_tile, companion)
         gram.sweep_partial_writes()  # a killed worker (or an earlier killed run) left these
+        if companion is not None:
+            companion.sweep_partial_writes()
     entries = sum(gram.plan.tile_at(r["i"], r["j"]).shape[0] * _cols(gram, r) for r in records)
     pids = tuple(sorted({int(r["pid"]) for r in records}))
     return GramReport(
@@ -98,10 +105,12 @@ def _cols(gram: GramStore, record: dict[str, Any]) -> int:
     return gram.plan.tile_at(record["i"], record["j"]).shape[1]
 
 
-def _compute(gram: GramStore, missing: list[Tile], run: RunOptions, lock: Any, on_tile):
+def _compute(gram: GramStore, missing: list[Tile], run: RunOptions, lock: Any, on_tile,
+             companion: GramStore | None = None):  # fmt: skip
     pool = pool_for(run)
     slots = pool.take(run.workers, limit=len(missing))
-    group = RoleGroup(pool, slots, GramTileWorker, lambda k: (gram.url,), run, "gram").start()
+    args = (gram.url,) if companion is None else (gram.url, companion.url)
+    group = RoleGroup(pool, slots, GramTileWorker, lambda k: args, run, "gram").start()
     records: list[dict[str, Any]] = []
     done0, total = gram.plan.n_tiles - len(missing), gram.plan.n_tiles
     bar = Progress("gram", total, "tiles", enabled=run.show_progress, done=done0)

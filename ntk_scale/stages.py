@@ -91,6 +91,15 @@ def gram(
         # In blocks of the tile: XLA rounds by shape, so this equals the tiles' own diagonal.
         return diag_blocks(spec, x, o.kind, o.dtype, block=o.tile)
 
+    if o.also_nngp and (o.kind != "ntk" or x_cols is not None):
+        raise ValueError(f"also_nngp writes the NNGP Gram beside a symmetric NTK store; this is "
+                         f"kind={o.kind!r}{', rectangular' if x_cols is not None else ''}: "
+                         "drop also_nngp, or use kind='ntk' on K(x, x)")  # fmt: skip
+    companion = None
+    if o.also_nngp:  # checked and created first: nothing of the NTK store before its twin
+        companion = GramStore.create(
+            nngp_store_url(store), spec, x, kind="nngp", dtype=o.dtype, tile=o.tile,
+            overwrite=o.overwrite, diag=lambda: diag_blocks(spec, x, "nngp", o.dtype, block=o.tile))
     g = GramStore.create(
         store, spec, x, x_cols, kind=o.kind, dtype=o.dtype, tile=o.tile,
         overwrite=o.overwrite, diag=None if x_cols is not None else diag,
@@ -99,8 +108,22 @@ def gram(
         total = g.plan.n_tiles
         report = GramReport(g.url, total, 0, total - len(g.missing()), 0, 0, 0.0, 0)
     else:
-        report = run_store(g, run, on_tile)
+        report = run_store(g, run, on_tile, companion)
     return dataclasses.replace(report, dtype=o.dtype, dtype_reason=why)
+
+
+def nngp_store_url(store: str) -> str:
+    """Where the NNGP twin of an NTK store lives: ``<store>-nngp.zarr`` beside it."""
+    return store.rstrip("/").removesuffix(".zarr") + "-nngp.zarr"
+
+
+def complete_nngp_store(store: str) -> str | None:
+    """The NNGP twin of ``store`` (:func:`nngp_store_url`) if it exists with every tile."""
+    url = nngp_store_url(store)
+    try:
+        return url if store_exists(url) and not GramStore.open(url).missing() else None
+    except (OSError, ValueError):
+        return None
 
 
 def resolve_dtype(
@@ -372,7 +395,7 @@ def model_meta(
         # predict's std / cov (ntk_scale.posterior); "ntk" also needs the NNGP store, made
         # on the first such predict (nngp_store_for) and recorded here once it exists
         "posterior": posterior.check_posterior(o.posterior, g.meta.kind),
-        "nngp_store": None,
+        "nngp_store": complete_nngp_store(g.url) if g.meta.kind == "ntk" else None,
         # every solver option as its record holds it (the one definition: ntk_scale.options)
         "options": {"solver": to_json(o)},
         "solver": {
@@ -485,7 +508,7 @@ def nngp_store_for(store_url: str, run: RunOptions | None = None) -> str:
     """The NNGP Gram of the NTK store's training rows (its copy of X), same network, dtype and
     tile, at ``<store>-nngp.zarr`` (reused when it is there): posterior "ntk" needs it."""
     g = GramStore.open(store_url)
-    url = store_url.rstrip("/").removesuffix(".zarr") + "-nngp.zarr"
+    url = nngp_store_url(store_url)
     x = np.vstack([g.x_block("rows", b) for b in range(g.plan.row_blocks)])
     gram(x, g.meta.spec, url, GramOptions(kind="nngp", dtype=g.meta.dtype, tile=g.meta.tile),
          run or RunOptions())  # fmt: skip

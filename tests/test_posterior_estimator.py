@@ -35,8 +35,12 @@ def _rel(got, ref):
 @pytest.mark.parametrize("g, kind", [("ntk", "ntk"), ("ntkgp", "ntk"), ("nngp", "nngp")])
 def test_estimator_std_and_cov_equal_neural_tangents(ray_local, fx, tmp_path, g, kind):
     x, y, xs = fx[f"{NAME}|x_train"], fx[f"{NAME}|y_train"], fx[f"{NAME}|x_test"]
-    est = _est(fx, tmp_path, kind=kind, posterior=g, ridge=float(fx[f"{NAME}|diag_reg"][0]))
+    # the ntk posterior's NNGP store: written by the fit's own pass over the tiles
+    both = {"also_nngp": True} if g == "ntk" else {}
+    est = _est(fx, tmp_path, kind=kind, posterior=g, ridge=float(fx[f"{NAME}|diag_reg"][0]),
+               **both)  # fmt: skip
     est.fit(x, y)
+    assert (est.solve_result_.meta["nngp_store"] is not None) == bool(both)
     mean, std = est.predict(xs, return_std=True)
     mean2, cov = est.predict(xs, return_cov=True)
     want = fx[f"{NAME}|{g}|0|cov"]
@@ -95,3 +99,40 @@ def test_cli_predict_std_writes_them_beside_the_means(ray_local, fx, tmp_path):
     assert _rel(mean, fx[f"{name}|ntk|0|mean"]) <= 1e-6
     meta = json.loads((t / "m" / "model.json").read_text())
     assert meta["posterior"] == "ntk" and meta["nngp_store"].endswith("g-nngp.zarr")
+
+
+def test_one_pass_over_the_tiles_writes_the_ntk_and_nngp_stores(ray_local, tmp_path):
+    """gram with also_nngp: every tile computed once, by one task, in both kinds; both stores
+    hold the kernels of X in one call; a run stopped midway resumes both; a tile missing from
+    the NNGP store alone is computed again; kind nngp with also_nngp is refused first."""
+    from ntk_scale import FullyConnected, stages
+    from ntk_scale.options import GramOptions, RunOptions
+    from ntk_scale.store import GramStore
+
+    spec = FullyConnected(depth=2, W_std=1.4, b_std=0.1)
+    x = np.random.default_rng(2).standard_normal((40, 5))
+    url, run = str(tmp_path / "g.zarr"), RunOptions(workers=2, progress=False)
+    go = GramOptions(kind="ntk", dtype="float64", tile=8, also_nngp=True)
+    with pytest.raises(ValueError, match="kind='ntk'"):
+        stages.gram(x, spec, str(tmp_path / "n.zarr"), GramOptions(kind="nngp", also_nngp=True))
+    assert not list(tmp_path.iterdir())
+
+    def stop_after_five(record, seen=[]):  # noqa: B006 - counts the finished tiles
+        seen.append(record)
+        if len(seen) == 5:
+            raise KeyboardInterrupt("stopped")
+
+    with pytest.raises(KeyboardInterrupt):
+        stages.gram(x, spec, url, go, run, on_tile=stop_after_five)
+    report = stages.gram(x, spec, url, go, run)
+    ntk, nngp = GramStore.open(url), GramStore.open(stages.nngp_store_url(url))
+    assert not ntk.missing() and not nngp.missing() and nngp.meta.kind == "nngp"
+    assert 0 < report.computed < ntk.plan.n_tiles  # the rest, not all again
+    for store, kind in ((ntk, "ntk"), (nngp, "nngp")):
+        dense = np.asarray(store.to_dask().compute())
+        np.testing.assert_allclose(dense, spec.kernel(x, kind=kind, dtype="float64"),
+                                   rtol=1e-12, atol=0)  # fmt: skip
+    (Path(nngp.url) / "tiles" / "1.2.json").unlink()
+    again = stages.gram(x, spec, url, go, run)
+    assert again.computed == 1 and not GramStore.open(nngp.url).missing()
+    assert stages.complete_nngp_store(url) == nngp.url
