@@ -166,20 +166,26 @@ def sketch_std(
     *,
     ridge: float,
     ridge_absolute: bool = False,
+    prior_store: str | None = None,
     rank: int = SolveOptions.rank,
     seed: int = SolveOptions.seed,
     run: RunOptions | None = None,
 ) -> np.ndarray:
-    """A cheap estimate of the posterior standard deviations (M,) for very many test rows: the
-    deterministic-training-conditional (DTC) variance of the Nyström approximation on ``rank``
-    pivots P drawn by randomly pivoted Cholesky (as the preconditioner draws them),
+    """A cheap estimate of the posterior standard deviations (M,) for very many test rows,
+    from the Nyström approximation on ``rank`` pivots P drawn by randomly pivoted Cholesky (as
+    the preconditioner draws them); S the solved kernel, A = S(X, P), B = S(P, P),
+    G = AᵀA + λB, s* = S(P, x*):
 
-        var(x*) = k** − k*ᵀ K_PP⁻¹ k* + λ k*ᵀ (λK_PP + K_PX K_XP)⁻¹ k*,   k* = K(P, x*),
+    - "nngp", "ntkgp": the deterministic-training-conditional (DTC) variance
+      var = s** − s*ᵀB⁻¹s* + λ s*ᵀG⁻¹s*, >= 0 (both differences are Schur complements);
+    - "ntk": (Θ + λ)⁻¹Θ*ᵀ ≈ A G⁻¹θ* (Θ replaced by its Nyström approximation), and the NNGP
+      kernel K* by its Nyström approximation on the same pivots:
+      var = K** + uᵀ(AᵀK A)u − 2 k*ᵀ K_PP⁻¹(K_PX A) u, u = G⁻¹θ*; needs the NNGP store
+      ``prior_store`` (K·A is one pass over it).
 
-    which is >= 0 (both differences are Schur complements) and equals the exact variance
-    when P holds every row. Costs K(X, P) once (N·r entries) and r kernel entries a test row:
-    no solve, no pass over the stored Gram per block. For the GP posteriors ("nngp",
-    "ntkgp"); "ntk" needs the exact route. tests/test_variance.py measures how far it is."""
+    Both equal the exact variance when P holds every row. Costs S(X, P) once (N·r entries)
+    and r kernel entries a test row (2r for "ntk"): no solve, no pass over a Gram per block.
+    tests/test_variance.py measures how far it is at lower ranks."""
     import scipy.linalg
 
     from ntk_scale.linalg.pcg import resolve_ridge
@@ -189,33 +195,54 @@ def sketch_std(
     run = run or RunOptions()
     store = open_symmetric(store_url, complete=False)
     posterior = post.check_posterior(posterior, store.meta.kind)
-    if post.needs_prior_train(posterior):
-        raise ValueError("the sketch estimate covers the GP posteriors (nngp, ntkgp); for "
-                         "posterior 'ntk' use the exact route (estimate='exact')")  # fmt: skip
+    prior = None if prior_store is None else open_symmetric(prior_store)
+    check_prior_store(store, prior, posterior)
     meta = store.meta
     x_star = flat_samples(x_star, meta.spec, meta.d)
     op = StoredOperator(store)
     lam = resolve_ridge(ridge, op, ridge_absolute)
-    n = store.shape[0]
-    _, piv, _ = rpcholesky(op, min(int(rank), n), np.random.default_rng(seed))
-    A = op.columns(piv)  # K_XP (N, r)
-    B = A[piv]  # K_PP (r, r)
+    _, piv, _ = rpcholesky(op, min(int(rank), store.shape[0]), np.random.default_rng(seed))
+    A = op.columns(piv)  # S(X, P) (N, r)
+    B = A[piv]
+    eye = np.eye(len(piv))
     jitter = 1e-12 * float(np.trace(B)) / len(piv)
-    Bf = scipy.linalg.cho_factor(B + jitter * np.eye(len(piv)), lower=True)
-    Gf = scipy.linalg.cho_factor(A.T @ A + lam * B + lam * jitter * np.eye(len(piv)), lower=True)
+    Gf = scipy.linalg.cho_factor(A.T @ A + lam * (B + jitter * eye), lower=True)
+    ntk = post.needs_prior_train(posterior)
+    if ntk:
+        Kop = StoredOperator(prior)
+        KA = Kop.matmat(A)  # K(X, X) A (N, r): the one pass over the NNGP store
+        C = A.T @ KA
+        Kxp = Kop.columns(piv)  # K(X, P)
+        Kpp = Kxp[piv]
+        Kf = scipy.linalg.cho_factor(Kpp + 1e-12 * float(np.trace(Kpp)) / len(piv) * eye,
+                                     lower=True)  # fmt: skip
+        D = scipy.linalg.cho_solve(Kf, Kxp.T @ A)  # K_PP⁻¹ K_PX A (r, r)
+    else:
+        Bf = scipy.linalg.cho_factor(B + jitter * eye, lower=True)
     x_p = np.vstack([store.x_block("rows", b) for b in range(meta.plan.row_blocks)])[piv]
-    fn = meta.spec.tile_function(meta.kind, meta.dtype)  # a GP posterior: prior = solved
     m, tile = int(x_star.shape[0]), meta.tile
-    out = np.empty(m)
     xp_pad = meta.spec.pad_block(np.asarray(x_p, dtype=meta.dtype), max(len(x_p), tile))
+    prior_kind = post.prior_kind(posterior)
+
+    def against_pivots(x1: np.ndarray, t: int, kind: str) -> np.ndarray:
+        fn = meta.spec.tile_function(kind, meta.dtype)
+        return np.asarray(fn(x1, xp_pad), dtype=np.float64)[:t, : len(x_p)].T  # (r, t)
+
+    out = np.empty(m)
     with Progress("posterior variance (sketch)", m, "rows", enabled=run.show_progress) as bar:
         for r0 in range(0, m, tile):
             x_b = np.asarray(x_star[r0 : r0 + tile], dtype=np.float64)
             x1 = meta.spec.pad_block(np.asarray(x_b, dtype=meta.dtype), tile)
-            k = np.asarray(fn(x1, xp_pad), dtype=np.float64)[: len(x_b), : len(x_p)].T  # (r, t)
-            diag = self_kernel(store, x_b, meta.kind, full=False)
-            var = (diag - np.einsum("rt,rt->t", k, scipy.linalg.cho_solve(Bf, k))
-                   + lam * np.einsum("rt,rt->t", k, scipy.linalg.cho_solve(Gf, k)))  # fmt: skip
+            s = against_pivots(x1, len(x_b), meta.kind)
+            diag = self_kernel(store, x_b, prior_kind, full=False)
+            if ntk:
+                u = scipy.linalg.cho_solve(Gf, s)
+                k = against_pivots(x1, len(x_b), "nngp")
+                var = (diag + np.einsum("rt,rt->t", u, C @ u)
+                       - 2.0 * np.einsum("rt,rt->t", k, D @ u))  # fmt: skip
+            else:
+                var = (diag - np.einsum("rt,rt->t", s, scipy.linalg.cho_solve(Bf, s))
+                       + lam * np.einsum("rt,rt->t", s, scipy.linalg.cho_solve(Gf, s)))  # fmt: skip
             out[r0 : r0 + len(x_b)] = post.checked_std(var, diag, _kernel_eps(store))
             bar.update(done=min(r0 + tile, m))
     return out
