@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--knm", default="auto", choices=("auto", "stored", "recompute", "normal"))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--workdir", default=None, help="default: a new temporary directory")
+    ap.add_argument("--tag", default="", help="results file million_rows_<dataset><tag>.json")
     a = ap.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix=f"million-{a.dataset}-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -85,7 +86,7 @@ def main() -> None:
         run = _fit(a, work / f"exact{n}", sub, data, "exact", ridge=ridge)
         runs.append(run)
         _print_run(run)
-        write_json(RESULTS / f"million_rows_{a.dataset}.json", result)  # so far
+        write_json(RESULTS / f"million_rows_{a.dataset}{a.tag}.json", result)  # so far
         # The smallest exact run chooses; the others reuse its ridge: a grid down to 1e-5 on
         # 10⁵ rows means a float64 store (dtype auto, at the smallest ridge) read ~100 times.
         ridge = run["ridge"] if ridge is None else ridge
@@ -93,10 +94,10 @@ def main() -> None:
         run = _fit(a, work / f"nystrom{m}", data, data, "nystrom", ridge=ridge or 1e-4, centers=m)
         runs.append(run)
         _print_run(run)
-        write_json(RESULTS / f"million_rows_{a.dataset}.json", result)  # so far
+        write_json(RESULTS / f"million_rows_{a.dataset}{a.tag}.json", result)  # so far
     result["hist_gradient_boosting"] = _hgb(data)
     _print(result)
-    write_json(RESULTS / f"million_rows_{a.dataset}.json", result)
+    write_json(RESULTS / f"million_rows_{a.dataset}{a.tag}.json", result)
 
 
 # -- data -------------------------------------------------------------------------------------
