@@ -203,10 +203,11 @@ def test_block_normal_is_knm_transpose_mask_knm_p():
                                K.T @ P[:, :1].repeat(7, 0)[:7], rtol=1e-12)  # fmt: skip
 
 
-@pytest.mark.parametrize("m, panel, order", [(37, 8, "C"), (16, 16, "F"), (5, 64, "C")])
+@pytest.mark.parametrize("m, panel, order", [(37, 8, "C"), (29, 8, "F"), (16, 16, "F"), (5, 64, "C")])
 def test_add_gram_and_mirror_equal_the_float64_product(m, panel, order):
-    """H accumulated block by block on its upper triangle (syrk, into a C- or F-ordered H in
-    place), then mirrored, is KᵀK to 1e-12, for float64 blocks and for float32 ones (upcast:
+    """H accumulated block by block on its upper triangle (one syrk into a C- or F-ordered H
+    in place; or, wider than ``panel``, column panels: OpenBLAS's dsyrk segfaults at
+    n = 20,000 here), then mirrored, is KᵀK to 1e-12, for float64 blocks and for float32 ones (upcast:
     their products are float64, so H stays positive semi-definite however small λK_mm is),
     against numpy's float64 product; an empty block adds nothing."""
     rng = np.random.default_rng(7)
@@ -214,7 +215,7 @@ def test_add_gram_and_mirror_equal_the_float64_product(m, panel, order):
     for blocks in (K, K.astype(np.float32)):
         H = np.zeros((m, m), order=order)
         for r0 in range(0, 90, 40):
-            F.add_gram(H, blocks[r0 : r0 + 40])
+            F.add_gram(H, blocks[r0 : r0 + 40], panel)  # panel < m: syrk blocks + GEMMs
         F.add_gram(H, blocks[:0])
         assert not np.any(np.tril(H, -1)), "add_gram writes the upper triangle only"
         want = blocks.astype(np.float64).T @ blocks.astype(np.float64)

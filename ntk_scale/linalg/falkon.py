@@ -166,11 +166,19 @@ def block_normal(K_b: np.ndarray, P: np.ndarray, mask_b: np.ndarray | None) -> n
     return K.T @ KP
 
 
-def add_gram(H: np.ndarray, K_b: np.ndarray) -> None:
-    """H += K_bᵀK_b on H's upper triangle, in place, by BLAS ``dsyrk`` (n·m² flops, half a
-    GEMM's; 1.4x the column-panel GEMMs it replaced at m = 6000 here): H (M, M) float64,
-    C- or F-contiguous; K_b (b, M) any float dtype, upcast (one Fortran-order copy, which
-    syrk's transposed form reads fastest).
+#: Widest block one BLAS syrk call forms. OpenBLAS (0.3.30 in scipy, 0.3.31 in numpy, on this
+#: machine's SkylakeX kernels) segfaults in dsyrk for n = 20,000 (k = 1,024 and k = 20,000;
+#: n = 10,000 is fine), and numpy sends A @ A.T to syrk: wider products go in column panels
+#: of this width, a syrk for each diagonal block and a GEMM for the rest of its column panel.
+SYRK_PANEL = 4096
+
+
+def add_gram(H: np.ndarray, K_b: np.ndarray, panel: int = SYRK_PANEL) -> None:
+    """H += K_bᵀK_b on H's upper triangle, in place (n·m² flops, half a GEMM's; 1.4x the
+    column-panel GEMMs it replaced at m = 6000 here): H (M, M) float64, C- or F-contiguous;
+    K_b (b, M) any float dtype, upcast (one Fortran-order copy, which syrk's transposed form
+    reads fastest). Up to ``panel`` columns one BLAS dsyrk call; wider H in column panels
+    (:data:`SYRK_PANEL`).
 
     The products run in float64 even for a float32 Gram: K̃ᵀK̃ of rounded entries K̃ is still
     positive semi-definite, but float32 products round H by ~√b·u·‖H‖, while λK_mm, what keeps
@@ -181,13 +189,24 @@ def add_gram(H: np.ndarray, K_b: np.ndarray) -> None:
         raise TypeError(f"add_gram needs a contiguous float64 H, got {H.dtype} "
                         f"(flags {H.flags}); allocate it with np.zeros((m, m))")  # fmt: skip
     K = np.asfortranarray(K_b, dtype=np.float64)
+    m = K.shape[1]
     if K.shape[0] == 0:
         return
-    # BLAS sees a C-contiguous H as its transpose: its lower triangle is H's upper one.
-    c, lower = (H, 0) if H.flags.f_contiguous else (H.T, 1)
-    out = _syrk(1.0, K, beta=1.0, c=c, trans=1, lower=lower, overwrite_c=1)
-    if not np.shares_memory(out, H):  # pragma: no cover - scipy copied c: keep the sum anyway
-        np.copyto(c, out)
+    if m <= panel:
+        # BLAS sees a C-contiguous H as its transpose: its lower triangle is H's upper one.
+        c, lower = (H, 0) if H.flags.f_contiguous else (H.T, 1)
+        out = _syrk(1.0, K, beta=1.0, c=c, trans=1, lower=lower, overwrite_c=1)
+        if not np.shares_memory(out, H):  # pragma: no cover - scipy copied c: keep the sum
+            np.copyto(c, out)
+        return
+    for j0 in range(0, m, panel):
+        j1 = min(j0 + panel, m)
+        cols = K[:, j0:j1]  # a Fortran-order column slice: contiguous
+        diag = _syrk(1.0, cols, trans=1, lower=0)  # (p, p), its upper triangle
+        block = H[j0:j1, j0:j1]
+        block += np.triu(diag)
+        if j0:
+            H[:j0, j0:j1] += K[:, :j0].T @ cols
 
 
 def mirror_upper(H: np.ndarray, panel: int = 2048) -> np.ndarray:
@@ -455,7 +474,8 @@ class Falkon:
 def falkon_factor(T: np.ndarray, ratio: float) -> np.ndarray:
     """A upper with AᵀA = T Tᵀ / M + ratio · I, ratio = λ/n: (M, M) float64."""
     m = T.shape[0]
-    W = T @ T.T
+    W = np.zeros((m, m))
+    add_gram(W, T.T)  # T Tᵀ's upper triangle, all Cholesky reads (not numpy's T @ T.T: syrk)
     W /= m
     W[np.diag_indices(m)] += ratio
     return scipy.linalg.cholesky(W, lower=False, overwrite_a=True)
