@@ -203,12 +203,13 @@ def test_block_normal_is_knm_transpose_mask_knm_p():
                                K.T @ P[:, :1].repeat(7, 0)[:7], rtol=1e-12)  # fmt: skip
 
 
-@pytest.mark.parametrize("m, panel, order", [(37, 8, "C"), (29, 8, "F"), (16, 16, "F"), (5, 64, "C")])
+@pytest.mark.parametrize("m, panel, order",
+                         [(37, 8, "C"), (29, 8, "F"), (16, 16, "F"), (5, 64, "C")])  # fmt: skip
 def test_add_gram_and_mirror_equal_the_float64_product(m, panel, order):
     """H accumulated block by block on its upper triangle (one syrk into a C- or F-ordered H
     in place; or, wider than ``panel``, column panels: OpenBLAS's dsyrk segfaults at
-    n = 20,000 here), then mirrored, is KᵀK to 1e-12, for float64 blocks and for float32 ones (upcast:
-    their products are float64, so H stays positive semi-definite however small λK_mm is),
+    n = 20,000 here), then mirrored, is KᵀK to 1e-12, for float64 blocks and for float32 ones
+    (upcast: their products are float64, so H stays positive semi-definite however small λK_mm is),
     against numpy's float64 product; an empty block adds nothing."""
     rng = np.random.default_rng(7)
     K = rng.normal(size=(90, m)) + 3.0
