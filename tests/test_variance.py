@@ -39,18 +39,31 @@ def fill(url, spec, x, kind, tile=8):
     return url
 
 
-@pytest.fixture(scope="module")
-def stores(fx, tmp_path_factory):
-    root = tmp_path_factory.mktemp("posterior-stores")
-    out = {}
-    for name in ("fc_relu_erf", "conv_relu_avgpool"):
-        layer = layer_from_dict(json.loads(str(fx[f"{name}|spec"])))
-        x = fx[f"{name}|x_train"]
+#: make test-fast checks the FC case; the conv case (its compilation) runs in make test.
+PARAMS = ["fc_relu_erf", pytest.param("conv_relu_avgpool", marks=pytest.mark.slow)]
+
+
+class _Stores(dict):
+    """case -> {kind: store url}, both kinds' stores of the case's training rows, made on
+    first use."""
+
+    def __init__(self, fx, root):
+        super().__init__()
+        self.fx, self.root = fx, root
+
+    def __missing__(self, name):
+        layer = layer_from_dict(json.loads(str(self.fx[f"{name}|spec"])))
+        x = self.fx[f"{name}|x_train"]
         spec = bind(layer, x.shape[1:])
         flat = x.reshape(len(x), -1)
-        out[name] = {k: fill(str(root / f"{name}-{k}.zarr"), spec, flat, k)
-                     for k in ("nngp", "ntk")}  # fmt: skip
-    return out
+        self[name] = {k: fill(str(self.root / f"{name}-{k}.zarr"), spec, flat, k)
+                      for k in ("nngp", "ntk")}  # fmt: skip
+        return self[name]
+
+
+@pytest.fixture(scope="module")
+def stores(fx, tmp_path_factory):
+    return _Stores(fx, tmp_path_factory.mktemp("posterior-stores"))
 
 
 def _rel(got, ref):
@@ -64,7 +77,7 @@ def _run(stores, fx, name, g, r, **kw):
         prior_store=s["nngp"] if g == "ntk" else None, options=OPTS, run=RUN, **kw)
 
 
-@pytest.mark.parametrize("name", ["fc_relu_erf", "conv_relu_avgpool"])
+@pytest.mark.parametrize("name", PARAMS)
 @pytest.mark.parametrize("g", post.POSTERIORS)
 def test_std_and_covariance_from_stores_equal_neural_tangents(stores, fx, name, g):
     for r in (0, 1):
@@ -101,7 +114,10 @@ def test_the_ntk_posterior_needs_the_nngp_store_of_the_same_rows(stores, fx):
     s, x = stores["fc_relu_erf"], fx["fc_relu_erf|x_test"]
     with pytest.raises(ValueError, match="needs the NNGP Gram"):
         variance.posterior_uncertainty(s["ntk"], x, "ntk", ridge=1e-2, options=OPTS, run=RUN)
-    other = stores["conv_relu_avgpool"]["nngp"]
+    other = str(Path(s["nngp"]).parent / "other-nngp.zarr")  # another network, same rows
+    from ntk_scale import FullyConnected
+
+    fill(other, FullyConnected(depth=1), fx["fc_relu_erf|x_train"], "nngp")
     with pytest.raises(ValueError, match="another network"):
         variance.posterior_uncertainty(s["ntk"], x, "ntk", ridge=1e-2, prior_store=other,
                                        options=OPTS, run=RUN)  # fmt: skip
@@ -150,6 +166,7 @@ def test_sketch_std_error_at_lower_ranks_shrinks_with_the_rank(fc_store):
     assert errs[200] < 0.06
 
 
+@pytest.mark.slow
 def test_sketch_std_of_the_ntk_posterior(stores, fx):
     """The "ntk" sketch (Θ and K* by their Nyström approximations on the same pivots) equals
     the exact std with every training row a pivot, and at half the rows stays a real std
