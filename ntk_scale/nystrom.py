@@ -57,7 +57,7 @@ from ntk_scale.linalg.falkon import (
 )
 from ntk_scale.options import GramOptions, RunOptions, SolveOptions, to_json
 from ntk_scale.pool import pool_for
-from ntk_scale.progress import Progress
+from ntk_scale.progress import Progress, SolveProgress
 from ntk_scale.roles import NystromWorker, node_id
 from ntk_scale.sizing import choose_knm, gemm_rate, measure_read_rate
 from ntk_scale.solve import (
@@ -367,14 +367,17 @@ def run_solve(p: Problem, Y: np.ndarray, lam: np.ndarray, mask: np.ndarray | Non
     saver = None if path is None else ckpt.checkpoint_every(path, meta, p.so.checkpoint_every)
     last: list[PCGState] = []
 
+    bar = SolveProgress(p.so.tol, p.so.max_iter, enabled=p.run.show_progress)
+
     def on_state(st: PCGState) -> None:
         last[:] = [st]
+        bar(st)  # "solve: N iterations | worst residual ..." in a terminal and in the log
         if saver is not None:
             saver(st)
         if callback is not None:
             callback(st)
 
-    with products(p, Y, mask) as prod:
+    with products(p, Y, mask) as prod, bar:
         res = solve_nystrom(prod, p.K_mm, Y, lam, tol=p.so.tol, max_iter=p.so.max_iter,
                             x0=x0 if state is None else None, callback=on_state,
                             state=state)  # fmt: skip

@@ -4,6 +4,7 @@ pass is cut into calls, so that the driver shows its progress. Each against a de
 K_nmᵀK_nm (numpy) or a Nyström oracle."""
 
 import pickle
+import re
 
 import dask.array as da
 import numpy as np
@@ -121,6 +122,7 @@ def test_a_nystrom_fit_read_from_the_source_with_progress(ray_local, tmp_path, c
                      GramOptions(dtype="float64", tile=128), so, run)  # fmt: skip
     err = capfd.readouterr().err
     assert "K_nmᵀK_nm: 3000/3000 rows (100.0%)" in err, err[-2000:]
+    assert re.search(r"solve: \d+ iterations \| worst residual", err), err[-2000:]
     idx = np.array(rep.solve.meta["nystrom"]["center_indices"])
     C = x[idx]
     Knm, Kmm = SPEC.kernel(x, C, dtype="float64"), SPEC.kernel(C, dtype="float64")
