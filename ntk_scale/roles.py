@@ -45,6 +45,21 @@ from ntk_scale.store import GramStore
 FAULT_KILL_TILE_ENV = "NTK_SCALE_FAULT_KILL_TILE"
 
 
+def _alone(fn: Any) -> Any:
+    """A tile function returning (its tile,)."""
+    return lambda x1, x2: (fn(x1, x2),)
+
+
+def _pick(pair: Any, first: int) -> Any:
+    """A pair tile function (NNGP, NTK) reordered to (pair[first], the other)."""
+
+    def fn(x1: Any, x2: Any) -> tuple[Any, Any]:
+        values = pair(x1, x2)
+        return values[first], values[1 - first]
+
+    return fn
+
+
 class GramTileWorker:
     """Computes tiles of one store and writes each (chunk, then marker) itself.
 
@@ -60,13 +75,19 @@ class GramTileWorker:
         self.store = GramStore.open(store_url, mode="r+")
         meta = self.store.meta
         spec, self.size = meta.spec, meta.tile
-        self._fn = spec.tile_function(meta.kind, meta.dtype)
-        self._sym = spec.tile_function(meta.kind, meta.dtype, symmetric=True)
+        self._fn = _alone(spec.tile_function(meta.kind, meta.dtype))
+        self._sym = _alone(spec.tile_function(meta.kind, meta.dtype, symmetric=True))
         self.companion = None if companion_url is None else GramStore.open(companion_url, "r+")
         if self.companion is not None:
-            kind = self.companion.meta.kind
-            self._fn2 = spec.tile_function(kind, meta.dtype)
-            self._sym2 = spec.tile_function(kind, meta.dtype, symmetric=True)
+            if {meta.kind, self.companion.meta.kind} != {"ntk", "nngp"}:
+                raise ValueError(f"a companion store holds the other kind: {meta.kind} and "
+                                 f"{self.companion.meta.kind}; open an nngp beside an ntk store")
+            # One pass for both kinds (Kernel.pair_tile_function): (NNGP, NTK) per tile.
+            pair, pair_sym = (spec.pair_tile_function(meta.dtype),
+                              spec.pair_tile_function(meta.dtype, symmetric=True))  # fmt: skip
+            first = 1 if meta.kind == "ntk" else 0  # this store's kind in the pair
+            self._fn = _pick(pair, first)
+            self._sym = _pick(pair_sym, first)
         self._lock = threading.Lock()
         self._fault = os.environ.get(FAULT_KILL_TILE_ENV)
         self._warm_up(spec, meta)
@@ -76,23 +97,21 @@ class GramTileWorker:
         pairs compiles per chunk: one chunk's worth of rows suffices (a tile can take hours)."""
         rows = spec.tile_chunk(meta.kind, meta.dtype, self.size, self.size)
         zeros = np.zeros((max(rows), meta.d), dtype=meta.dtype)
-        pairs = [(self._fn, self._sym)] + ([] if self.companion is None else
-                                           [(self._fn2, self._sym2)])  # fmt: skip
-        for fn, sym in pairs:
-            np.asarray(fn(zeros[: rows[0]], zeros[: rows[1]]))
-            if meta.symmetric:
-                np.asarray(sym(zeros[: min(rows)], zeros[: min(rows)]))
+        np.asarray(self._fn(zeros[: rows[0]], zeros[: rows[1]])[0])
+        if meta.symmetric:
+            np.asarray(self._sym(zeros[: min(rows)], zeros[: min(rows)])[0])
 
     def _rows(self, side: str, b: int) -> np.ndarray:
         """Block b's inputs, padded to the tile when the kernel compiles one shape."""
         return self.store.meta.spec.pad_block(self.store.x_block(side, b), self.size)
 
-    def _values(self, tile: Any, fn: Any, sym: Any, x1: np.ndarray, j: int) -> np.ndarray:
+    def _values(self, tile: Any, x1: np.ndarray, j: int) -> tuple[np.ndarray, ...]:
+        """(this store's tile,) or (its tile, the companion's), cropped to the tile."""
         if tile.diagonal and self.store.meta.symmetric:
-            values = np.asarray(sym(x1, x1))
+            values = self._sym(x1, x1)
         else:
-            values = np.asarray(fn(x1, self._rows("cols", j)))
-        return values[: tile.shape[0], : tile.shape[1]]
+            values = self._fn(x1, self._rows("cols", j))
+        return tuple(np.asarray(v)[: tile.shape[0], : tile.shape[1]] for v in values)
 
     def compute(self, i: int, j: int) -> dict[str, Any]:
         """Compute, write and mark tile (i, j) (and the companion's). Returns where and how
@@ -103,9 +122,8 @@ class GramTileWorker:
                 os.kill(os.getpid(), signal.SIGKILL)
             t0, started = time.perf_counter(), time.time()
             x1 = self._rows("rows", i)
-            values = self._values(tile, self._fn, self._sym, x1, j)
-            other = (None if self.companion is None
-                     else self._values(tile, self._fn2, self._sym2, x1, j))  # fmt: skip
+            values, *other = self._values(tile, x1, j)
+            other = other[0] if other else None
             t1 = time.perf_counter()
         info = {"node": node_id(), "host": socket.gethostname(), "pid": os.getpid()}
         info.update(compute_s=t1 - t0, start=started)

@@ -208,3 +208,34 @@ def _name(spec):
         if make()[0] == spec:
             return name
     raise AssertionError(spec)
+
+
+def _nngp_fixtures(name):
+    """NT's NNGP tiles (x1, x2) and (x1, x1) of each case."""
+    if name == "fully-connected":
+        with np.load(FIXTURES / "nt_fc_kernels.npz", allow_pickle=False) as f:
+            return f["nngp|2|relu|1.4|0.1|x1x2"], f["nngp|2|relu|1.4|0.1|x1x1"]
+    key = {"stax-dense": "dense_only_mixed", "stax-conv": "valid3_relu_flatten"}[name]
+    with np.load(FIXTURES / "nt_stax_kernels.npz", allow_pickle=False) as f:
+        return f[f"{key}|nngp|12"], f[f"{key}|nngp|11"]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_pair_tile_is_both_kinds(name):
+    """pair_tile_function (the "ntk" posterior's one pass for two stores) gives NT's NNGP and
+    NTK tiles, and exactly what each kind's own tile function gives (float64 and float32)."""
+    spec, x1, x2, k12, k11 = CASES[name]()
+    n12, n11 = _nngp_fixtures(name)
+    nngp, ntk = spec.pair_tile_function("float64")(x1, x2)
+    assert _rel(nngp, n12) < TOL and _rel(ntk, k12) < TOL
+    s_nngp, s_ntk = spec.pair_tile_function("float64", symmetric=True)(x1, x1)
+    np.testing.assert_array_equal(s_nngp, s_nngp.T)
+    np.testing.assert_array_equal(s_ntk, s_ntk.T)
+    assert _rel(s_nngp, n11) < TOL and _rel(s_ntk, k11) < TOL
+    for dtype in ("float64", "float32"):
+        for sym, b in ((False, x2), (True, x1)):
+            pair = spec.pair_tile_function(dtype, symmetric=sym)(x1, b)
+            for kind, got in zip(("nngp", "ntk"), pair, strict=True):
+                alone = np.asarray(spec.tile_function(kind, dtype, symmetric=sym)(x1, b))
+                assert got.dtype == np.dtype(dtype)
+                np.testing.assert_allclose(got, alone, rtol=4 * np.finfo(dtype).eps, atol=0)

@@ -273,15 +273,25 @@ def fc_tile(p: FCParams, x1: jax.Array, x2: jax.Array, kind: str) -> jax.Array:
 
     kind: "ntk" or "nngp". Rows need not be distinct; zero rows (q = 0) have cos θ := 0.
     """
+    if kind == "ntk":
+        return fc_tile_pair(p, x1, x2)[1]
+    return _recursion(p, x1, x2, compute_ntk=False)[0]
+
+
+def fc_tile_pair(p: FCParams, x1: jax.Array, x2: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(NNGP, NTK) tiles, each (n1, n2), from one recursion: the NTK's carries the NNGP."""
+    return _recursion(p, x1, x2, compute_ntk=True)
+
+
+def _recursion(p: FCParams, x1: jax.Array, x2: jax.Array, compute_ntk: bool):
     rows1, rows2 = _rows(p, row_stats(p, x1)), _rows(p, row_stats(p, x2))
     st = _input_layer(p, x1, x2)
-    compute_ntk = kind == "ntk"
     theta = st.c
     for layer in range(p.depth):
         need_gap = p.act != "identity" and layer + 1 < p.depth
         st, sdot = _layer(p, st, rows1[layer], rows2[layer], need_gap)
         theta = p.w_var * theta * sdot + st.c if compute_ntk else st.c
-    return theta if compute_ntk else st.c
+    return st.c, theta
 
 
 def fc_diag(p: FCParams, x: jax.Array, kind: str) -> jax.Array:
@@ -307,9 +317,19 @@ def _diag_sdot(p: FCParams, q: jax.Array) -> jax.Array:
 def fc_tile_symmetric(p: FCParams, x: jax.Array, kind: str) -> jax.Array:
     """A diagonal tile K(x, x): (n, d) -> (n, n), exactly symmetric, diagonal from
     :func:`fc_diag`."""
+    return _symmetric(p, x, fc_tile(p, x, x, kind), kind)
+
+
+def fc_tile_pair_symmetric(p: FCParams, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(NNGP, NTK) diagonal tiles from one recursion, each as :func:`fc_tile_symmetric`."""
+    nngp, ntk = fc_tile_pair(p, x, x)
+    return _symmetric(p, x, nngp, "nngp"), _symmetric(p, x, ntk, "ntk")
+
+
+def _symmetric(p: FCParams, x: jax.Array, tile: jax.Array, kind: str) -> jax.Array:
     # The barrier materialises the tile once: XLA may otherwise recompute the transposed copy in
     # another fusion, with other rounding, and the result would not be exactly symmetric.
-    tile = jax.lax.optimization_barrier(fc_tile(p, x, x, kind))
+    tile = jax.lax.optimization_barrier(tile)
     tile = 0.5 * (tile + tile.T)  # exactly symmetric, whatever the rounding of each entry
     idx = jnp.arange(x.shape[0])
     return tile.at[idx, idx].set(fc_diag(p, x, kind))

@@ -474,6 +474,12 @@ class Network:
             return lambda x1, x2: compiled.tile(self.rows(x1)).astype(dtype)
         return lambda x1, x2: compiled.tile(self.rows(x1), self.rows(x2)).astype(dtype)
 
+    def pair_tile_function(self, dtype: str = "float32", symmetric: bool = False):
+        """The two kinds' tile functions in turn (a network's passes are compiled per kind)."""
+        nngp = self.tile_function("nngp", dtype, symmetric)
+        ntk = self.tile_function("ntk", dtype, symmetric)
+        return lambda x1, x2: (np.asarray(nngp(x1, x2)), np.asarray(ntk(x1, x2)))
+
     def diag_function(self, kind: str = "ntk", dtype: str = "float32"):
         compiled = self.compiled(kind, dtype)
         return lambda x: compiled.diag(self.rows(x)).astype(dtype)

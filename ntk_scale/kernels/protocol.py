@@ -91,6 +91,14 @@ class Kernel(Protocol):
         with x1 == x2 (a diagonal tile); exactly symmetric, its diagonal the exact formula."""
         ...
 
+    def pair_tile_function(
+        self, dtype: str = "float32", symmetric: bool = False
+    ) -> Callable[..., Any]:
+        """(x1, x2) -> (NNGP tile, NTK tile), each as :meth:`tile_function` gives it: one pass
+        where the kernel's NTK recursion carries its NNGP (the ``"ntk"`` posterior's two
+        stores, issue N), else the two tile functions in turn."""
+        ...
+
     def diag_function(self, kind: str = "ntk", dtype: str = "float32") -> Callable[..., Any]:
         """x (n, d) -> (n,) K(x_i, x_i) in ``dtype``."""
         ...

@@ -146,6 +146,11 @@ class FullyConnected:
     ) -> Callable[..., jax.Array]:
         return _bind(self, kind, dtype, "symmetric" if symmetric else "tile")
 
+    def pair_tile_function(self, dtype: str = "float32", symmetric: bool = False) -> Callable:
+        """One recursion for both kinds: the NTK's carries the NNGP."""
+        fn = _bind(self, "ntk", dtype, "pair_symmetric" if symmetric else "pair")
+        return lambda x1, x2: tuple(np.asarray(v).astype(dtype) for v in fn(x1, x2))
+
     def diag_function(self, kind: str = "ntk", dtype: str = "float32") -> Callable:
         return _bind(self, kind, dtype, "diag")
 
@@ -218,6 +223,12 @@ def _compiled(static: tuple[int, str], kind: str, what: str) -> Callable:
     if what == "symmetric":
         return jax.jit(
             lambda t, x1, x2: fc.fc_tile_symmetric(fc.FCParams.join(static, t), x1, kind)
+        )
+    if what == "pair":
+        return jax.jit(lambda t, x1, x2: fc.fc_tile_pair(fc.FCParams.join(static, t), x1, x2))
+    if what == "pair_symmetric":
+        return jax.jit(
+            lambda t, x1, x2: fc.fc_tile_pair_symmetric(fc.FCParams.join(static, t), x1)
         )
     return jax.jit(lambda t, x: fc.fc_diag(fc.FCParams.join(static, t), x, kind))
 
