@@ -121,7 +121,7 @@ def solve_store(
         path = None if out_dir is None else os.path.join(out_dir, CHECKPOINT_NAME)
         state = _load_state(path, meta, overwrite)
         # One sketch for every ridge (it reads K only); each ridge gets its own core.
-        M = _make_preconditioner(op, opts, meta["rank"], min(lams), run)
+        M = _make_preconditioner(op, opts, meta["rank"], min(lams), run, out_dir, store)
         setup = time.perf_counter() - start
         bar = stack.enter_context(_progress(opts, run))
         Yp, lam_cols = path_columns(Y2, lams)
@@ -173,7 +173,7 @@ def _checkpoint_meta(store: GramStore, Y: np.ndarray, lam: Any, o: SolveOptions)
         "lam": lam,
         "tol": float(o.tol),
         "preconditioner": o.preconditioner,
-        "rank": int(o.rank if o.preconditioner in ("rpcholesky", "nystrom") else 0),
+        "rank": sketch_rank(o),
         "seed": int(o.seed),
         "pivot_block": int(o.pivot_block),
     }
@@ -259,19 +259,82 @@ def _make_operator(
     return stack.enter_context(dist)
 
 
+#: The Nyström sketch of a fit, kept beside its checkpoint: the refit after a ridge selection
+#: and the posterior's variance solves reuse it instead of reading its columns again.
+SKETCH_NAME = "preconditioner.npz"
+
+
 def _make_preconditioner(
-    op: GramOperator, o: SolveOptions, rank: int, lam: float, run: RunOptions | None = None
+    op: GramOperator, o: SolveOptions, rank: int, lam: float, run: RunOptions | None = None,
+    cache_dir: str | None = None, store: GramStore | None = None,
 ):  # fmt: skip
-    """The preconditioner of ``o``; building a Nyström sketch shows its pivots' progress."""
+    """The preconditioner of ``o``; building a Nyström sketch shows its pivots' progress.
+    cache_dir (with ``store``): the sketch is loaded from cache_dir/SKETCH_NAME when it was made
+    for this store, preconditioner, rank, seed and pivot block (it does not depend on λ), else
+    built and saved there."""
     if o.preconditioner == "none":
         return identity()
     if o.preconditioner == "jacobi":
         return jacobi(op, lam)
+    path = None if cache_dir is None or store is None else f"{cache_dir.rstrip('/')}/{SKETCH_NAME}"
+    key = None if path is None else sketch_key(store, o, rank)
+    cached = None if path is None else load_sketch(path, key, lam)
+    if cached is not None:
+        return cached
     pivots = "rpcholesky" if o.preconditioner == "rpcholesky" else "uniform"
     show = run is not None and run.show_progress
     with Progress("preconditioner", rank, "pivots", enabled=show) as bar:
-        return nystrom(op, rank, lam, pivots=pivots, seed=o.seed, block=o.pivot_block,
-                       on_pivots=lambda k: bar.update(done=k))  # fmt: skip
+        M = nystrom(op, rank, lam, pivots=pivots, seed=o.seed, block=o.pivot_block,
+                    on_pivots=lambda k: bar.update(done=k))  # fmt: skip
+    if path is not None:
+        save_sketch(path, M, key)
+    return M
+
+
+def sketch_rank(o: SolveOptions) -> int:
+    """The rank of o's Nyström sketch; 0 for a preconditioner without one."""
+    return int(o.rank if o.preconditioner in ("rpcholesky", "nystrom") else 0)
+
+
+def sketch_key(store: GramStore, o: SolveOptions, rank: int) -> dict[str, Any]:
+    """What a Nyström sketch depends on (not λ: only its core does)."""
+    return {"store": store.fingerprint, "preconditioner": o.preconditioner, "rank": int(rank),
+            "seed": int(o.seed), "pivot_block": int(o.pivot_block)}  # fmt: skip
+
+
+def save_sketch(path: str, M: Any, key: dict[str, Any]) -> None:
+    """U (N, r), eigenvalues (r,), pivots and key as one .npz, written whole or not at all."""
+    import io
+    import json
+
+    buf = io.BytesIO()
+    np.savez(buf, U=M.U, eigenvalues=M.eigenvalues, pivots=np.asarray(M.pivots),
+             columns_read=np.int64(M.columns_read), name=np.str_(M.name),
+             key=np.str_(json.dumps(key, sort_keys=True)))  # fmt: skip
+    fs, fpath = fsspec.core.url_to_fs(path)
+    fs.makedirs(os.path.dirname(fpath) or ".", exist_ok=True)
+    tmp = f"{fpath}.{os.getpid()}.tmp"
+    with fs.open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+    fs.mv(tmp, fpath)
+
+
+def load_sketch(path: str, key: dict[str, Any], lam: float) -> Any:
+    """The sketch saved at ``path`` for ``key``, with ridge ``lam``; None if there is none or
+    it was made for another key (then it is rebuilt and replaced)."""
+    import json
+
+    from ntk_scale.linalg.preconditioners import Nystrom
+
+    fs, fpath = fsspec.core.url_to_fs(path)
+    if not fs.exists(fpath):
+        return None
+    with fs.open(fpath, "rb") as f, np.load(f, allow_pickle=False) as z:
+        if json.loads(str(z["key"])) != json.loads(json.dumps(key, sort_keys=True)):
+            return None
+        return Nystrom(U=z["U"], eigenvalues=z["eigenvalues"], lam=float(lam),
+                       pivots=z["pivots"], name=str(z["name"]),
+                       columns_read=int(z["columns_read"]))  # fmt: skip
 
 
 def _load_state(path: str | None, meta: dict[str, Any], overwrite: bool) -> PCGState | None:
@@ -400,7 +463,7 @@ def select_ridge(
                 "folds": targets_fingerprint(mask.astype(np.float64))}  # fmt: skip
         path = None if out_dir is None else os.path.join(out_dir, CV_CHECKPOINT_NAME)
         state = _load_state(path, meta, overwrite)
-        M = _make_preconditioner(op, opts, meta["rank"], float(lam.min()), run)
+        M = _make_preconditioner(op, opts, meta["rank"], float(lam.min()), run, out_dir, store)
         # Each fold's columns get the one sketch restricted to the fold's training rows.
         groups = np.repeat(np.arange(len(folds)), len(ridges) * c)
         M = per_group(M, [tr for tr, _ in folds], groups)

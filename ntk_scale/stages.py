@@ -493,7 +493,8 @@ def predict_uncertainty(
                       operator=m.meta["solver"]["operator"])  # fmt: skip
     result = variance.posterior_uncertainty(
         url, x_star, which, ridge=m.meta["lam"], ridge_absolute=True, prior_store=prior,
-        options=so, run=run, full_cov=full_cov, out=out, overwrite=overwrite)
+        options=so, run=run, full_cov=full_cov, out=out, overwrite=overwrite,
+        sketch_dir=None if model_dir is None else f"{model_dir.rstrip('/')}/checkpoint")
     transform = transform_of(m.meta)
     scale = 1.0 if transform is None or not transform.target else float(transform.target_std)
     if scale != 1.0:

@@ -93,6 +93,7 @@ def posterior_uncertainty(
     full_cov: bool = False,
     out: str | None = None,
     overwrite: bool = False,
+    sketch_dir: str | None = None,
 ) -> Any:
     """The posterior standard deviations (M,) of x_star (M, d) or (M, *S) (any array-like,
     read a block at a time), or with ``full_cov`` the covariance (M, M), for the model fitted
@@ -101,8 +102,10 @@ def posterior_uncertainty(
 
     options: the solver's operator, preconditioner, rank and tol (the fit's; operator "auto"
     is taken as "stored"). out: a path or URL where the (M, 1) standard deviations are written
-    resumably (not with full_cov). Raises posterior.NegativeVarianceError where a variance is
-    below zero beyond the solve's rounding.
+    resumably (not with full_cov). sketch_dir: the fit's checkpoint directory, whose Nyström
+    sketch (``solve.SKETCH_NAME``) the solves reuse when it was made for this store and these
+    options (else it is built and saved there). Raises posterior.NegativeVarianceError where a
+    variance is below zero beyond the solve's rounding.
     """
     run = run or RunOptions()
     opts = options or SolveOptions()
@@ -132,7 +135,7 @@ def posterior_uncertainty(
     std = None if sink is not None else np.empty(m)
     if todo or full_cov:
         with contextlib.ExitStack() as stack:
-            solver = _BlockSolver(store, opts, run, ridge, ridge_absolute, stack)
+            solver = _BlockSolver(store, opts, run, ridge, ridge_absolute, stack, sketch_dir)
             slack = max(float(opts.tol), _kernel_eps(store))
             keep: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray | None]] = []
             show = run.show_progress
@@ -252,14 +255,16 @@ class _BlockSolver:
     """(K + λI)⁻¹ B for blocks B (N, c), on one operator and one preconditioner for all."""
 
     def __init__(self, store: GramStore, opts: SolveOptions, run: RunOptions, ridge: float,
-                 absolute: bool, stack: contextlib.ExitStack) -> None:  # fmt: skip
+                 absolute: bool, stack: contextlib.ExitStack,
+                 sketch_dir: str | None = None) -> None:  # fmt: skip
         from ntk_scale.linalg.pcg import resolve_ridge
-        from ntk_scale.solve import _make_operator, _make_preconditioner
+        from ntk_scale.solve import _make_operator, _make_preconditioner, sketch_rank
 
         opts = opts.with_rank_at_most(store.shape[0])
         self.op = _make_operator(store, opts, run, stack)
         self.lam = resolve_ridge(ridge, self.op, absolute)
-        self.M = _make_preconditioner(self.op, opts, opts.rank, self.lam, run)
+        self.M = _make_preconditioner(self.op, opts, sketch_rank(opts), self.lam, run,
+                                      sketch_dir, store)  # fmt: skip
         self.tol, self.max_iter, self.iterations = opts.tol, opts.max_iter, []
 
     def __call__(self, B: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ Zarr stores and multi-right-hand-side PCG, blocks of test rows resumable, and th
 name the fix. The stores' tiles are written here from the kernel (the Gram engine has its own
 tests), so no Ray is needed."""
 
+import importlib
 import json
 from pathlib import Path
 
@@ -184,3 +185,34 @@ def test_sketch_std_of_the_ntk_posterior(stores, fx):
         print(name, "ntk sketch at rank N/2, relative error:", np.abs(half - want) / want)
     with pytest.raises(ValueError, match="needs the NNGP Gram"):
         variance.sketch_std(s["ntk"], xs, "ntk", ridge=1e-2, rank=4, run=RUN)
+
+
+def test_the_fits_sketch_serves_the_refit_and_the_variance_solves(stores, fx, tmp_path,
+                                                                 monkeypatch):  # fmt: skip
+    """solve_store with a checkpoint directory saves its Nyström sketch there; the variance
+    solves load it (no column of K read again) and give NT's covariance; a sketch made for
+    other options is not used (rebuilt and replaced)."""
+    solve_mod = importlib.import_module("ntk_scale.solve")  # the package's solve is a function
+
+    name, g, r = "fc_relu_erf", "ntkgp", 0
+    url, ckpt = stores[name]["ntk"], str(tmp_path / "checkpoint")
+    lam = float(fx[f"{name}|diag_reg"][r])
+    opts = SolveOptions(tol=1e-12, rank=6, operator="stored", ridge=lam)
+    solve_mod.solve_store(url, fx[f"{name}|y_train"], opts, RUN, out_dir=ckpt)
+    with np.load(tmp_path / "checkpoint" / solve_mod.SKETCH_NAME, allow_pickle=False) as z:
+        assert z["U"].shape == (len(fx[f"{name}|x_train"]), 6)
+
+    def no_sketch(*a, **k):
+        raise AssertionError("the sketch was built again")
+
+    monkeypatch.setattr(solve_mod, "nystrom", no_sketch)
+    cov = variance.posterior_uncertainty(url, fx[f"{name}|x_test"], g, ridge=lam,
+                                         options=opts, run=RUN, full_cov=True,
+                                         sketch_dir=ckpt)  # fmt: skip
+    assert _rel(cov, fx[f"{name}|{g}|{r}|cov"]) < 1e-6
+    monkeypatch.undo()
+    other = SolveOptions(tol=1e-12, rank=5, operator="stored")  # another rank: another sketch
+    variance.posterior_uncertainty(url, fx[f"{name}|x_test"], g, ridge=lam, options=other,
+                                   run=RUN, sketch_dir=ckpt)  # fmt: skip
+    with np.load(tmp_path / "checkpoint" / solve_mod.SKETCH_NAME, allow_pickle=False) as z:
+        assert z["U"].shape[1] == 5
