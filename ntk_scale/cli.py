@@ -320,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ntk-scale",
         description="Kernel regression with infinite-width neural tangent kernels at scale.",
     )
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the versions of ntk-scale, JAX, Ray, Zarr and the backend")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("plan", help="size a Gram job: tiles, bytes, FLOPs, memory, time")
@@ -410,6 +412,41 @@ def _ingest_parser(sub: Any) -> None:
     add_arguments(p, IngestOptions)
     add_arguments(p, RunOptions, only=("address", "progress"))
     p.set_defaults(func=cmd_ingest)
+
+
+def version_text() -> str:
+    """ntk-scale's version, the versions it runs on, and JAX's backend and devices (as
+    ``ray --version`` and ``jax.print_environment_info()`` users expect)."""
+    import platform
+
+    import jax
+    import jaxlib
+    import ray
+    import zarr
+
+    from ntk_scale import __version__
+
+    devices = jax.devices()
+    kinds = sorted({getattr(d, "device_kind", d.platform) for d in devices})
+    return "\n".join([
+        f"ntk-scale {__version__}",
+        f"jax {jax.__version__} (jaxlib {jaxlib.__version__}); backend "
+        f"{jax.default_backend()}: {len(devices)} device(s), {', '.join(kinds)}",
+        f"ray {ray.__version__}", f"zarr {zarr.__version__}", f"numpy {np.__version__}",
+        f"python {platform.python_version()} ({sys.executable})",
+    ])  # fmt: skip
+
+
+class _VersionAction(argparse.Action):
+    """--version, computed when asked (importing JAX and Ray is not free)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: Any = argparse.SUPPRESS, help: str | None = None) -> None:  # fmt: skip
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(version_text())
+        parser.exit()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

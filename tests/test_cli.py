@@ -45,6 +45,28 @@ def test_help_on_every_subcommand(cmd, capsys):
     assert f"usage: ntk-scale {cmd}" in capsys.readouterr().out
 
 
+def test_version_names_the_package_its_stack_and_the_backend(capsys):
+    """--version (it was an error): the package's version, the one pyproject's metadata reads
+    (ntk_scale.__version__), then JAX with its backend and devices, Ray, Zarr, NumPy, Python."""
+    import importlib.metadata
+
+    import jax
+    import ray
+    import zarr
+
+    import ntk_scale
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"ntk-scale {ntk_scale.__version__}"
+    assert importlib.metadata.version("ntk-scale") == ntk_scale.__version__
+    assert lines[1].startswith(f"jax {jax.__version__} ")
+    assert f"backend {jax.default_backend()}: {len(jax.devices())} device(s)" in lines[1]
+    assert f"ray {ray.__version__}" in lines and f"zarr {zarr.__version__}" in lines
+
+
 @pytest.mark.cluster  # starts a subprocess or Ray itself
 def test_the_module_entry_point_lists_every_subcommand():
     """`python -m ntk_scale.cli --help` runs (the module's __main__) and names every command."""
