@@ -32,6 +32,7 @@ from ntk_scale.io import load_array, load_kernel_spec, load_targets
 from ntk_scale.kernels import FullyConnected, Layer, bind
 from ntk_scale.kernels.stax import PRESETS
 from ntk_scale.linalg import SolverError
+from ntk_scale.measure import probe_location
 from ntk_scale.model import load_model
 from ntk_scale.options import (
     GramOptions,
@@ -109,7 +110,10 @@ def cmd_plan(a: argparse.Namespace) -> int:
     if measure:
         read = measure_read_rate(a.store_dir, **({"nbytes": probe} if probe else {}))
         pick_op = choose_operator(plan, read)
-        rows.append(("store read rate", f"{read / 1e6:.1f} MB/s (measured at {a.store_dir})"))
+        where = probe_location(a.store_dir)
+        at = where if where == a.store_dir else f"{where}, the nearest existing directory of " \
+            f"{a.store_dir}"  # fmt: skip
+        rows.append(("store read rate", f"{read / 1e6:.1f} MB/s (measured at {at})"))
         rows.append(("solver operator", f"{pick_op.choice} ({pick_op.reason})"))
     _print_rows(rows)
     rates = {}

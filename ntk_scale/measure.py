@@ -273,19 +273,32 @@ def _probe(url: str) -> Iterator[tuple[fsspec.AbstractFileSystem, str, bool]]:
         _remove_probe(fs, probe, local)
 
 
+def probe_location(url: str) -> str:
+    """Where the throughput of a store at ``url`` is probed: for a local path (or file:// URL)
+    the nearest existing directory at or above it (``run/gram.zarr``, the path ``gram`` would
+    create, is probed in ``run/`` or, if that is missing too, in the first parent that
+    exists); an object-store URL itself (its prefix need not exist; its bucket must)."""
+    url = os.fspath(url)
+    fs, root = fsspec.core.url_to_fs(url)
+    if not isinstance(fs, LocalFileSystem):
+        return url
+    path = os.path.abspath(root)
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
 def _store_root(url: str) -> tuple[fsspec.AbstractFileSystem, str, bool]:
-    """(fs, root path, local?) for a path, file:// URL or fsspec URL; local roots must be
-    existing writable directories."""
+    """(fs, root path, local?) for a path, file:// URL or fsspec URL; a local root is the
+    nearest existing directory (:func:`probe_location`), which must be writable."""
     url = os.fspath(url)
     fs, root = fsspec.core.url_to_fs(url)
     local = isinstance(fs, LocalFileSystem)
-    if local and not os.path.isdir(root):
-        raise ValueError(
-            f"store directory {url!r} does not exist (or is not a directory); create it "
-            f"(mkdir -p {root}) or pass an existing directory"
-        )
-    if local and not os.access(root, os.W_OK | os.X_OK):
-        raise ValueError(f"store directory {url!r} is not writable; pass one you can write to")
+    if local:
+        root = probe_location(url)
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise ValueError(f"store directory {root!r} (where {url!r} would be created) is not "
+                             "writable; pass a store path you can write to")  # fmt: skip
     return fs, root if local else root.rstrip("/"), local
 
 

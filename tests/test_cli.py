@@ -93,6 +93,12 @@ def test_plan_answers_for_a_million_samples(capsys, tmp_path, monkeypatch):
     assert "1,000,000 / 784" in out and "512 / 1,910,035" in out
     assert "2.0 TB" in out  # N(N + tile)/2 float32 entries
     assert "estimated wall time (8 workers)" in out
+    # the path gram would create (issue Q: it asked for mkdir -p): probed where it would go
+    assert main([*args, "--store", "run/gram.zarr"]) == 0
+    assert not list((tmp_path / "cwd").iterdir())  # no run/, no probe left
+    out = capsys.readouterr().out
+    assert "the nearest existing directory of run/gram.zarr" in out
+    assert str(tmp_path / "cwd") in out
 
 
 def test_gram_solve_predict_verify(ray_local, files, capsys):

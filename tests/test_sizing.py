@@ -7,6 +7,7 @@ import fsspec
 import pytest
 
 from ntk_scale import FullyConnected, sizing
+from ntk_scale.measure import probe_location
 from ntk_scale.sizing import (
     choose_operator,
     measure_read_rate,
@@ -186,14 +187,28 @@ def test_write_probe_writes_exactly_nbytes(memory_dir, monkeypatch):
 
 
 @pytest.mark.parametrize("measure", [measure_write_rate, measure_read_rate])
-def test_missing_local_directory_is_named(tmp_path, measure):
-    missing = tmp_path / "no-such-store"
-    with pytest.raises(ValueError, match="no-such-store.*does not exist"):
-        measure(str(missing), nbytes=SMALL)
-    with pytest.raises(ValueError, match="no-such-store"):
-        measure(f"file://{missing}", nbytes=SMALL)
-    assert not missing.exists()
+def test_a_store_path_not_made_yet_is_probed_in_its_nearest_existing_parent(tmp_path, measure):
+    """plan --store takes the path gram would create (issue Q: it asked for mkdir -p): the
+    probe runs in the nearest directory that exists, creates nothing there, and says where."""
+    missing = tmp_path / "run" / "deeper" / "gram.zarr"
+    assert probe_location(str(missing)) == str(tmp_path)
+    assert probe_location(f"file://{missing}") == str(tmp_path)
+    assert probe_location(str(tmp_path)) == str(tmp_path)
+    assert probe_location("memory://bucket/run/gram.zarr") == "memory://bucket/run/gram.zarr"
+    assert measure(str(missing), nbytes=SMALL) > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no run/, no probe left
     a_file = tmp_path / "a-file"
     a_file.write_bytes(b"")
-    with pytest.raises(ValueError, match="a-file"):
-        measure(str(a_file), nbytes=SMALL)
+    assert probe_location(str(a_file)) == str(tmp_path)
+
+
+def test_an_unwritable_parent_is_named(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        with pytest.raises(ValueError, match="locked.*is not writable"):
+            measure_write_rate(str(locked / "gram.zarr"), nbytes=SMALL)
+    finally:
+        locked.chmod(0o700)
