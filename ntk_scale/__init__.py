@@ -14,6 +14,7 @@ from ntk_scale.errors import (
     GPUUnavailableError,
     GramRunError,
     PlacementError,
+    RidgeEdgeWarning,
     SolverError,
     StoreFormatError,
     StoreLockedError,
@@ -50,6 +51,7 @@ def shutdown() -> None:
 
 __all__ = [
     "ConvergenceWarning",
+    "RidgeEdgeWarning",
     "FullyConnected",
     "GPUUnavailableError",
     "GramOptions",

@@ -56,6 +56,11 @@ class ConvergenceWarning(UserWarning):
     (max_iter, the preconditioner, the ridge)."""
 
 
+class RidgeEdgeWarning(UserWarning):
+    """The ridge chosen on held-out rows is the grid's smallest or largest value, so the best
+    may lie beyond the grid: the message names the edge and a wider grid to try."""
+
+
 class PrecisionWarning(UserWarning):
     """A float32 Gram whose per-entry error bound is not small against the ridge λ
     (:func:`ntk_scale.kernels.precision.float32_risk`): the message names the fix (a float64

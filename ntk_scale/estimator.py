@@ -400,7 +400,10 @@ class NTKRegressorCV(NTKRegressor):
             **{f"split{f}_test_score": sign * sel.scores[f] for f in range(sel.folds)},
             "iterations": np.asarray(sel.iterations),
             "rank_test_score": (np.argsort(np.argsort(-sign * sel.mean_scores)) + 1),
+            "at_edge": np.array([k == sel.best and sel.edge is not None
+                                 for k in range(len(sel.ridges))]),  # fmt: skip
         }
+        self.ridge_edge_ = sel.edge  # "smallest" / "largest": the best may lie beyond the grid
         self.selection_ = sel
 
 

@@ -68,6 +68,7 @@ from ntk_scale.solve import (
     make_folds,
     score,
     targets_fingerprint,
+    warn_at_edge,
 )
 from ntk_scale.store import GramStore
 from ntk_scale.tasks import RoleGroup
@@ -443,8 +444,8 @@ def select(p: Problem, Y: np.ndarray, folds: Folds, metric: str, ckpt_dir: str |
     best = int(np.flatnonzero(means == means.min()).max())  # a tie goes to the larger ridge
     cols = [(f * len(ridges) + best) * c + np.arange(c) for f in range(len(folds))]
     warm = np.mean([res.alpha[:, cc] for cc in cols], axis=0)  # (M, c): α lives on the centres
-    return RidgeSelection(tuple(ridges), metric, scores, iterations, best,
-                          time.perf_counter() - start, len(folds), warm)  # fmt: skip
+    return warn_at_edge(RidgeSelection(tuple(ridges), metric, scores, iterations, best,
+                                       time.perf_counter() - start, len(folds), warm))  # fmt: skip
 
 
 def fit(
@@ -491,7 +492,8 @@ def fit(
     meta = model_meta(p, solve_report, extra)
     if selection is not None:
         meta["ridge_path"] = {"metric": selection.metric, "folds": selection.folds,
-                              "seconds": selection.seconds, "ridges": selection.table()}
+                              "seconds": selection.seconds, "ridges": selection.table(),
+                              "edge": selection.edge}  # fmt: skip
     if model_dir is not None:
         stages.save_model(model_dir, pcg.x, meta)
     decision = stages.OperatorDecision("nystrom", f"knm {p.knm}: {p.knm_reason}")

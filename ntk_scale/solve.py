@@ -14,12 +14,14 @@ import dataclasses
 import hashlib
 import os
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import fsspec
 import numpy as np
 
+from ntk_scale.errors import RidgeEdgeWarning
 from ntk_scale.linalg import (
     DenseOperator,
     GramOperator,
@@ -383,6 +385,16 @@ class RidgeSelection:
     def ridge(self) -> float:
         return self.ridges[self.best]
 
+    @property
+    def edge(self) -> str | None:
+        """"smallest" or "largest" where the chosen ridge is that end of a grid of several
+        ridges (the best may lie beyond it), else None."""
+        if len(set(self.ridges)) < 2:
+            return None
+        if self.ridge == max(self.ridges):
+            return "largest"
+        return "smallest" if self.ridge == min(self.ridges) else None
+
     def table(self) -> list[dict[str, Any]]:
         """One row per ridge: ridge, mean and per-fold scores, iterations, chosen."""
         return [
@@ -394,6 +406,20 @@ class RidgeSelection:
 
 
 Folds = list[tuple[np.ndarray, np.ndarray]]
+
+
+def warn_at_edge(sel: RidgeSelection) -> RidgeSelection:
+    """sel, after a RidgeEdgeWarning when its ridge is the grid's end, naming a grid that goes
+    three decades further that way."""
+    if sel.edge is not None:
+        r, lo, hi = sel.ridge, min(sel.ridges), max(sel.ridges)
+        step = 10.0 if sel.edge == "largest" else 0.1
+        wider = ", ".join(f"{r * step**k:g}" for k in range(4))
+        warnings.warn(RidgeEdgeWarning(
+            f"the ridge chosen on held-out rows, {r:g}, is the {sel.edge} of the grid "
+            f"({lo:g} … {hi:g}): the best may lie beyond it; try a grid that goes further, "
+            f"e.g. ridges = [{wider}]"), stacklevel=3)  # fmt: skip
+    return sel
 
 
 def make_folds(n: int, cv: int | None = None, holdout: float | None = None,
@@ -483,8 +509,8 @@ def select_ridge(
     means = scores.mean(axis=0) * (1 if metric == "mse" else -1)
     best = int(np.flatnonzero(means == means.min()).max())  # a tie goes to the larger ridge
     warm = _fold_average(result.x, mask, len(folds), len(ridges), c, best)
-    return RidgeSelection(tuple(ridges), metric, scores, iterations, best,
-                          time.perf_counter() - start, len(folds), warm)  # fmt: skip
+    return warn_at_edge(RidgeSelection(tuple(ridges), metric, scores, iterations, best,
+                                       time.perf_counter() - start, len(folds), warm))  # fmt: skip
 
 
 def _fold_average(x: np.ndarray, mask: np.ndarray, folds: int, ridges: int, c: int,

@@ -326,6 +326,7 @@ def solve(
             "folds": selection.folds,
             "seconds": selection.seconds,
             "ridges": selection.table(),
+            "edge": selection.edge,  # "smallest" / "largest": the best may lie beyond the grid
         }
     if model_dir is not None:
         save_model(model_dir, report.result.x, meta)

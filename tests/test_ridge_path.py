@@ -2,13 +2,21 @@
 dense float64 solves (scipy cho_solve) of every ridge and every fold."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
 import scipy.linalg as sl
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 
-from ntk_scale import FullyConnected, NTKClassifierCV, NTKRegressor, NTKRegressorCV, stages
+from ntk_scale import (
+    FullyConnected,
+    NTKClassifierCV,
+    NTKRegressor,
+    NTKRegressorCV,
+    RidgeEdgeWarning,
+    stages,
+)
 from ntk_scale.cli import main
 from ntk_scale.options import GramOptions, RunOptions, SolveOptions
 from ntk_scale.solve import make_folds, select_ridge, solve_store
@@ -247,3 +255,28 @@ def test_fit_with_several_ridges_and_no_cv_writes_nothing(data, tmp_path):
         stages.fit(inputs, SPEC, str(tmp_path / "g.zarr"), solve_options=SolveOptions(
             ridge=(1e-4, 1e-2)))  # fmt: skip
     assert not (tmp_path / "g.zarr").exists()
+
+
+@pytest.mark.parametrize("grid, edge, wider", [
+    ((1e-6, 1e-5, 1e-4), "largest", "0.0001, 0.001, 0.01, 0.1"),
+    ((1.0, 10.0, 100.0), "smallest", "1, 0.1, 0.01, 0.001"),
+])  # fmt: skip
+def test_a_ridge_at_the_grids_edge_is_named_and_recorded(store, data, tmp_path, grid, edge,
+                                                         wider):  # fmt: skip
+    """Cross-validation that picks an end of the grid warns, naming the edge and a wider grid
+    (issue Q: 3 of 4 real-table runs chose the largest ridge, and nothing said so), and
+    model.json's ridge_path records it; an interior choice says nothing."""
+    x, y = data
+    folds = make_folds(160, cv=4, seed=3)
+    with pytest.warns(RidgeEdgeWarning, match=rf"the {edge} of the grid.*\[{wider}\]"):
+        sel = select_ridge(store, y, SolveOptions(ridge=grid, tol=1e-10), QUIET, folds=folds)
+    assert sel.edge == edge and sel.ridge == (max(grid) if edge == "largest" else min(grid))
+    with pytest.warns(RidgeEdgeWarning):
+        res = stages.solve(store, y, SolveOptions(ridge=grid, cv=4, tol=1e-10), QUIET,
+                           model_dir=str(tmp_path / "m"))  # fmt: skip
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert meta["ridge_path"]["edge"] == edge == res.selection.edge
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RidgeEdgeWarning)
+        inner = select_ridge(store, y, SolveOptions(ridge=RIDGES, tol=1e-10), QUIET, folds=folds)
+    assert inner.edge is None and 0 < inner.best < len(RIDGES) - 1
