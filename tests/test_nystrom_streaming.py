@@ -136,21 +136,3 @@ def test_a_nystrom_fit_read_from_the_source_with_progress(ray_local, tmp_path, c
         assert len(sent) == 2 and all(isinstance(part, RowRange) for part in sent)
         assert [s["rows"] for s in group.call_all("stats")] == [2048, 952]  # whole blocks
 
-
-def test_the_stored_routes_rhs_pass_shows_progress(ray_local, tmp_path, capfd):
-    """The stored route reads its whole K(X, C) once for K_nmᵀy before PCG: a progress line
-    (minutes at N·M = 10⁹·⁸; it showed nothing), and the same α as the dense oracle."""
-    x, m = _x(2000, 5), 100
-    y = np.cos(x[:, 0]) + 0.2 * x[:, 2]
-    so = SolveOptions(method="nystrom", centers=m, knm="stored", ridge=1e-3, tol=1e-10)
-    rep = stages.fit(stages.prepare_inputs(x, y), SPEC, str(tmp_path / "k.zarr"),
-                     GramOptions(dtype="float64", tile=128), so,
-                     RunOptions(workers=2, progress=True))  # fmt: skip
-    err = capfd.readouterr().err
-    assert "K_nmᵀy: 2000/2000 rows (100.0%)" in err, err[-2000:]
-    idx = np.array(rep.solve.meta["nystrom"]["center_indices"])
-    C = x[idx]
-    Knm, Kmm = SPEC.kernel(x, C, dtype="float64"), SPEC.kernel(C, dtype="float64")
-    lam = 1e-3 * np.mean([SPEC.kernel(x[i : i + 1], dtype="float64")[0, 0] for i in range(2000)])
-    alpha = np.linalg.solve(Knm.T @ Knm + lam * Kmm, Knm.T @ y)
-    assert np.max(np.abs(rep.solve.alpha - alpha)) / np.max(np.abs(alpha)) < 1e-6
