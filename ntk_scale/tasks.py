@@ -111,7 +111,7 @@ class RoleGroup:
             return None
         try:
             m.slot.info = self.ray.get(ref, timeout=self.run.call_timeout_s)
-        except self.ray.exceptions.RayActorError:
+        except lost_errors(self.ray):
             m.failures += 1
             self.replace(m)
             return None
@@ -164,7 +164,7 @@ class RoleGroup:
                 continue
             try:
                 results[m.part] = self.ray.get(ref, timeout=self.run.call_timeout_s)
-            except self.ray.exceptions.RayActorError as err:
+            except lost_errors(self.ray) as err:
                 deaths[m.part] += 1
                 if deaths[m.part] >= self.run.max_task_deaths:
                     raise WorkerLostError(_killer_message(self.who, f"part {m.part}", err)) from err
@@ -195,6 +195,16 @@ class RoleGroup:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def lost_errors(ray: Any) -> tuple[type, ...]:
+    """The errors that mean a host is gone, not that its task failed: its actor died, or
+    Ray's memory monitor killed it (OutOfMemoryError; the 10⁶-row, M = 20,000 Nyström fit
+    lost both hosts that way when the driver's M x M matrices took the node to 97 % of its
+    memory, and stopped instead of replacing them)."""
+    ex = ray.exceptions
+    return tuple(t for t in (getattr(ex, "RayActorError", None),
+                             getattr(ex, "OutOfMemoryError", None)) if t is not None)  # fmt: skip
 
 
 def _killer_message(who: str, task: str, err: Exception) -> str:
@@ -289,7 +299,7 @@ class _Queue:
         task, m, handle = self.inflight.pop(ref)
         try:
             result = self.g.ray.get(ref, timeout=self.opts.call_timeout_s)
-        except self.g.ray.exceptions.RayActorError as err:
+        except lost_errors(self.g.ray) as err:  # before RayTaskError: an OOM kill is both
             self._lost(task, m, handle, err)
             return False
         except self.g.ray.exceptions.RayTaskError as err:
