@@ -42,6 +42,7 @@ from ntk_scale.options import RunOptions, SolveOptions
 from ntk_scale.panels import open_symmetric
 from ntk_scale.progress import Progress, SolveProgress
 from ntk_scale.store import GramStore
+from ntk_scale.store.fsio import atomic_put
 
 CHECKPOINT_NAME = "pcg_state.npz"
 
@@ -314,11 +315,7 @@ def save_sketch(path: str, M: Any, key: dict[str, Any]) -> None:
              columns_read=np.int64(M.columns_read), name=np.str_(M.name),
              key=np.str_(json.dumps(key, sort_keys=True)))  # fmt: skip
     fs, fpath = fsspec.core.url_to_fs(path)
-    fs.makedirs(os.path.dirname(fpath) or ".", exist_ok=True)
-    tmp = f"{fpath}.{os.getpid()}.tmp"
-    with fs.open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    fs.mv(tmp, fpath)
+    atomic_put(fs, fpath, buf.getbuffer())
 
 
 def load_sketch(path: str, key: dict[str, Any], lam: float) -> Any:
@@ -332,7 +329,7 @@ def load_sketch(path: str, key: dict[str, Any], lam: float) -> Any:
     if not fs.exists(fpath):
         return None
     with fs.open(fpath, "rb") as f, np.load(f, allow_pickle=False) as z:
-        if json.loads(str(z["key"])) != json.loads(json.dumps(key, sort_keys=True)):
+        if str(z["key"]) != json.dumps(key, sort_keys=True):
             return None
         return Nystrom(U=z["U"], eigenvalues=z["eigenvalues"], lam=float(lam),
                        pivots=z["pivots"], name=str(z["name"]),
