@@ -308,7 +308,7 @@ def products(p: Problem, Y: np.ndarray, mask: np.ndarray | None) -> Iterator[Any
         if p.knm == "recompute":
             yield wp
             return
-        H, b, system = normal_pass(group, Y, mask, p.run)
+        H, b, system = normal_pass(group, Y, mask, p.run, len(p.centers))
         normal = NormalProducts(H, system, b, p.x.shape[0], mask)
         normal.matmat = wp.matmat  # validation predictions: one more pass on the actors
         yield normal
@@ -317,12 +317,15 @@ def products(p: Problem, Y: np.ndarray, mask: np.ndarray | None) -> Iterator[Any
 #: Calls a normal-route pass is cut into, so that the driver shows its progress between them.
 NORMAL_ROUNDS = 20
 
+#: Bytes of H one worker returns per call when the driver sums the workers' parts of H.
+STRIP_BYTES = 256 * 2**20
 
-def normal_pass(group: RoleGroup, Y: np.ndarray, mask: np.ndarray | None,
-                run: RunOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
-    """The normal route's one pass over K(X, C) on the actors, in NORMAL_ROUNDS calls with a
-    progress line between them: (H (S, M, M), b (M, C), system (C,)) for targets Y (N, C) and
-    row masks mask (N, C) or None (:func:`distinct_masks`)."""
+
+def normal_pass(group: RoleGroup, Y: np.ndarray, mask: np.ndarray | None, run: RunOptions,
+                m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """The normal route's one pass over K(X, C) (M = m centres) on the actors, in NORMAL_ROUNDS
+    calls with a progress line between them: (H (S, M, M), b (M, C), system (C,)) for targets
+    Y (N, C) and row masks mask (N, C) or None (:func:`distinct_masks`)."""
     reps, system = distinct_masks(mask, Y.shape[1])
     ref = group.ray.put(np.asarray(Y, np.float64))
     token = os.urandom(8).hex()
@@ -332,13 +335,29 @@ def normal_pass(group: RoleGroup, Y: np.ndarray, mask: np.ndarray | None,
             done = group.call_all("normal_pass", reps, ref, k / NORMAL_ROUNDS, token,
                                   what="K_nmᵀK_nm")  # fmt: skip
             bar.update(done=sum(done))  # each part's rows done
-        parts = group.call_all("gram_normal", reps, ref, token, what="K_nmᵀK_nm")
+        H, b = _sum_parts(group, reps, ref, token, m, int(Y.shape[1]))
         bar.update(done=n)
-    H, b = np.array(parts[0][0]), np.array(parts[0][1])  # writable copies, summed in place
-    for h_k, b_k in parts[1:]:
-        H += h_k
-        b += b_k
     return H, b, system
+
+
+def _sum_parts(group: RoleGroup, reps: np.ndarray | None, ref: Any, token: str, m: int,
+               c: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Σ over workers of their (H (S, M, M), b (M, C)) of pass ``token`` (M = m centres, C = c
+    targets), fetched in row strips of about STRIP_BYTES per worker: the driver holds H once
+    and the object store one strip per worker at a time (whole parts, M² · 8 bytes each, ran
+    M = 20,000 out of memory)."""
+    s = 1 if reps is None else len(reps)
+    H, b = np.empty((s, m, m)), np.zeros((m, c))  # b: replaced by the workers' sum
+    step = max(1, STRIP_BYTES // (8 * s * m))
+    for r0 in range(0, m, step):
+        rows = (r0, min(m, r0 + step))
+        parts = group.call_all("gram_normal", reps, ref, token, rows, what="K_nmᵀK_nm")
+        H[:, rows[0] : rows[1]] = parts[0][0]
+        for h_k, _ in parts[1:]:
+            H[:, rows[0] : rows[1]] += h_k
+        b = sum(b_k for _, b_k in parts)  # each call's b: the pass's whole b (M, C)
+        del parts  # frees this strip in the object store before the next is made
+    return H, b
 
 
 class ShownBlocks:

@@ -387,17 +387,35 @@ class NystromWorker:
         p["seconds"] += time.perf_counter() - start
         return int(p["row"])
 
-    def gram_normal(self, reps: np.ndarray | None, Y: np.ndarray,
-                    token: str | None = None) -> tuple[np.ndarray, ...]:  # fmt: skip
+    def gram_normal(self, reps: np.ndarray | None, Y: np.ndarray, token: str | None = None,
+                    rows: tuple[int, int] | None = None) -> tuple[np.ndarray, ...]:  # fmt: skip
         """One pass (or the rest of pass ``token``): (H (S, M, M), b (M, C)) float64,
         H_s = K_bᵀ(mask[:, reps[s]] ⊙ K_b) for the S columns ``reps`` whose masks are distinct
-        (None: S = 1, all rows), and b = K_bᵀ(mask ⊙ Y). Y: (N, C) float64, all rows."""
-        self.normal_pass(reps, Y, 1.0, token or f"pass-{self.passes}")
-        p, self._pass = self._pass, None
-        for k in range(p["H"].shape[0]):
-            mirror_upper(p["H"][k])
-        self.passes, self.seconds = self.passes + 1, self.seconds + p["seconds"]
-        return p["H"], p["b"]
+        (None: S = 1, all rows), and b = K_bᵀ(mask ⊙ Y). Y: (N, C) float64, all rows.
+
+        rows=(r0, r1): only H[:, r0:r1] (S, r1 - r0, M), so that the driver sums the parts a
+        strip at a time (the object store then holds one strip per worker, not M² per
+        worker: at M = 20,000 whole parts took the node out of memory). The finished pass is
+        kept until the strip ending at M is taken; a worker without it (a replacement) makes
+        it again."""
+        token = token or f"pass-{self.passes}"
+        p = self._pass
+        if p is None or p["token"] != token or not p.get("mirrored"):
+            self.normal_pass(reps, Y, 1.0, token)
+            p = self._pass
+            for k in range(p["H"].shape[0]):
+                mirror_upper(p["H"][k])
+            p["mirrored"] = True
+            self.passes, self.seconds = self.passes + 1, self.seconds + p["seconds"]
+        m = p["H"].shape[1]
+        r0, r1 = (0, m) if rows is None else (int(rows[0]), int(rows[1]))
+        if not 0 <= r0 < r1 <= m:
+            raise ValueError(f"rows={rows} must satisfy 0 <= r0 < r1 <= M = {m}")
+        if r1 == m:
+            self._pass = None  # the last strip: the worker lets go of its M² accumulator
+        if (r0, r1) == (0, m):
+            return p["H"], p["b"]
+        return np.ascontiguousarray(p["H"][:, r0:r1]), p["b"]
 
     def stats(self) -> dict[str, Any]:
         """Rows, centres, passes over K(x_rows, C) and their seconds, pid."""

@@ -110,9 +110,35 @@ def test_a_pass_in_calls_with_row_masks(tmp_path):
     np.testing.assert_allclose(b, K.T @ (mask * y), rtol=1e-10, atol=1e-10)
 
 
+def test_the_pass_is_taken_in_row_strips_and_then_let_go():
+    """The driver sums the workers' parts of H a strip at a time (M = 20,000 ran out of memory
+    on whole parts): strips tile the dense K_nmᵀK_nm, the worker keeps its accumulator until
+    the last strip and then lets go of it, and a replacement asked for a middle strip makes
+    the pass again."""
+    x, idx = _x(), np.arange(0, 300, 7)  # M = 43
+    y = np.sin(x[:, :2])
+    K = _knm(x, idx)
+    worker = _worker(x, idx)
+    cuts = [(0, 10), (10, 11), (11, 40), (40, 43)]
+    strips = [worker.gram_normal(None, y, "s", rows=r) for r in cuts]
+    assert [h.shape for h, _ in strips] == [(1, 10, 43), (1, 1, 43), (1, 29, 43), (1, 3, 43)]
+    assert worker._pass is None and worker.passes == 1  # one pass served every strip
+    H = np.concatenate([h for h, _ in strips], axis=1)[0]
+    np.testing.assert_allclose(H, K.T @ K, rtol=1e-11, atol=1e-11 * np.abs(K.T @ K).max())
+    for _, b in strips:
+        np.testing.assert_allclose(b, K.T @ y, rtol=1e-11, atol=1e-11 * np.abs(K.T @ y).max())
+    np.testing.assert_allclose(_worker(x, idx).gram_normal(None, y, "s", rows=(11, 40))[0][0],
+                               H[11:40], rtol=1e-12)  # fmt: skip
+    with pytest.raises(ValueError, match="rows=.*M = 43"):
+        _worker(x, idx).gram_normal(None, y, "s", rows=(40, 44))
+
+
 # -- through stages.fit on a real local Ray -----------------------------------------------------
 @pytest.mark.parametrize("kind", ["npy", "zarr"])
-def test_a_nystrom_fit_read_from_the_source_with_progress(ray_local, tmp_path, capfd, kind):
+def test_a_nystrom_fit_read_from_the_source_with_progress(ray_local, tmp_path, capfd, kind,
+                                                         monkeypatch):  # fmt: skip
+    # H's parts come back in strips of 7 rows (120 centres: 18 calls per worker)
+    monkeypatch.setattr(nystrom, "STRIP_BYTES", 7 * 8 * 120)
     x, idx_n = _x(3000, 6), 120
     y = np.sin(x[:, 0]) + 0.1 * x[:, 1]
     src = _sources(tmp_path, x)[kind]
