@@ -327,7 +327,9 @@ class NTKRegressorCV(NTKRegressor):
     One Gram store serves every fold and every ridge: each (fold, ridge, target) is a column of
     one PCG run on the fold's training rows (one product with K per iteration for all of them),
     the validation predictions come from the same store, and the model is refitted on all rows
-    at the best ridge. ridges: relative to mean(diag K) (absolute with ridge_absolute). cv: k
+    at the best ridge. ridges: relative to mean(diag K) (absolute with ridge_absolute), or
+    "auto": a log grid that grows past an edge the best ridge is at, on the same store and
+    sketch, within ntk_scale.options.AUTO_RIDGE_BOUNDS. cv: k
     folds (an int), one held-out fraction (a float in (0, 1)) or a scikit-learn splitter.
     Fitted: ``ridge_``, ``cv_results_`` (per ridge: mean and per-fold validation scores,
     iterations), ``best_score_`` (higher is better: −MSE, or accuracy for the classifier);
@@ -344,8 +346,9 @@ class NTKRegressorCV(NTKRegressor):
     )  # fmt: skip
 
     def _options(self) -> tuple[GramOptions, SolveOptions, RunOptions]:
-        so = pick(SolveOptions, self, ridge=tuple(np.atleast_1d(self.ridges).tolist()),
-                  cv=None, holdout=None)  # fmt: skip
+        auto = isinstance(self.ridges, str) and self.ridges == "auto"
+        ridge = "auto" if auto else tuple(np.atleast_1d(self.ridges).tolist())
+        so = pick(SolveOptions, self, ridge=ridge, cv=None, holdout=None)
         return pick(GramOptions, self), so, pick(RunOptions, self)
 
     def _folds(self, n: int, labels: Any) -> Any:

@@ -66,7 +66,10 @@ from ntk_scale.solve import (
     SolveReport,
     column_iterations,
     make_folds,
+    ridge_path_meta,
+    round_checkpoint,
     score,
+    select_auto,
     targets_fingerprint,
     warn_at_edge,
 )
@@ -440,16 +443,27 @@ def _load(path: str | None, meta: dict[str, Any], overwrite: bool) -> PCGState |
 
 def select(p: Problem, Y: np.ndarray, folds: Folds, metric: str, ckpt_dir: str | None,
            overwrite: bool) -> RidgeSelection:  # fmt: skip
+    """The ridge path of p's ridges (or ridge="auto"'s growing grid: select_auto) on folds."""
+    if not p.so.auto_ridge:
+        return select_ridges(p, Y, folds, metric, ckpt_dir, overwrite, p.so.ridges)
+    return select_auto(lambda ridges, k: select_ridges(
+        p, Y, folds, metric, ckpt_dir, overwrite, ridges, round_checkpoint(CV_CHECKPOINT_NAME, k)))
+
+
+def select_ridges(p: Problem, Y: np.ndarray, folds: Folds, metric: str, ckpt_dir: str | None,
+                  overwrite: bool, ridges: tuple[float, ...],
+                  name: str = CV_CHECKPOINT_NAME) -> RidgeSelection:  # fmt: skip
     """Every (fold, ridge, target) a column of one Nyström solve on the fold's training rows;
-    scored on its validation rows (columns laid out as :func:`ntk_scale.solve.select_ridge`)."""
-    start, ridges, c, so = time.perf_counter(), p.so.ridges, Y.shape[1], p.so
+    scored on its validation rows (columns laid out as :func:`ntk_scale.solve.select_ridge`);
+    checkpointed as ckpt_dir/name."""
+    start, c, so = time.perf_counter(), Y.shape[1], p.so
     lam = np.array([[r if so.ridge_absolute else r * float(np.mean(p.diag[tr])) for r in ridges]
                     for tr, _ in folds])  # fmt: skip
     Yp = np.concatenate([np.tile(Y, (1, len(ridges))) for _ in folds], axis=1)
     mask = np.zeros(Yp.shape, dtype=bool)
     for f, (tr, _) in enumerate(folds):
         mask[tr, f * len(ridges) * c : (f + 1) * len(ridges) * c] = True
-    path = None if ckpt_dir is None else os.path.join(ckpt_dir, CV_CHECKPOINT_NAME)
+    path = None if ckpt_dir is None else os.path.join(ckpt_dir, name)
     res, _, pred = run_solve(p, Yp, np.repeat(lam.reshape(-1), c), mask, path,
                              overwrite=overwrite)  # fmt: skip
     scores = np.empty((len(folds), len(ridges)))
@@ -510,9 +524,7 @@ def fit(
                                lams=(lam,), targets=Y.shape[1], vector=vector)  # fmt: skip
     meta = model_meta(p, solve_report, extra)
     if selection is not None:
-        meta["ridge_path"] = {"metric": selection.metric, "folds": selection.folds,
-                              "seconds": selection.seconds, "ridges": selection.table(),
-                              "edge": selection.edge}  # fmt: skip
+        meta["ridge_path"] = ridge_path_meta(selection)
     if model_dir is not None:
         stages.save_model(model_dir, pcg.x, meta)
     decision = stages.OperatorDecision("nystrom", f"knm {p.knm}: {p.knm_reason}")

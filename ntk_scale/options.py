@@ -180,8 +180,20 @@ def pick(record: type, source: Any, **extra: Any) -> Any:
     return record(**{**values, **extra})
 
 
-def parse_ridges(text: str) -> float | tuple[float, ...]:
-    """A CLI ridge: ``1e-4``, or several ``1e-6,1e-5,1e-4`` (a tuple)."""
+#: ridge="auto": the first grid (relative ridges, one per decade) ...
+AUTO_RIDGES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+#: ... which grows by AUTO_RIDGE_STEP decades past the edge the best ridge is at, while the best
+#: stays at an edge, never past these bounds (relative to mean diag K) ...
+AUTO_RIDGE_BOUNDS = (1e-12, 1e4)
+AUTO_RIDGE_STEP = 3
+#: ... chosen on this held-out fraction when neither cv nor holdout is given.
+AUTO_RIDGE_HOLDOUT = 0.1
+
+
+def parse_ridges(text: str) -> float | tuple[float, ...] | str:
+    """A CLI ridge: ``1e-4``, several ``1e-6,1e-5,1e-4`` (a tuple), or ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
@@ -320,9 +332,11 @@ class SolveOptions:
     product, nothing stored) | auto (the cheaper of stored and matrixfree, timed here).
     """
 
-    ridge: float | tuple[float, ...] = option(
+    ridge: float | tuple[float, ...] | str = option(
         1e-4, "λ / mean(diag K) (Neural Tangents' diag_reg), or λ itself with ridge_absolute; "
-        "several (R,R,...): chosen by cv / holdout", section="solver", parse=parse_ridges,
+        "several (R,R,...): chosen by cv / holdout; auto: a log grid 1e-6 … 1e-1 that grows "
+        "past an edge the best ridge is at, within 1e-12 … 1e4 (a 10 % holdout unless cv or "
+        "holdout is given)", section="solver", parse=parse_ridges,
         metavar="R[,R...]")  # fmt: skip
     ridge_absolute: bool = option(False, "take the ridge as λ itself", section="solver")
     cv: int | None = option(None, "choose among the ridges by k-fold validation on the store's "
@@ -378,6 +392,13 @@ class SolveOptions:
         if not (isinstance(self.tol, (int, float)) and 0 < self.tol < 1):
             raise ValueError(f"tol={self.tol!r} must lie in (0, 1), e.g. 1e-6")
         object.__setattr__(self, "ridge", _ridges(self.ridge))
+        if self.ridge == "auto":
+            if self.ridge_absolute:
+                raise ValueError("ridge='auto' grows a grid of ridges relative to mean(diag K); "
+                                 "give ridge_absolute=False, or a list of absolute "
+                                 "ridges")  # fmt: skip
+            if self.cv is None and self.holdout is None:
+                object.__setattr__(self, "holdout", AUTO_RIDGE_HOLDOUT)
         if self.cv is not None and (isinstance(self.cv, bool) or not isinstance(self.cv, int)
                                     or self.cv < 2):  # fmt: skip
             raise ValueError(f"cv={self.cv!r} must be an integer >= 2 (folds), or None")
@@ -393,8 +414,16 @@ class SolveOptions:
 
     @property
     def ridges(self) -> tuple[float, ...]:
-        """The ridges as a tuple (one for a single ridge)."""
+        """The ridges as a tuple (one for a single ridge; AUTO_RIDGES, the first grid, for
+        "auto")."""
+        if self.ridge == "auto":
+            return AUTO_RIDGES
         return self.ridge if isinstance(self.ridge, tuple) else (self.ridge,)
+
+    @property
+    def auto_ridge(self) -> bool:
+        """Whether the grid of ridges grows past an edge (ridge="auto")."""
+        return self.ridge == "auto"
 
     @property
     def selects(self) -> bool:
@@ -406,15 +435,19 @@ class SolveOptions:
         return dataclasses.replace(self, rank=min(self.rank, n))
 
 
-def _ridges(value: Any) -> float | tuple[float, ...]:
-    """A ridge (a float) or several (a tuple of distinct floats), each finite and >= 0."""
+def _ridges(value: Any) -> float | tuple[float, ...] | str:
+    """A ridge (a float), several (a tuple of distinct floats), each finite and >= 0, or
+    "auto"."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
     many = isinstance(value, (list, tuple)) or (hasattr(value, "__len__")
                                                 and not isinstance(value, str))  # fmt: skip
     values = list(value) if many else [value]
     out = []
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
-            raise ValueError(f"ridge={v!r} is not a number; give a float, e.g. 1e-4, or a list")
+            raise ValueError(f"ridge={v!r} is not a number; give a float, e.g. 1e-4, a list, "
+                             "or 'auto'")  # fmt: skip
         if not np.isfinite(v) or v < 0:
             raise ValueError(f"ridge={v!r} must be a finite number >= 0, e.g. 1e-4")
         out.append(float(v))

@@ -38,7 +38,13 @@ from ntk_scale.linalg.distributed import DistributedOperator
 from ntk_scale.linalg.matrixfree import MatrixFreeOperator
 from ntk_scale.linalg.preconditioners import per_group
 from ntk_scale.linalg.stored import StoredOperator
-from ntk_scale.options import RunOptions, SolveOptions
+from ntk_scale.options import (
+    AUTO_RIDGE_BOUNDS,
+    AUTO_RIDGE_STEP,
+    AUTO_RIDGES,
+    RunOptions,
+    SolveOptions,
+)
 from ntk_scale.panels import open_symmetric
 from ntk_scale.progress import Progress, SolveProgress
 from ntk_scale.store import GramStore
@@ -362,7 +368,8 @@ class RidgeSelection:
     (the best mean score; the larger ridge on a tie); seconds: the whole selection.
     warm_start: (N, C) the chosen ridge's fold solutions averaged row by row over the folds
     that trained on the row (zero for a row no fold trained on): a starting guess for the
-    refit on all rows (``solve_store(..., x0=...)``).
+    refit on all rows (``solve_store(..., x0=...)``). rounds: the PCG runs of the path (more
+    than one where ridge="auto" grew the grid); bounds: ridge="auto"'s bounds, else None.
     """
 
     ridges: tuple[float, ...]
@@ -373,6 +380,8 @@ class RidgeSelection:
     seconds: float
     folds: int
     warm_start: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
+    rounds: int = 1
+    bounds: tuple[float, float] | None = None
 
     @property
     def mean_scores(self) -> np.ndarray:
@@ -407,16 +416,82 @@ Folds = list[tuple[np.ndarray, np.ndarray]]
 
 def warn_at_edge(sel: RidgeSelection) -> RidgeSelection:
     """sel, after a RidgeEdgeWarning when its ridge is the grid's end, naming a grid that goes
-    three decades further that way."""
+    three decades further that way (or, for ridge="auto", the bound it stopped at)."""
     if sel.edge is not None:
         r, lo, hi = sel.ridge, min(sel.ridges), max(sel.ridges)
-        step = 10.0 if sel.edge == "largest" else 0.1
-        wider = ", ".join(f"{r * step**k:g}" for k in range(4))
-        warnings.warn(RidgeEdgeWarning(
-            f"the ridge chosen on held-out rows, {r:g}, is the {sel.edge} of the grid "
-            f"({lo:g} … {hi:g}): the best may lie beyond it; try a grid that goes further, "
-            f"e.g. ridges = [{wider}]"), stacklevel=3)  # fmt: skip
+        if sel.bounds is not None:
+            msg = (f"ridge='auto' chose {r:g}, the {sel.edge} ridge it may try (its grid grew "
+                   f"to {lo:g} … {hi:g} in {sel.rounds} rounds, bounds {sel.bounds[0]:g} … "
+                   f"{sel.bounds[1]:g}): the data want a ridge beyond the bound; check the "
+                   "targets' scale and the kernel, or give absolute ridges (ridge_absolute)")
+        else:
+            step = 10.0 if sel.edge == "largest" else 0.1
+            wider = ", ".join(f"{r * step**k:g}" for k in range(4))
+            msg = (f"the ridge chosen on held-out rows, {r:g}, is the {sel.edge} of the grid "
+                   f"({lo:g} … {hi:g}): the best may lie beyond it; try a grid that goes "
+                   f"further, e.g. ridges = [{wider}], or ridge='auto'")
+        warnings.warn(RidgeEdgeWarning(msg), stacklevel=3)
     return sel
+
+
+def ridge_path_meta(sel: RidgeSelection) -> dict[str, Any]:
+    """model.json's "ridge_path": metric, folds, seconds, per-ridge table, the edge the best is
+    at (None inside; "smallest" / "largest": the best may lie beyond the grid) and, for
+    ridge="auto", its rounds and bounds."""
+    auto = None if sel.bounds is None else {"rounds": sel.rounds, "bounds": list(sel.bounds)}
+    return {"metric": sel.metric, "folds": sel.folds, "seconds": sel.seconds,
+            "ridges": sel.table(), "edge": sel.edge, "auto": auto}  # fmt: skip
+
+
+def round_checkpoint(name: str, k: int) -> str:
+    """The checkpoint file of round k of a ridge path (round 0: ``name`` itself)."""
+    if k == 0:
+        return name
+    stem, dot, ext = name.rpartition(".")
+    return f"{stem}_round{k}.{ext}" if dot else f"{name}_round{k}"
+
+
+def grow_ridges(sel: RidgeSelection, bounds: tuple[float, float] = AUTO_RIDGE_BOUNDS,
+                step: int = AUTO_RIDGE_STEP) -> tuple[float, ...]:
+    """The next ridges of ridge="auto": ``step`` decades past the edge sel's best is at, within
+    bounds; () where the best is inside the grid or the bound is reached."""
+    if sel.edge is None:
+        return ()
+    sign, end = (1, max(sel.ridges)) if sel.edge == "largest" else (-1, min(sel.ridges))
+    more = (float(f"{end * 10.0 ** (sign * k):.6g}") for k in range(1, step + 1))
+    return tuple(r for r in more if bounds[0] <= r <= bounds[1] and r not in sel.ridges)
+
+
+def merge_selections(a: RidgeSelection, b: RidgeSelection) -> RidgeSelection:
+    """One path from two on the same folds and metric: ridges ascending, the best chosen again
+    (the best mean score; the larger ridge on a tie), its warm start from the run that had it."""
+    if (a.folds, a.metric) != (b.folds, b.metric):
+        raise ValueError("merge_selections needs two paths on the same folds and metric")
+    ridges = np.array(a.ridges + b.ridges)
+    order = np.argsort(ridges, kind="stable")
+    scores = np.concatenate([a.scores, b.scores], axis=1)[:, order]
+    iterations = [(a.iterations + b.iterations)[k] for k in order]
+    means = scores.mean(axis=0) * (1 if a.metric == "mse" else -1)
+    best = int(np.flatnonzero(means == means.min()).max())
+    ridge = float(ridges[order][best])
+    warm = a.warm_start if ridge == a.ridge else b.warm_start if ridge == b.ridge else None
+    return RidgeSelection(tuple(float(r) for r in ridges[order]), a.metric, scores, iterations,
+                          best, a.seconds + b.seconds, a.folds, warm, a.rounds + b.rounds,
+                          a.bounds or b.bounds)  # fmt: skip
+
+
+def select_auto(select_round: Callable[[tuple[float, ...], int], RidgeSelection],
+                grid: tuple[float, ...] = AUTO_RIDGES,
+                bounds: tuple[float, float] = AUTO_RIDGE_BOUNDS) -> RidgeSelection:  # fmt: skip
+    """ridge="auto": ``select_round(ridges, k)`` (round k's path on the same folds: the same
+    store and preconditioner sketch) on ``grid``, then on :func:`grow_ridges` while the best is
+    at an edge and the bounds allow. Warns (RidgeEdgeWarning) only where a bound stops it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RidgeEdgeWarning)  # an edge here is a cue to grow
+        sel = dataclasses.replace(select_round(tuple(grid), 0), bounds=tuple(bounds))
+        while more := grow_ridges(sel, bounds):
+            sel = merge_selections(sel, select_round(more, sel.rounds))
+    return warn_at_edge(sel)
 
 
 def make_folds(n: int, cv: int | None = None, holdout: float | None = None,
@@ -457,6 +532,7 @@ def select_ridge(
     out_dir: str | None = None,
     overwrite: bool = False,
     callback: Callable[[PCGState], object] | None = None,
+    checkpoint_name: str = CV_CHECKPOINT_NAME,
 ) -> RidgeSelection:
     """Score every ridge of ``options.ridges`` on held-out rows of the Gram stored at
     ``store_url``, without computing a tile: every (fold, ridge, target) is a column of one
@@ -464,7 +540,8 @@ def select_ridge(
     all), and the validation predictions K[val, train]·A come from one more product.
 
     A relative ridge is relative to the mean diagonal of the fold's training rows, as a fit on
-    those rows alone would take it. With ``out_dir`` the run is checkpointed there and resumed.
+    those rows alone would take it. With ``out_dir`` the run is checkpointed there (as
+    ``checkpoint_name``) and resumed. For ridge="auto" see :func:`select_auto`.
     """
     if metric not in METRICS:
         raise ValueError(f"metric={metric!r}; use one of {', '.join(METRICS)}")
@@ -484,7 +561,7 @@ def select_ridge(
             mask[tr, f * len(ridges) * c : (f + 1) * len(ridges) * c] = True
         meta = {**_checkpoint_meta(store, Y2, lam.tolist(), opts),
                 "folds": targets_fingerprint(mask.astype(np.float64))}  # fmt: skip
-        path = None if out_dir is None else os.path.join(out_dir, CV_CHECKPOINT_NAME)
+        path = None if out_dir is None else os.path.join(out_dir, checkpoint_name)
         state = _load_state(path, meta, overwrite)
         M = _make_preconditioner(op, opts, meta["rank"], float(lam.min()), run, out_dir, store)
         # Each fold's columns get the one sketch restricted to the fold's training rows.

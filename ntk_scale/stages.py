@@ -33,12 +33,16 @@ from ntk_scale.predict import predict_from_store
 from ntk_scale.scheduler import GramReport, run_store
 from ntk_scale.sizing import choose_operator, measure_read_rate, plan_gram
 from ntk_scale.solve import (
+    CV_CHECKPOINT_NAME,
     Folds,
     RidgeSelection,
     SolveReport,
     check_targets,
     make_folds,
     merge_options,
+    ridge_path_meta,
+    round_checkpoint,
+    select_auto,
     select_ridge,
     solve_store,
 )
@@ -321,13 +325,7 @@ def solve(
     meta = model_meta(g, report, opts, decision, extra)
     meta["rounding"] = {k: v for k, v in rounding.items() if k != "explain"}
     if selection is not None:
-        meta["ridge_path"] = {
-            "metric": selection.metric,
-            "folds": selection.folds,
-            "seconds": selection.seconds,
-            "ridges": selection.table(),
-            "edge": selection.edge,  # "smallest" / "largest": the best may lie beyond the grid
-        }
+        meta["ridge_path"] = ridge_path_meta(selection)
     if model_dir is not None:
         save_model(model_dir, report.result.x, meta)
         meta["plots"] = _plots(model_dir, report, opts.tol)
@@ -374,8 +372,16 @@ def _select(store, y, opts, run, folds, extra, ckpt, overwrite, n) -> RidgeSelec
     if folds is None:
         folds = make_folds(n, opts.cv, opts.holdout, opts.seed)
     metric = "accuracy" if (extra or {}).get("task") == "classification" else "mse"
-    return select_ridge(store, y, opts, run, folds=folds, metric=metric, out_dir=ckpt,
-                        overwrite=overwrite)  # fmt: skip
+    if not opts.auto_ridge:
+        return select_ridge(store, y, opts, run, folds=folds, metric=metric, out_dir=ckpt,
+                            overwrite=overwrite)  # fmt: skip
+
+    def one_round(ridges: tuple[float, ...], k: int) -> RidgeSelection:
+        return select_ridge(store, y, dataclasses.replace(opts, ridge=ridges), run, folds=folds,
+                            metric=metric, out_dir=ckpt, overwrite=overwrite,
+                            checkpoint_name=round_checkpoint(CV_CHECKPOINT_NAME, k))  # fmt: skip
+
+    return select_auto(one_round)
 
 
 def model_meta(

@@ -148,6 +148,32 @@ def test_cv_picks_the_oracles_ridge(ray_local, tmp_path):
     assert _rel(rep.solve.alpha, _oracle(x, y, idx, ridges[int(np.argmin(mse))])[:, 0]) < 1e-6
 
 
+def test_auto_ridges_grow_to_the_oracles_choice(ray_local, tmp_path):
+    """ridge="auto" on the Nyström method: rounds of the path on one K(C, C) store, each ridge
+    scored as the dense Nyström oracle scores it, the grid grown past AUTO_RIDGES' top."""
+    from ntk_scale.options import AUTO_RIDGES
+    from ntk_scale.solve import make_folds
+
+    x, y, _ = _data(n=300, c=1)
+    # (these targets want a large ridge: test_cv_picks_the_oracles_ridge's best is its top, 10)
+    so = SolveOptions(method="nystrom", centers=40, knm="recompute", tol=1e-10, ridge="auto",
+                      cv=3, center_selection="uniform")  # fmt: skip
+    rep = stages.fit(stages.prepare_inputs(x, y[:, 0]), SPEC, str(tmp_path / "auto.zarr"), GO,
+                     so, RUN, model_dir=str(tmp_path / "model-auto"))  # fmt: skip
+    idx = np.array(rep.solve.meta["nystrom"]["center_indices"])
+    sel = rep.solve.selection
+    assert sel.rounds >= 2 and set(AUTO_RIDGES) < set(sel.ridges) and sel.edge is None
+    mse = np.zeros(len(sel.ridges))
+    for tr, val in make_folds(300, cv=3, seed=so.seed):
+        for k, r in enumerate(sel.ridges):
+            a = _oracle(x, y, idx, r, rows=tr)
+            mse[k] += np.mean((SPEC.kernel(x[val], x[idx], dtype="float64") @ a - y[val]) ** 2)
+    np.testing.assert_allclose(sel.mean_scores, mse / 3, rtol=1e-5)
+    assert sel.best == int(np.argmin(mse)) and sel.ridge > max(AUTO_RIDGES)
+    assert rep.solve.meta["ridge_path"]["auto"]["rounds"] == sel.rounds
+    assert (tmp_path / "model-auto" / "checkpoint" / "nystrom_cv_state_round1.npz").exists()
+
+
 def test_a_conv_kernel_on_images(ray_local, tmp_path):
     from ntk_scale.kernels import stax
 

@@ -158,7 +158,7 @@ def test_empty_string_is_the_default_none(tmp_path):
             "[solver]\ntol = true\n",
             ["solver.tol=True has the wrong type", "a number", "tol = 1e-06"],
         ),
-        ('[solver]\nridge = "big"\n', ["expected a number or a list"]),
+        ('[solver]\nridge = "big"\n', ["ridge='big' is not a number", "or 'auto'"]),
         ('[store]\ndtype = "float16"\n', ["[store]", "dtype='float16'", "float32, float64"]),
         ('[kernel]\nkind = "gp"\n', ["[kernel]", "kind='gp'", "ntk, nngp"]),
         ('[output]\ntask = "rank"\n', ["[output]", "task='rank'", "regression"]),
