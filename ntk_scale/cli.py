@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ntk_scale import cost, stages
+from ntk_scale.cluster import joins_cluster
 from ntk_scale.config import load_config, run_config, schema
 from ntk_scale.cost import CloudAssumptions as C
 from ntk_scale.demo import run_demo
@@ -44,6 +45,7 @@ from ntk_scale.options import (
     toml_help,
 )
 from ntk_scale.sizing import (
+    LOCAL_RAY_START_S,
     choose_operator,
     cloud_workload,
     gemm_rate,
@@ -102,8 +104,9 @@ def cmd_plan(a: argparse.Namespace) -> int:
     # dtype auto: the plan assumes the larger float64 (float32 is taken only where its error
     # bound is far below λ, which needs the data): --dtype float32 plans the smaller store.
     dtype = "float64" if a.dtype == "auto" else a.dtype
+    ray_start = 0.0 if joins_cluster(getattr(a, "address", None)) else LOCAL_RAY_START_S
     plan = plan_gram(a.n, d, spec, a.kind, dtype, a.tile, a.workers or 1, measure,
-                     store_url=store, probe_bytes=probe)  # fmt: skip
+                     store_url=store, probe_bytes=probe, ray_start_s=ray_start)  # fmt: skip
     rows, read = plan.rows(), None
     if a.dtype == "auto":
         rows.append(("dtype", "float64 assumed by dtype auto (--dtype float32 to plan float32)"))
@@ -190,6 +193,8 @@ def cmd_gram(a: argparse.Namespace) -> int:
     x_cols = load_array(a.x_cols) if a.x_cols else None
     report = stages.gram(x, _spec(a), a.store, _gram_options(a), _run(a), x_cols=x_cols)
     print(report.summary())
+    if report.phases:
+        print(f"  time: {report.phase_line()}")
     return 0
 
 

@@ -90,6 +90,7 @@ def run_demo(out: str = "demo-output", workers: int | None = None, n: int | None
     rel = float(np.max(np.abs(pred - dense)) / np.max(np.abs(dense)))
     lines = [
         f"gram:    {gram.summary()}  [{t1 - t0:.1f} s]",
+        f"         of which {gram.phase_line()}",
         f"solve:   PCG {s['iterations']} iterations, preconditioner {s['preconditioner']} "
         f"rank {s['rank']}, λ = {meta['lam']:.3g} ({RIDGE:g} x mean diag), converged "
         f"{all(s['converged'])}, final ‖r‖/‖y‖ <= {max(s['final_relative_residuals']):.1e}  "
@@ -114,7 +115,8 @@ def run_demo(out: str = "demo-output", workers: int | None = None, n: int | None
             "agreement": agree,
             "max_rel_diff": rel,
             "solver": s,
-            "seconds": {"gram": t1 - t0, "solve": t2 - t1, "predict": t3 - t2},
+            "seconds": {"gram": t1 - t0, "solve": t2 - t1, "predict": t3 - t2,
+                        "gram_phases": dict(gram.phases)},
         },
     )
     return 0

@@ -52,6 +52,18 @@ def time_worker_tile(
     write: encoding its chunk and writing it atomically into a probe under a local
     ``store_url`` (None for no store or an object store, whose puts are network-bound).
     gpu: on this machine's GPU instead, with a GPU worker's environment (no pinning)."""
+    out = time_worker_start(spec, kind, dtype, t, d, threads, store_url, gpu)
+    return out["compute"], out["diagonal"], out["write"]
+
+
+def time_worker_start(
+    spec: Kernel, kind: str, dtype: str, t: int, d: int, threads: int = 1,
+    store_url: str | None = None, gpu: bool = False,
+) -> dict[str, float | None]:  # fmt: skip
+    """:func:`time_worker_tile`'s child's figures: "compute", "diagonal", "write" (seconds, as
+    there) and what a new worker pays before its first tile: "imports" (from the child's
+    launch to its imports done: Python, JAX, ntk_scale) and "compile" (the tile functions'
+    compilation)."""
     from ntk_scale.pool import worker_env  # cycle: pool -> sizing -> measure
 
     with contextlib.ExitStack() as stack:
@@ -59,7 +71,8 @@ def time_worker_tile(
         if store_url is not None and _store_root(store_url)[2]:
             where = stack.enter_context(_probe(store_url))[1]
         cores = sorted(os.sched_getaffinity(0))[: None if gpu else max(1, threads)]
-        args = [spec.to_json(), kind, dtype, str(t), str(d), where or "", ",".join(map(str, cores))]
+        args = [spec.to_json(), kind, dtype, str(t), str(d), where or "", ",".join(map(str, cores)),
+                repr(time.time())]  # fmt: skip
         proc = subprocess.run(
             [sys.executable, "-m", "ntk_scale.measure", *args],
             env={**os.environ, **worker_env(gpu, None if gpu else threads)},
@@ -67,12 +80,12 @@ def time_worker_tile(
         )  # fmt: skip
     if proc.returncode != 0:
         raise RuntimeError(f"timing a tile failed: {proc.stderr[-2000:]}")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    return out["compute"], out["diagonal"], out["write"]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _worker_tile_main(argv: list[str]) -> None:
-    """The child of :func:`time_worker_tile`: prints {"compute", "diagonal", "write"} seconds."""
+    """The child of :func:`time_worker_start`: prints its figures as JSON."""
+    imports = time.time() - float(argv[7]) if len(argv) > 7 else None
     # Pinned first, as a worker is, before the first computation starts XLA's thread pool (no
     # preexec_fn in the parent: forking a multithreaded driver is unsafe).
     os.sched_setaffinity(0, {int(c) for c in argv[6].split(",")})
@@ -85,7 +98,12 @@ def _worker_tile_main(argv: list[str]) -> None:
     )
     rng = np.random.default_rng(0)
     x1, x2 = (rng.normal(size=(t, d)).astype(dtype) for _ in range(2))
+    start = time.perf_counter()
     compute, diagonal = spec.tile_seconds(kind, dtype, x1, x2)
+    # tile_seconds ran each function once to compile it, then once timed; a chunked kernel
+    # (stax) extrapolates its tile from a chunk, and then all this time is about compiling
+    spent = time.perf_counter() - start
+    compile_s = spent - 2 * (compute + diagonal) if spent > 2 * (compute + diagonal) else spent
     write = None
     if where:  # a chunk's write costs its bytes (no compression), whatever their values
         values = rng.normal(size=(t, t)).astype(dtype)
@@ -97,7 +115,8 @@ def _worker_tile_main(argv: list[str]) -> None:
             atomic_put(fs, f"{where}/chunk-{k}", body, crc.to_bytes(4, "little"))
             times.append(time.perf_counter() - start)
         write = float(np.median(times))
-    print(json.dumps({"compute": compute, "diagonal": diagonal, "write": write}), flush=True)
+    print(json.dumps({"compute": compute, "diagonal": diagonal, "write": write,
+                      "imports": imports, "compile": compile_s}), flush=True)  # fmt: skip
 
 
 # --- a GPU here ---------------------------------------------------------------------------------

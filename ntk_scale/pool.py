@@ -160,6 +160,7 @@ class Pool:
             **request.resources,
         )
         self.started = 0  # hosts started over the pool's life (replacements included)
+        self._pending: list[tuple[int, Any, Any]] = []  # prestarted, not yet waited for
 
     def take(self, workers: int | None, limit: int | None = None) -> list[Slot]:
         """``workers`` hosts (None: one per GPU, else per CPU slot), at most ``limit``; starts
@@ -170,11 +171,23 @@ class Pool:
         want = workers or self.default_workers()
         if limit is not None:
             want = max(1, min(want, limit))
-        if want > len(self.slots):
+        if want > len(self.slots) or self._pending:  # prestarted hosts are waited for here
             self._grow(want, strict=workers is not None and self.strict)
         if not self.slots:
             raise PlacementError(self._no_room(want, 0))
         return self.slots[:want]
+
+    def prestart(self, workers: int | None, limit: int | None = None) -> None:
+        """Start the hosts ``take(workers, limit)`` will want without waiting for them, so
+        that they boot (a process, its imports) while the driver does other work, e.g. builds
+        the store; ``take`` then waits for them."""
+        self.refresh()
+        want = workers or self.default_workers()
+        if limit is not None:
+            want = max(1, min(want, limit))
+        have = len(self.slots) + len(self._pending)
+        n_new = max(0, min(want - have, self.capacity() - len(self.slots)))
+        self._pending += [self._start(have + k) for k in range(n_new)]
 
     @property
     def strict(self) -> bool:
@@ -194,13 +207,15 @@ class Pool:
         return len(self.slots) + int(free.get(key, 0) // per + 1e-9)
 
     def _grow(self, want: int, strict: bool = False) -> None:
-        room = self.capacity()
-        if room <= len(self.slots) and self._fits_cluster():
-            room = len(self.slots) + 1  # busy now, not too small: try one, for the timeout
-        n_new = max(0, min(want, room) - len(self.slots))
-        pending = [self._start(len(self.slots) + k) for k in range(n_new)]
-        ready = self._await_ready(pending)
-        self.slots.extend(ready)
+        early, self._pending = self._pending, []
+        self.slots.extend(self._await_ready(early))  # prestart's hosts first: they hold room
+        if len(self.slots) < want:
+            room = self.capacity()
+            if room <= len(self.slots) and self._fits_cluster() and not early:
+                room = len(self.slots) + 1  # busy now, not too small: try one, for the timeout
+            n_new = max(0, min(want, room) - len(self.slots))
+            pending = [self._start(len(self.slots) + k) for k in range(n_new)]
+            self.slots.extend(self._await_ready(pending))
         if len(self.slots) < want:
             if strict and self.slots:
                 raise GPUUnavailableError(self._too_few(want, len(self.slots)))
@@ -304,14 +319,14 @@ class Pool:
     def shutdown(self) -> None:
         """Kill every host (idempotent; nothing to do once Ray is down)."""
         if not self.ray.is_initialized():
-            self.slots = []
+            self.slots, self._pending = [], []
             return
-        for slot in self.slots:
+        for handle in [slot.handle for slot in self.slots] + [h for _, h, _ in self._pending]:
             try:
-                self.ray.kill(slot.handle, no_restart=True)
+                self.ray.kill(handle, no_restart=True)
             except Exception:  # noqa: BLE001 - Ray may already be down at exit
                 pass
-        self.slots = []
+        self.slots, self._pending = [], []
 
 
 _POOLS: dict[tuple, Pool] = {}

@@ -33,6 +33,7 @@ from ntk_scale.measure import (  # noqa: F401
     measure_write_rate,
     measured_gpu_flops,
     read_rate,
+    time_worker_start,
     time_worker_tile,
 )
 from ntk_scale.plan import DEFAULT_TILE, BlockPlan
@@ -40,6 +41,13 @@ from ntk_scale.plan import DEFAULT_TILE, BlockPlan
 #: The disk's write rate is probed with the store's bytes up to this much: a small probe sees
 #: the disk's cache, a store of several GB its sustained rate.
 _MAX_WRITE_PROBE = 1 << 30
+
+#: Seconds a local Ray takes to start (``ray.init`` on 127.0.0.1), measured on the 2-core VM
+#: of the README (`ntk-scale gram`'s "time:" line); 0 where the run joins a running cluster.
+LOCAL_RAY_START_S = 2.5
+#: Seconds Ray adds to a new host beyond its Python imports and first compile (a worker
+#: process, ``import ray``, the actor's creation), measured there too.
+HOST_START_S = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +82,19 @@ class GramPlan:
     tile_compute_seconds: float | None = None
     #: A stax network's tile is computed this many (rows, cols) pairs at a time (None: FC).
     chunk_pairs: tuple[int, int] | None = None
+    #: What a user waits for before the first tile, in order (label, seconds): the CLI's own
+    #: imports, Ray's start, and the hosts' start beside the store's creation (() unmeasured).
+    startup: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def startup_seconds(self) -> float:
+        return float(sum(s for _, s in self.startup))
+
+    @property
+    def wall_seconds(self) -> float | None:
+        """estimated_seconds plus the start-up: the command's wall time (None unmeasured)."""
+        est = self.estimated_seconds
+        return None if est is None else est + self.startup_seconds
 
     @property
     def entry_seconds(self) -> float | None:
@@ -100,8 +121,22 @@ class GramPlan:
             (f"compute estimate ({self.workers} workers)", _maybe(self.compute_seconds)),
             ("store write rate", rate),
             ("write time (bytes on disk / write rate)", _maybe(self.write_seconds)),
-            (f"estimated wall time ({self.workers} workers)", self._estimate_text()),
+            *self._startup_rows(),
+            (f"estimated wall time ({self.workers} workers)", self._wall_text()),
         ]
+
+    def _startup_rows(self) -> list[tuple[str, str]]:
+        if not self.startup:
+            return []
+        parts = ", ".join(f"{label} {_duration(v)}" for label, v in self.startup)
+        return [("start-up (before the first tile)", f"{_duration(self.startup_seconds)} "
+                                                     f"({parts})")]  # fmt: skip
+
+    def _wall_text(self) -> str:
+        if not self.startup or self.wall_seconds is None:
+            return self._estimate_text()
+        return (f"{_duration(self.wall_seconds)}: start-up {_duration(self.startup_seconds)} + "
+                f"tiles {self._estimate_text()}")
 
     def _chunk_rows(self) -> list[tuple[str, str]]:
         if self.chunk_pairs is None:
@@ -137,27 +172,31 @@ def plan_gram(
     seconds_per_tile: float | None = None,
     threads: int = 1,
     probe_bytes: int | None = None,
+    ray_start_s: float = LOCAL_RAY_START_S,
 ) -> GramPlan:
     """Size a K(X, X) job for X (n, d). With ``measure``, one (tile, tile) tile is timed on this
     machine as a worker pinned to ``threads`` cores spends it (synthetic data; with
     ``store_url`` its chunk is also written there) unless ``seconds_per_tile`` is given, and the
     disk's write rate (bytes/s) is measured under ``store_url`` unless ``write_bytes_per_s`` is
     given (with a probe of the store's size, at most ``_MAX_WRITE_PROBE`` bytes, or of
-    ``probe_bytes``)."""
+    ``probe_bytes``). The measured worker's start gives the start-up (:func:`startup_estimate`;
+    ray_start_s: 0 for a run that joins a cluster)."""
     _check_sizes(n, d, workers, seconds_per_tile, write_bytes_per_s)
     plan = BlockPlan.square(n, min(tile, n))
     t, item, entries = plan.tile, np.dtype(dtype).itemsize, plan.entries()
     tile_write = compute = None
     flops_entry, memory, chunk = spec.cost(d, kind, dtype, t)  # the kernel sizes its tile
+    timed: dict = {}
     if measure and seconds_per_tile is None:
-        timed = time_worker_tile(spec, kind, dtype, t, d, threads, store_url)
-        compute, diagonal, tile_write = timed
+        timed = time_worker_start(spec, kind, dtype, t, d, threads, store_url)
+        compute, diagonal, tile_write = timed["compute"], timed["diagonal"], timed["write"]
         b = plan.row_blocks  # b of the tiles are diagonal (their own, exactly symmetric path)
         mean = (b * diagonal + (plan.n_tiles - b) * compute) / plan.n_tiles
         seconds_per_tile = mean + (tile_write or 0.0)
     if measure and write_bytes_per_s is None and store_url is not None:
         probe = probe_bytes or max(256 << 20, min(entries * item, _MAX_WRITE_PROBE))
         write_bytes_per_s = measure_write_rate(store_url, nbytes=probe)
+    startup = startup_estimate(timed, n * d * item, write_bytes_per_s, ray_start_s)
     return GramPlan(
         n=n,
         d=d,
@@ -173,7 +212,24 @@ def plan_gram(
         **_timing(plan.n_tiles, entries * item, workers, seconds_per_tile, write_bytes_per_s),
         tile_write_seconds=tile_write,
         tile_compute_seconds=compute,
+        startup=startup,
     )
+
+
+def startup_estimate(timed: dict, x_bytes: int, write_rate: float | None,
+                     ray_start_s: float = LOCAL_RAY_START_S) -> tuple[tuple[str, float], ...]:  # fmt: skip
+    """A Gram command's start-up from a worker's measured start (:func:`time_worker_start`:
+    "imports", "compile"; {} unmeasured: ()): the CLI's imports, Ray's start, then the hosts'
+    start (HOST_START_S + imports + compile) beside the store's creation (X written at the
+    write rate), whichever is longer (stages.gram boots the hosts while it builds the
+    store)."""
+    if not timed or timed.get("imports") is None:
+        return ()
+    imports, compile_s = float(timed["imports"]), float(timed.get("compile") or 0.0)
+    hosts = HOST_START_S + imports + compile_s
+    store = 0.0 if not write_rate else x_bytes / write_rate
+    return (("imports", imports), ("Ray start", float(ray_start_s)),
+            ("hosts' start beside the store", max(hosts, store)))  # fmt: skip
 
 
 def _timing(

@@ -28,6 +28,7 @@ from ntk_scale.kernels import Kernel, Layer, bind, diag_blocks, precision
 from ntk_scale.linalg import PCGState
 from ntk_scale.model import Model, load_model, save_model
 from ntk_scale.options import GramOptions, RunOptions, SolveOptions, default, to_json
+from ntk_scale.plan import BlockPlan
 from ntk_scale.pool import cluster_operator_for, pool_for, release_for_solve
 from ntk_scale.predict import predict_from_store
 from ntk_scale.scheduler import GramReport, run_store
@@ -91,8 +92,21 @@ def gram(
             raise ValueError(f"x_cols has samples of shape {shape_cols}, x has {shape}")
     o, why = resolve_dtype(x, spec, o, store=store)
 
+    ray_s = [0.0]
+
+    def boot() -> None:
+        """A new store: start Ray and the hosts now, so that they boot while the driver
+        computes the diagonal and writes X (run_store then waits for them)."""
+        if compute_tiles:
+            t = time.perf_counter()
+            pool = pool_for(run)
+            ray_s[0] = time.perf_counter() - t
+            tiles = BlockPlan.square(x.shape[0], min(o.tile, x.shape[0])).n_tiles
+            pool.prestart(run.workers, limit=tiles if x_cols is None else None)
+
     def diag() -> np.ndarray:
         # In blocks of the tile: XLA rounds by shape, so this equals the tiles' own diagonal.
+        boot()
         return diag_blocks(spec, x, o.kind, o.dtype, block=o.tile)
 
     if o.also_nngp and (o.kind != "ntk" or x_cols is not None):
@@ -104,16 +118,19 @@ def gram(
         companion = GramStore.create(
             nngp_store_url(store), spec, x, kind="nngp", dtype=o.dtype, tile=o.tile,
             overwrite=o.overwrite, diag=lambda: diag_blocks(spec, x, "nngp", o.dtype, block=o.tile))
+    t_store = time.perf_counter()
     g = GramStore.create(
         store, spec, x, x_cols, kind=o.kind, dtype=o.dtype, tile=o.tile,
         overwrite=o.overwrite, diag=None if x_cols is not None else diag,
     )  # fmt: skip
+    store_s = time.perf_counter() - t_store - ray_s[0]
     if not compute_tiles:
         total = g.plan.n_tiles
         report = GramReport(g.url, total, 0, total - len(g.missing()), 0, 0, 0.0, 0)
     else:
         report = run_store(g, run, on_tile, companion)
-    return dataclasses.replace(report, dtype=o.dtype, dtype_reason=why)
+    phases = (("ray", ray_s[0]), ("store", store_s), *report.phases)
+    return dataclasses.replace(report, dtype=o.dtype, dtype_reason=why, phases=phases)
 
 
 def nngp_store_url(store: str) -> str:

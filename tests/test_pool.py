@@ -15,6 +15,7 @@ from processes import SCRIPTS
 from ntk_scale import FullyConnected, NTKRegressor, stages
 from ntk_scale.options import GramOptions, RunOptions, SolveOptions
 from ntk_scale.pool import pool_for
+from ntk_scale.store import GramStore
 
 SPEC = FullyConnected(depth=2, W_std=1.4, b_std=0.1)
 RUN = RunOptions(workers=2, progress=False, wait_seconds=0.5)
@@ -137,3 +138,21 @@ def test_gpu_code_paths_on_fake_gpus(tmp_path):
     x = np.random.default_rng(0).normal(size=(600, 5))
     expected = _dense(x, np.sin(x[:, 0]), x, 1e-2)
     np.testing.assert_allclose(report["pred"], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_new_store_boots_the_hosts_while_it_is_built_and_times_each_phase(ray_local, tmp_path):
+    """Issue Q (the demo's first seconds): the hosts are started before the driver computes
+    the diagonal and writes X, and take() waits for them; the report names each phase."""
+    x, y = _data(n=300, seed=4)
+    run = RunOptions(workers=2, progress=False, wait_seconds=0.5)
+    pool = pool_for(run)
+    before = pool.started
+    pool.prestart(2)  # what stages.gram does for a new store: nothing new where hosts exist
+    assert pool.started - before == max(0, 2 - len(pool.slots))
+    g = stages.gram(x, SPEC, str(tmp_path / "g.zarr"), GramOptions(tile=128), run)
+    assert not pool._pending and len(pool.slots) >= 2 and g.computed == g.tiles_total
+    assert [k for k, _ in g.phases] == ["ray", "store", "pool", "tiles"]
+    assert all(v >= 0 for _, v in g.phases)
+    assert "Ray start" in g.phase_line() and "tiles" in g.phase_line()
+    np.testing.assert_allclose(GramStore.open(str(tmp_path / "g.zarr")).to_dask().compute(),
+                               SPEC.kernel(x, dtype="float32"), rtol=1e-5, atol=1e-6)  # fmt: skip

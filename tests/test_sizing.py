@@ -1,5 +1,6 @@
 """sizing: write-bound wall-time estimates, store throughput probes, stored vs matrix-free."""
 
+import dataclasses
 import math
 import os
 
@@ -212,3 +213,25 @@ def test_an_unwritable_parent_is_named(tmp_path):
             measure_write_rate(str(locked / "gram.zarr"), nbytes=SMALL)
     finally:
         locked.chmod(0o700)
+
+
+def test_the_start_up_is_its_own_line_and_part_of_the_wall_time():
+    """Issue Q: plan left out Ray's start and the pool's, which a user waits for (24.4 s
+    estimated, 40.7 s wall). The worker's measured imports and compile, Ray's start and the
+    store's write (X at the write rate) beside the hosts' start make the start-up line."""
+    from ntk_scale.sizing import HOST_START_S, startup_estimate
+
+    timed = {"imports": 1.5, "compile": 0.5}
+    est = dict(startup_estimate(timed, x_bytes=10**6, write_rate=1e6, ray_start_s=2.0))
+    assert est == {"imports": 1.5, "Ray start": 2.0,
+                   "hosts' start beside the store": HOST_START_S + 2.0}  # fmt: skip
+    slow_disk = dict(startup_estimate(timed, x_bytes=10**8, write_rate=1e6, ray_start_s=0.0))
+    assert slow_disk["hosts' start beside the store"] == 100.0 and slow_disk["Ray start"] == 0
+    assert startup_estimate({}, 10, 1e6) == ()  # not measured: no line
+    plan = dataclasses.replace(_plan(write=1e6, per_tile=0.01, workers=2),
+                               startup=tuple(est.items()))  # fmt: skip
+    assert plan.wall_seconds == pytest.approx(plan.estimated_seconds + 3.5 + HOST_START_S + 2.0)
+    rows = dict(plan.rows())
+    assert rows["start-up (before the first tile)"].startswith(f"{3.5 + HOST_START_S + 2.0:.1f} s")
+    assert rows["estimated wall time (2 workers)"].startswith(f"{plan.wall_seconds:.1f} s: "
+                                                              "start-up")  # fmt: skip
