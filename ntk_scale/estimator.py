@@ -99,10 +99,16 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
         inputs = stages.Inputs(X, Y, None, None, None, self.sample_shape_)
         report = stages.fit(inputs, spec, self.store_, go, so, run,
                             extra={"dtype_choice": self.dtype_choice_,
-                                   "method_choice": self.method_choice_})  # fmt: skip
+                                   "method_choice": self.method_choice_},
+                            sketch_dir=self._sketch_dir())  # fmt: skip
         self.gram_report_ = report.gram
         self._keep_solve(report.solve)
         return self
+
+    def _sketch_dir(self) -> str:
+        """Where the fit's preconditioner sketch is kept beside the store (keyed by the store's
+        fingerprint and the preconditioner: refits and predict(return_std=True) reuse it)."""
+        return f"{self.store_.rstrip('/')}.sketch"
 
     def _spec(self) -> FullyConnected | Network:
         kernel = self.kernel if self.kernel is not None else FullyConnected()
@@ -185,7 +191,8 @@ class NTKRegressor(RegressorMixin, BaseEstimator):
                                  ridge_absolute=True)  # fmt: skip
         return variance.posterior_uncertainty(
             self.store_, X, which, ridge=self.solve_report_.lam, ridge_absolute=True,
-            prior_store=prior, options=so, run=run, full_cov=full_cov)
+            prior_store=prior, options=so, run=run, full_cov=full_cov,
+            sketch_dir=self._sketch_dir())
 
     def _prior_store(self, go: GramOptions, run: RunOptions) -> str:
         """The NNGP Gram of the training rows (the store's copy of X), made once, beside it."""
@@ -387,7 +394,8 @@ class NTKRegressorCV(NTKRegressor):
                                                  folds=folds, extra=extra)  # fmt: skip
         else:
             self.gram_report_ = stages.gram(X, spec, self.store_, go, run)
-            res = stages.solve(self.store_, Y, so, run, folds=folds, extra=extra)
+            res = stages.solve(self.store_, Y, so, run, folds=folds, extra=extra,
+                               sketch_dir=self._sketch_dir())  # fmt: skip
         self._keep_selection(res.selection)
         self._keep_solve(res)
         return self

@@ -103,6 +103,7 @@ def solve_store(
     overwrite: bool = False,
     callback: Callable[[PCGState], object] | None = None,
     x0: np.ndarray | None = None,
+    sketch_dir: str | None = None,
     **overrides: Any,
 ) -> SolveReport:
     """Solve (K + λI) A = Y for the Gram matrix K stored at ``store_url``.
@@ -113,8 +114,9 @@ def solve_store(
     out_dir: where the PCG state is checkpointed; an existing checkpoint there is resumed, or
     refused if it belongs to another problem (unless ``overwrite``). callback: called with each
     new PCGState. x0: (N, C) a starting guess (a fold-averaged solution from select_ridge);
-    ignored when a checkpoint is resumed. Progress (iteration, worst residual, columns
-    converged, s/iteration, ETA) is shown unless run.progress is False.
+    ignored when a checkpoint is resumed. sketch_dir: where the Nyström sketch is cached
+    (default out_dir; None for both: built here and not kept). Progress (iteration, worst
+    residual, columns converged, s/iteration, ETA) is shown unless run.progress is False.
     """
     opts, run = merge_options(options or SolveOptions(), run or RunOptions(), overrides)
     if opts.operator == "auto":
@@ -130,7 +132,8 @@ def solve_store(
         path = None if out_dir is None else os.path.join(out_dir, CHECKPOINT_NAME)
         state = _load_state(path, meta, overwrite)
         # One sketch for every ridge (it reads K only); each ridge gets its own core.
-        M = _make_preconditioner(op, opts, meta["rank"], min(lams), run, out_dir, store)
+        M = _make_preconditioner(op, opts, meta["rank"], min(lams), run, sketch_dir or out_dir,
+                                 store)  # fmt: skip
         setup = time.perf_counter() - start
         bar = stack.enter_context(_progress(opts, run))
         Yp, lam_cols = path_columns(Y2, lams)
@@ -533,6 +536,7 @@ def select_ridge(
     overwrite: bool = False,
     callback: Callable[[PCGState], object] | None = None,
     checkpoint_name: str = CV_CHECKPOINT_NAME,
+    sketch_dir: str | None = None,
 ) -> RidgeSelection:
     """Score every ridge of ``options.ridges`` on held-out rows of the Gram stored at
     ``store_url``, without computing a tile: every (fold, ridge, target) is a column of one
@@ -541,7 +545,8 @@ def select_ridge(
 
     A relative ridge is relative to the mean diagonal of the fold's training rows, as a fit on
     those rows alone would take it. With ``out_dir`` the run is checkpointed there (as
-    ``checkpoint_name``) and resumed. For ridge="auto" see :func:`select_auto`.
+    ``checkpoint_name``) and resumed; sketch_dir as for solve_store. For ridge="auto" see
+    :func:`select_auto`.
     """
     if metric not in METRICS:
         raise ValueError(f"metric={metric!r}; use one of {', '.join(METRICS)}")
@@ -563,7 +568,8 @@ def select_ridge(
                 "folds": targets_fingerprint(mask.astype(np.float64))}  # fmt: skip
         path = None if out_dir is None else os.path.join(out_dir, checkpoint_name)
         state = _load_state(path, meta, overwrite)
-        M = _make_preconditioner(op, opts, meta["rank"], float(lam.min()), run, out_dir, store)
+        M = _make_preconditioner(op, opts, meta["rank"], float(lam.min()), run,
+                                 sketch_dir or out_dir, store)  # fmt: skip
         # Each fold's columns get the one sketch restricted to the fold's training rows.
         groups = np.repeat(np.arange(len(folds)), len(ridges) * c)
         M = per_group(M, [tr for tr, _ in folds], groups)

@@ -288,6 +288,7 @@ def solve(
     folds: Folds | None = None,
     transform: TableTransform | None = None,
     x0: np.ndarray | None = None,
+    sketch_dir: str | None = None,
     **overrides: Any,
 ) -> SolveResult:
     """(K + λI) A = Y on the stored Gram at ``store``. With ``model_dir`` the model (A, model.json,
@@ -328,13 +329,13 @@ def solve(
     try:
         if opts.selects or folds is not None:
             selection = _select(store, y, opts, run, folds, extra, ckpt, overwrite,
-                                g.meta.n_rows)  # fmt: skip
+                                g.meta.n_rows, sketch_dir)  # fmt: skip
             opts = dataclasses.replace(opts, ridge=selection.ridge, cv=None, holdout=None)
         else:
             _check_ridges(opts)
         warm = x0 if selection is None else selection.warm_start  # the folds' solutions
         report = solve_store(store, y, opts, run, out_dir=ckpt, overwrite=overwrite,
-                             callback=callback, x0=warm)  # fmt: skip
+                             callback=callback, x0=warm, sketch_dir=sketch_dir)  # fmt: skip
     except SolverError as err:
         if "positive definite" not in str(err):
             raise
@@ -384,19 +385,21 @@ def _check_ridges(opts: SolveOptions) -> None:
         )
 
 
-def _select(store, y, opts, run, folds, extra, ckpt, overwrite, n) -> RidgeSelection:
+def _select(store, y, opts, run, folds, extra, ckpt, overwrite, n,
+            sketch_dir=None) -> RidgeSelection:  # fmt: skip
     """Every ridge scored on held-out rows (MSE, or accuracy for classification)."""
     if folds is None:
         folds = make_folds(n, opts.cv, opts.holdout, opts.seed)
     metric = "accuracy" if (extra or {}).get("task") == "classification" else "mse"
     if not opts.auto_ridge:
         return select_ridge(store, y, opts, run, folds=folds, metric=metric, out_dir=ckpt,
-                            overwrite=overwrite)  # fmt: skip
+                            overwrite=overwrite, sketch_dir=sketch_dir)  # fmt: skip
 
     def one_round(ridges: tuple[float, ...], k: int) -> RidgeSelection:
         return select_ridge(store, y, dataclasses.replace(opts, ridge=ridges), run, folds=folds,
                             metric=metric, out_dir=ckpt, overwrite=overwrite,
-                            checkpoint_name=round_checkpoint(CV_CHECKPOINT_NAME, k))  # fmt: skip
+                            checkpoint_name=round_checkpoint(CV_CHECKPOINT_NAME, k),
+                            sketch_dir=sketch_dir)  # fmt: skip
 
     return select_auto(one_round)
 
@@ -606,10 +609,12 @@ def fit(
     model_dir: str | None = None,
     extra: dict[str, Any] | None = None,
     transform: TableTransform | None = None,
+    sketch_dir: str | None = None,
 ) -> FitReport:
     """gram -> solve -> (predict on inputs.x_test): the whole regression, one store.
 
     The solver operator is chosen first, so a matrix-free fit computes no stored tile.
+    sketch_dir: where the solve caches its Nyström sketch (default model_dir's checkpoint).
     """
     go, so, run = (
         gram_options or GramOptions(),
@@ -640,7 +645,7 @@ def fit(
     if so.warm_start == "nystrom" and not so.selects:
         x0, more["warm_start"] = _nystrom_start(inputs, spec, store, go, so, run, transform)
     s = solve(store, inputs.y_train, so, run, model_dir=model_dir, extra=more, transform=transform,
-              x0=x0)  # fmt: skip
+              x0=x0, sketch_dir=sketch_dir)  # fmt: skip
     s = dataclasses.replace(s, decision=decision)
     seconds["solve"] = time.perf_counter() - t0 - seconds["gram"]
     if inputs.x_test is None:

@@ -63,6 +63,25 @@ def test_cv_estimator_gives_the_posterior_at_the_chosen_ridge(ray_local, fx, tmp
     assert _rel(cov, fx[f"{NAME}|ntkgp|{r}|cov"]) <= 1e-6
 
 
+def test_the_estimators_std_reuses_the_fits_sketch(ray_local, fx, tmp_path, monkeypatch):
+    """The fit keeps its Nyström sketch beside the store; predict(return_std=True) and a refit
+    load it instead of pivoting again (one sketch in all), and the std still equals NT's."""
+    import importlib
+
+    solve_mod = importlib.import_module("ntk_scale.solve")
+    built = []
+    real = solve_mod.nystrom
+    monkeypatch.setattr(solve_mod, "nystrom", lambda *a, **k: built.append(1) or real(*a, **k))
+    x, y, xs = fx[f"{NAME}|x_train"], fx[f"{NAME}|y_train"], fx[f"{NAME}|x_test"]
+    est = _est(fx, tmp_path, kind="ntk", posterior="ntkgp",
+               ridge=float(fx[f"{NAME}|diag_reg"][0])).fit(x, y)  # fmt: skip
+    assert len(built) == 1 and Path(est._sketch_dir(), "preconditioner.npz").exists()
+    _, std = est.predict(xs, return_std=True)
+    est.fit(x, 2 * y)  # a refit of the same rows: the same store, the same sketch
+    assert len(built) == 1
+    assert _rel(std**2, np.diag(fx[f"{NAME}|ntkgp|0|cov"])) <= 1e-6
+
+
 def test_a_posterior_that_does_not_fit_the_kind_is_refused_before_any_work(fx, tmp_path):
     x, y = fx[f"{NAME}|x_train"], fx[f"{NAME}|y_train"]
     with pytest.raises(ValueError, match="fit with kind='nngp'"):
