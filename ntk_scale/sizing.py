@@ -216,8 +216,9 @@ def plan_gram(
     )
 
 
-def startup_estimate(timed: dict, x_bytes: int, write_rate: float | None,
-                     ray_start_s: float = LOCAL_RAY_START_S) -> tuple[tuple[str, float], ...]:  # fmt: skip
+def startup_estimate(
+    timed: dict, x_bytes: int, write_rate: float | None, ray_start_s: float = LOCAL_RAY_START_S
+) -> tuple[tuple[str, float], ...]:
     """A Gram command's start-up from a worker's measured start (:func:`time_worker_start`:
     "imports", "compile"; {} unmeasured: ()): the CLI's imports, Ray's start, then the hosts'
     start (HOST_START_S + imports + compile) beside the store's creation (X written at the
