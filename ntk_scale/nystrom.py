@@ -64,6 +64,7 @@ from ntk_scale.solve import (
     Folds,
     RidgeSelection,
     SolveReport,
+    best_ridge,
     column_iterations,
     make_folds,
     ridge_path_meta,
@@ -350,7 +351,7 @@ def _sum_parts(group: RoleGroup, reps: np.ndarray | None, ref: Any, token: str, 
     and the object store one strip per worker at a time (whole parts, M² · 8 bytes each, ran
     M = 20,000 out of memory)."""
     s = 1 if reps is None else len(reps)
-    H, b = np.empty((s, m, m)), np.zeros((m, c))  # b: replaced by the workers' sum
+    H, b = np.empty((s, m, m)), np.zeros((m, c))
     step = max(1, STRIP_BYTES // (8 * s * m))
     for r0 in range(0, m, step):
         rows = (r0, min(m, r0 + step))
@@ -444,10 +445,12 @@ def _load(path: str | None, meta: dict[str, Any], overwrite: bool) -> PCGState |
 def select(p: Problem, Y: np.ndarray, folds: Folds, metric: str, ckpt_dir: str | None,
            overwrite: bool) -> RidgeSelection:  # fmt: skip
     """The ridge path of p's ridges (or ridge="auto"'s growing grid: select_auto) on folds."""
-    if not p.so.auto_ridge:
-        return select_ridges(p, Y, folds, metric, ckpt_dir, overwrite, p.so.ridges)
-    return select_auto(lambda ridges, k: select_ridges(
-        p, Y, folds, metric, ckpt_dir, overwrite, ridges, round_checkpoint(CV_CHECKPOINT_NAME, k)))
+
+    def one_round(ridges: tuple[float, ...], k: int) -> RidgeSelection:
+        return select_ridges(p, Y, folds, metric, ckpt_dir, overwrite, ridges,
+                             round_checkpoint(CV_CHECKPOINT_NAME, k))  # fmt: skip
+
+    return select_auto(one_round) if p.so.auto_ridge else one_round(p.so.ridges, 0)
 
 
 def select_ridges(p: Problem, Y: np.ndarray, folds: Folds, metric: str, ckpt_dir: str | None,
@@ -473,8 +476,7 @@ def select_ridges(p: Problem, Y: np.ndarray, folds: Folds, metric: str, ckpt_dir
             scores[f, k] = score(pred[val, col : col + c], Y[val], metric)
     per = np.array(column_iterations(res.pcg.residuals, so.tol, len(folds) * len(ridges)))
     iterations = per.reshape(len(folds), len(ridges)).max(axis=0).tolist()
-    means = scores.mean(axis=0) * (1 if metric == "mse" else -1)
-    best = int(np.flatnonzero(means == means.min()).max())  # a tie goes to the larger ridge
+    best = best_ridge(scores, metric)
     cols = [(f * len(ridges) + best) * c + np.arange(c) for f in range(len(folds))]
     warm = np.mean([res.alpha[:, cc] for cc in cols], axis=0)  # (M, c): α lives on the centres
     return warn_at_edge(RidgeSelection(tuple(ridges), metric, scores, iterations, best,

@@ -168,9 +168,7 @@ class Pool:
         asked for by number without allow_fewer: GPUUnavailableError, CLI exit 3); none:
         raises PlacementError naming the request and what the cluster has."""
         self.refresh()
-        want = workers or self.default_workers()
-        if limit is not None:
-            want = max(1, min(want, limit))
+        want = self._wanted(workers, limit)
         if want > len(self.slots) or self._pending:  # prestarted hosts are waited for here
             self._grow(want, strict=workers is not None and self.strict)
         if not self.slots:
@@ -182,12 +180,15 @@ class Pool:
         that they boot (a process, its imports) while the driver does other work, e.g. builds
         the store; ``take`` then waits for them."""
         self.refresh()
-        want = workers or self.default_workers()
-        if limit is not None:
-            want = max(1, min(want, limit))
+        want = self._wanted(workers, limit)
         have = len(self.slots) + len(self._pending)
         n_new = max(0, min(want - have, self.capacity() - len(self.slots)))
         self._pending += [self._start(have + k) for k in range(n_new)]
+
+    def _wanted(self, workers: int | None, limit: int | None) -> int:
+        """Hosts asked for: ``workers`` (None: the default), at most ``limit``, at least one."""
+        want = workers or self.default_workers()
+        return want if limit is None else max(1, min(want, limit))
 
     @property
     def strict(self) -> bool:

@@ -42,11 +42,13 @@ from ntk_scale.plan import DEFAULT_TILE, BlockPlan
 #: the disk's cache, a store of several GB its sustained rate.
 _MAX_WRITE_PROBE = 1 << 30
 
-#: Seconds a local Ray takes to start (``ray.init`` on 127.0.0.1), measured on the 2-core VM
-#: of the README (`ntk-scale gram`'s "time:" line); 0 where the run joins a running cluster.
-LOCAL_RAY_START_S = 2.5
+#: Seconds a local Ray takes to start (``ray.init`` on 127.0.0.1): 3.2 s in
+#: benchmarks/gram_scaling.py on the README's 2-core VM (`ntk-scale gram`'s "time:" line shows
+#: it per run); 0 where the run joins a running cluster.
+LOCAL_RAY_START_S = 3.2
 #: Seconds Ray adds to a new host beyond its Python imports and first compile (a worker
-#: process, ``import ray``, the actor's creation), measured there too.
+#: process, ``import ray``, the actor's creation): an estimate, not yet calibrated against
+#: benchmarks/plan_vs_actual.py.
 HOST_START_S = 1.0
 
 

@@ -437,6 +437,13 @@ def warn_at_edge(sel: RidgeSelection) -> RidgeSelection:
     return sel
 
 
+def best_ridge(scores: np.ndarray, metric: str) -> int:
+    """The index of the best mean score over folds of scores (folds, ridges), ridges ascending:
+    the lowest MSE or the highest accuracy, the larger ridge on a tie."""
+    means = scores.mean(axis=0) * (1 if metric == "mse" else -1)
+    return int(np.flatnonzero(means == means.min()).max())
+
+
 def ridge_path_meta(sel: RidgeSelection) -> dict[str, Any]:
     """model.json's "ridge_path": metric, folds, seconds, per-ridge table, the edge the best is
     at (None inside; "smallest" / "largest": the best may lie beyond the grid) and, for
@@ -474,8 +481,7 @@ def merge_selections(a: RidgeSelection, b: RidgeSelection) -> RidgeSelection:
     order = np.argsort(ridges, kind="stable")
     scores = np.concatenate([a.scores, b.scores], axis=1)[:, order]
     iterations = [(a.iterations + b.iterations)[k] for k in order]
-    means = scores.mean(axis=0) * (1 if a.metric == "mse" else -1)
-    best = int(np.flatnonzero(means == means.min()).max())
+    best = best_ridge(scores, a.metric)
     ridge = float(ridges[order][best])
     warm = a.warm_start if ridge == a.ridge else b.warm_start if ridge == b.ridge else None
     return RidgeSelection(tuple(float(r) for r in ridges[order]), a.metric, scores, iterations,
@@ -586,8 +592,7 @@ def select_ridge(
             scores[f, k] = score(pred[val, col : col + c], Y2[val], metric)
     per = np.array(column_iterations(result.residuals, opts.tol, len(folds) * len(ridges)))
     iterations = per.reshape(len(folds), len(ridges)).max(axis=0).tolist()
-    means = scores.mean(axis=0) * (1 if metric == "mse" else -1)
-    best = int(np.flatnonzero(means == means.min()).max())  # a tie goes to the larger ridge
+    best = best_ridge(scores, metric)
     warm = _fold_average(result.x, mask, len(folds), len(ridges), c, best)
     return warn_at_edge(RidgeSelection(tuple(ridges), metric, scores, iterations, best,
                                        time.perf_counter() - start, len(folds), warm))  # fmt: skip

@@ -102,7 +102,7 @@ def gram(
             pool = pool_for(run)
             ray_s[0] = time.perf_counter() - t
             tiles = BlockPlan.square(x.shape[0], min(o.tile, x.shape[0])).n_tiles
-            pool.prestart(run.workers, limit=tiles if x_cols is None else None)
+            pool.prestart(run.workers, limit=tiles)
 
     def diag() -> np.ndarray:
         # In blocks of the tile: XLA rounds by shape, so this equals the tiles' own diagonal.
@@ -391,17 +391,13 @@ def _select(store, y, opts, run, folds, extra, ckpt, overwrite, n,
     if folds is None:
         folds = make_folds(n, opts.cv, opts.holdout, opts.seed)
     metric = "accuracy" if (extra or {}).get("task") == "classification" else "mse"
-    if not opts.auto_ridge:
-        return select_ridge(store, y, opts, run, folds=folds, metric=metric, out_dir=ckpt,
-                            overwrite=overwrite, sketch_dir=sketch_dir)  # fmt: skip
-
     def one_round(ridges: tuple[float, ...], k: int) -> RidgeSelection:
         return select_ridge(store, y, dataclasses.replace(opts, ridge=ridges), run, folds=folds,
                             metric=metric, out_dir=ckpt, overwrite=overwrite,
                             checkpoint_name=round_checkpoint(CV_CHECKPOINT_NAME, k),
                             sketch_dir=sketch_dir)  # fmt: skip
 
-    return select_auto(one_round)
+    return select_auto(one_round) if opts.auto_ridge else one_round(opts.ridges, 0)
 
 
 def model_meta(
