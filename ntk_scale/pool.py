@@ -13,6 +13,7 @@ import atexit
 import dataclasses
 import os
 import socket
+import sys
 import warnings
 from typing import Any
 
@@ -38,14 +39,16 @@ REPORTED_ENV = (
 
 
 class Host:
-    """One worker process: pinned to ``cores`` (CPU hosts) before JAX starts its thread pool,
-    holding roles by key. Ray makes it an actor in one line (:class:`Pool`)."""
+    """One worker process: pinned to ``cores`` (CPU hosts) and given ``env`` (:func:`worker_env`)
+    before JAX starts its backend, holding roles by key. Ray makes it an actor in one line
+    (:class:`Pool`)."""
 
-    def __init__(self, cores: list[int] | None = None):
+    def __init__(self, cores: list[int] | None = None, env: dict[str, str] | None = None):
         if cores:
             # XLA's CPU thread pool sizes itself from the schedulable cores (XLA_FLAGS thread
             # options did not bound it here): pin before the first computation creates it.
             os.sched_setaffinity(0, {c % os.cpu_count() for c in cores})
+        self.env_applied = apply_worker_env(env or {})
         self.roles: dict[str, Any] = {}
 
     def info(self) -> dict[str, Any]:
@@ -56,7 +59,8 @@ class Host:
             cores = []
         env = {k: os.environ.get(k) for k in REPORTED_ENV}
         return {"pid": os.getpid(), "node": node_id(), "host": socket.gethostname(),
-                "cores": cores, "env": env, "roles": sorted(self.roles)}  # fmt: skip
+                "cores": cores, "env": env, "env_applied": self.env_applied,
+                "jax": _jax_settings(), "roles": sorted(self.roles)}  # fmt: skip
 
     def attach(self, key: str, cls: type, args: tuple) -> dict[str, Any]:
         """Build role ``cls(*args)`` under ``key`` (replacing one there). Returns info()."""
@@ -75,6 +79,16 @@ class Host:
     def detach(self, key: str) -> None:
         """Drop the role under ``key`` (its memory is freed)."""
         self.roles.pop(key, None)
+
+
+def _jax_settings() -> dict[str, Any]:
+    """The platforms and matmul precision as this process's JAX holds them ({} before JAX)."""
+    if "jax" not in sys.modules:
+        return {}
+    import jax
+
+    return {"platforms": jax.config.jax_platforms,
+            "matmul_precision": jax.config.jax_default_matmul_precision}  # fmt: skip
 
 
 def _resolved(args: tuple) -> tuple:
@@ -150,13 +164,15 @@ class Pool:
         self.allow_fewer = allow_fewer
         self.slots: list[Slot] = []
         self.job = ray.get_runtime_context().get_job_id()
-        env = worker_env(request.use_gpu, None if request.use_gpu else request.threads)
+        # The host sets its environment itself (Host.__init__): a per-actor runtime_env would
+        # make Ray start a new worker process for it instead of taking one of its own, idle
+        # and already past its imports (1.3-1.7 s more per pool start here).
+        self._env = worker_env(request.use_gpu, None if request.use_gpu else request.threads)
         self._remote = ray.remote(Host).options(
             max_restarts=0,
             max_task_retries=0,
             max_concurrency=4,
             scheduling_strategy="SPREAD",
-            runtime_env={"env_vars": env},
             **request.resources,
         )
         self.started = 0  # hosts started over the pool's life (replacements included)
@@ -230,7 +246,7 @@ class Pool:
         return self.ray.cluster_resources().get(key, 0) >= per * (len(self.slots) + 1)
 
     def _start(self, index: int) -> tuple[int, Any, Any]:
-        handle = self._remote.remote(self._cores(index))
+        handle = self._remote.remote(self._cores(index), self._env)
         self.started += 1
         return index, handle, handle.info.remote()
 
@@ -505,6 +521,32 @@ def release_gpu_hosts() -> int:
         if request.use_gpu:
             del _DECIDED[key]
     return released
+
+
+def apply_worker_env(env: dict[str, str]) -> bool:
+    """Give this process ``env`` (:func:`worker_env`) before its JAX backend starts: the
+    variables, JAX's own settings for those it read at import, and the BLAS thread pools'
+    size (fixed when numpy loaded). Returns False when a backend had already started here
+    (a process that ran JAX work before becoming a host): the variables are set and the
+    backend keeps what it started with."""
+    os.environ.update(env)
+    threads = env.get("OMP_NUM_THREADS")
+    if threads:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=int(threads))
+    if "jax" not in sys.modules:  # it reads the variables when it is imported
+        return True
+    import jax
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        return False
+    if "JAX_PLATFORMS" in env:
+        jax.config.update("jax_platforms", env["JAX_PLATFORMS"])
+    if "JAX_DEFAULT_MATMUL_PRECISION" in env:
+        jax.config.update("jax_default_matmul_precision", env["JAX_DEFAULT_MATMUL_PRECISION"])
+    return True
 
 
 def worker_env(use_gpu: bool, threads: int | None) -> dict[str, str]:

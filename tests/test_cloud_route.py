@@ -132,7 +132,7 @@ class _PlacingRay(FakeRay):
             def options(self, **kw):
                 return self
 
-            def remote(self, cores):
+            def remote(self, cores, env=None):
                 ray.started += 1
                 return _Handle(ray.started <= ray.room)
 

@@ -131,6 +131,9 @@ def test_gpu_code_paths_on_fake_gpus(tmp_path):
         for w in workers:
             assert w["env"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
             assert w["env"]["JAX_DEFAULT_MATMUL_PRECISION"] == "highest"
+            # set by the host itself (no per-actor runtime_env): JAX must hold it, not only
+            # the environment
+            assert w["jax"] == {"platforms": "cpu", "matmul_precision": "highest"}, w
             assert any(r.startswith(role) for r in w["roles"]), (stage, w["roles"])
         stage_pids = sorted(w["pid"] for w in workers)
         assert pids is None or stage_pids == pids

@@ -31,7 +31,7 @@ if __name__ == "__main__":
 
     def record(stage):
         seen[stage] = [
-            {"pid": s.pid, "env": s.info["env"], "roles": s.info["roles"]}
+            {"pid": s.pid, "env": s.info["env"], "jax": s.info["jax"], "roles": s.info["roles"]}
             for s in pool_for(run).slots
         ]
 
