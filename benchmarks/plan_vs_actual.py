@@ -62,6 +62,7 @@ def case(n: int, d: int, tile: int, directory: Path) -> dict:
         "compute_estimate_s": plan.compute_seconds, "write_rate": plan.write_bytes_per_s,
         "write_estimate_s": plan.write_seconds, "bound": plan.bound,
         "estimate_s": plan.estimated_seconds, "startup_estimate": dict(plan.startup),
+        "stop_estimate_s": plan.stop_seconds,
         "wall_estimate_s": plan.wall_seconds, "wall_s": wall, "phases_s": phases,
         "wall_over_estimate": wall / plan.wall_seconds,
         "tiles_over_estimate": phases.get("tiles", float("nan")) / plan.estimated_seconds,
@@ -94,7 +95,8 @@ def main() -> None:
     for r in rows:
         est = ", ".join(f"{k} {v:.1f} s" for k, v in r["startup_estimate"].items())
         got = ", ".join(f"{k} {v:.1f} s" for k, v in r["phases_s"].items())
-        print(f"  N={r['n']}: start-up estimated {est}; measured {got}")
+        print(f"  N={r['n']}: start-up estimated {est}, Ray's stop {r['stop_estimate_s']:.1f} s; "
+              f"measured {got}")
     RESULTS.mkdir(exist_ok=True)
     name = "plan_vs_actual_quick.json" if a.quick else "plan_vs_actual.json"
     write_json(RESULTS / name, {"cases": rows, "machine": machine()})

@@ -46,6 +46,7 @@ from ntk_scale.options import (
 )
 from ntk_scale.sizing import (
     LOCAL_RAY_START_S,
+    LOCAL_RAY_STOP_S,
     choose_operator,
     cloud_workload,
     gemm_rate,
@@ -104,9 +105,11 @@ def cmd_plan(a: argparse.Namespace) -> int:
     # dtype auto: the plan assumes the larger float64 (float32 is taken only where its error
     # bound is far below λ, which needs the data): --dtype float32 plans the smaller store.
     dtype = "float64" if a.dtype == "auto" else a.dtype
-    ray_start = 0.0 if joins_cluster(getattr(a, "address", None)) else LOCAL_RAY_START_S
+    local = not joins_cluster(getattr(a, "address", None))
     plan = plan_gram(a.n, d, spec, a.kind, dtype, a.tile, a.workers or 1, measure,
-                     store_url=store, probe_bytes=probe, ray_start_s=ray_start)  # fmt: skip
+                     store_url=store, probe_bytes=probe,
+                     ray_start_s=LOCAL_RAY_START_S if local else 0.0,
+                     ray_stop_s=LOCAL_RAY_STOP_S if local else 0.0)  # fmt: skip
     rows, read = plan.rows(), None
     if a.dtype == "auto":
         rows.append(("dtype", "float64 assumed by dtype auto (--dtype float32 to plan float32)"))

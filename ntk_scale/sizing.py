@@ -1,9 +1,13 @@
 """`ntk-scale plan`: tiles, bytes, FLOPs, memory and a wall-time estimate for a Gram job: the
 arithmetic, from measured (or given) rates; the measurements live in :mod:`ntk_scale.measure`.
 
-A Gram job is bound by whichever is slower: the workers computing and writing their tiles, or
-the store's disk taking the stored upper triangle (every worker writes to the same store). The
-estimate is ``max(seconds_per_tile * tiles / workers, bytes_on_disk / write_bytes_per_s)``.
+A Gram job's tiles take the workers' compute, ``seconds_per_tile * ceil(tiles / workers)``, and
+the store's disk taking the stored upper triangle, ``bytes_on_disk / write_bytes_per_s`` (every
+worker writes to the same store). On a local disk the two add up: a worker's write blocks once
+the page cache's dirty limit is reached, and the copies, checksums and the kernel's writeback
+take the same cores as the compute (benchmarks/plan_vs_actual.py, N = 60,000 on 2 cores: 21.8 s
+of compute and 19.0 s of writes took 33.4 s, where their maximum said 21.8 s). An object store's
+puts go over the network, beside the compute: there the estimate is the larger of the two.
 ``seconds_per_tile`` is measured as a worker spends it (:func:`ntk_scale.measure.time_worker_tile`:
 in a child process pinned to the worker's cores with the worker's thread settings, one tile
 computed and its chunk encoded and written into the store), the disk's rate in the store itself
@@ -42,14 +46,18 @@ from ntk_scale.plan import DEFAULT_TILE, BlockPlan
 #: the disk's cache, a store of several GB its sustained rate.
 _MAX_WRITE_PROBE = 1 << 30
 
-#: Seconds a local Ray takes to start (``ray.init`` on 127.0.0.1): 3.2 s in
-#: benchmarks/gram_scaling.py on the README's 2-core VM (`ntk-scale gram`'s "time:" line shows
-#: it per run); 0 where the run joins a running cluster.
-LOCAL_RAY_START_S = 3.2
-#: Seconds Ray adds to a new host beyond its Python imports and first compile (a worker
-#: process, ``import ray``, the actor's creation): an estimate, not yet calibrated against
-#: benchmarks/plan_vs_actual.py.
-HOST_START_S = 1.0
+#: Seconds a local Ray takes to start (``ray.init`` on 127.0.0.1, its processes and its API
+#: server): the median of ten starts by ntk_scale on the README's 2-core VM (2026-12-06, 5.6-7.3
+#: s; `ntk-scale gram`'s "time:" line shows it per run; a bare ``ray.init`` took 4.7-6.7 s);
+#: 0 where the run joins a running cluster.
+LOCAL_RAY_START_S = 6.8
+#: Seconds Ray adds to a new host beyond its Python imports, first compile and warm-up tiles
+#: (the actor's creation in one of Ray's idle workers, the role's attach): fitted to the pool
+#: start measured by benchmarks/plan_vs_actual.py's two cases (2026-12-06: 1.1 s and 2.3 s).
+HOST_START_S = 1.5
+#: Seconds a local Ray takes to stop when the command exits (hosts killed, ``ray.shutdown``):
+#: 2.3 s measured from `ntk-scale gram`'s summary to its exit on the same VM; 0 on a cluster.
+LOCAL_RAY_STOP_S = 2.3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +65,11 @@ class GramPlan:
     """Size and time of K(X, X) for X (n, d), stored as the upper triangle of (tile, tile) tiles.
 
     Times are in seconds, rates in bytes/s, sizes in bytes. ``compute_seconds`` is
-    ``seconds_per_tile * tiles / workers``; ``write_seconds`` is ``bytes_on_disk /
-    write_bytes_per_s``; ``estimated_seconds`` is the larger of the two (``bound`` names it), or
-    the compute time alone when no write rate is known (``bound`` None), or None unmeasured.
+    ``seconds_per_tile * ceil(tiles / workers)`` (the last round waits for its slowest tile);
+    ``write_seconds`` is ``bytes_on_disk / write_bytes_per_s``; ``estimated_seconds`` is their
+    sum for a local store (``serial_writes``) or else the larger of the two (``bound`` names
+    the larger), or the compute time alone when no write rate is known (``bound`` None), or
+    None unmeasured.
     """
 
     n: int
@@ -87,6 +97,10 @@ class GramPlan:
     #: What a user waits for before the first tile, in order (label, seconds): the CLI's own
     #: imports, Ray's start, and the hosts' start beside the store's creation (() unmeasured).
     startup: tuple[tuple[str, float], ...] = ()
+    #: Whether the workers' writes and compute add up (a local disk) rather than overlap.
+    serial_writes: bool = False
+    #: Seconds after the last tile until the command exits: a local Ray's stop (0: a cluster).
+    stop_seconds: float = 0.0
 
     @property
     def startup_seconds(self) -> float:
@@ -94,9 +108,10 @@ class GramPlan:
 
     @property
     def wall_seconds(self) -> float | None:
-        """estimated_seconds plus the start-up: the command's wall time (None unmeasured)."""
+        """estimated_seconds plus the start-up and the stop: the command's wall time (None
+        unmeasured)."""
         est = self.estimated_seconds
-        return None if est is None else est + self.startup_seconds
+        return None if est is None else est + self.startup_seconds + self.stop_seconds
 
     @property
     def entry_seconds(self) -> float | None:
@@ -137,8 +152,9 @@ class GramPlan:
     def _wall_text(self) -> str:
         if not self.startup or self.wall_seconds is None:
             return self._estimate_text()
+        stop = f" + Ray's stop {_duration(self.stop_seconds)}" if self.stop_seconds else ""
         return (f"{_duration(self.wall_seconds)}: start-up {_duration(self.startup_seconds)} + "
-                f"tiles {self._estimate_text()}")
+                f"tiles {self._estimate_text()}{stop}")
 
     def _chunk_rows(self) -> list[tuple[str, str]]:
         if self.chunk_pairs is None:
@@ -152,6 +168,11 @@ class GramPlan:
                 return "not measured"
             return f"not measured (writes alone take {_duration(self.write_seconds)})"
         est = _duration(self.estimated_seconds)
+        if self.serial_writes and self.bound is not None:
+            disk = f"{_bytes(self.bytes_on_disk)} at {_rate(self.write_bytes_per_s)}"
+            return (f"{est} (compute {_duration(self.compute_seconds)} + writes "
+                    f"{_duration(self.write_seconds)} of {disk}, on the same cores: bound by "
+                    f"{self.bound}s)")  # fmt: skip
         if self.bound == "write":
             disk = f"{_bytes(self.bytes_on_disk)} at {_rate(self.write_bytes_per_s)}"
             return f"{est} (bound by writes: {disk})"
@@ -175,6 +196,7 @@ def plan_gram(
     threads: int = 1,
     probe_bytes: int | None = None,
     ray_start_s: float = LOCAL_RAY_START_S,
+    ray_stop_s: float = LOCAL_RAY_STOP_S,
 ) -> GramPlan:
     """Size a K(X, X) job for X (n, d). With ``measure``, one (tile, tile) tile is timed on this
     machine as a worker pinned to ``threads`` cores spends it (synthetic data; with
@@ -182,7 +204,8 @@ def plan_gram(
     disk's write rate (bytes/s) is measured under ``store_url`` unless ``write_bytes_per_s`` is
     given (with a probe of the store's size, at most ``_MAX_WRITE_PROBE`` bytes, or of
     ``probe_bytes``). The measured worker's start gives the start-up (:func:`startup_estimate`;
-    ray_start_s: 0 for a run that joins a cluster)."""
+    ray_start_s and ray_stop_s: 0 for a run that joins a cluster). A local ``store_url`` makes
+    the writes add to the compute (the module's docstring)."""
     _check_sizes(n, d, workers, seconds_per_tile, write_bytes_per_s)
     plan = BlockPlan.square(n, min(tile, n))
     t, item, entries = plan.tile, np.dtype(dtype).itemsize, plan.entries()
@@ -199,6 +222,7 @@ def plan_gram(
         probe = probe_bytes or max(256 << 20, min(entries * item, _MAX_WRITE_PROBE))
         write_bytes_per_s = measure_write_rate(store_url, nbytes=probe)
     startup = startup_estimate(timed, n * d * item, write_bytes_per_s, ray_start_s)
+    serial = store_url is not None and not is_object_store(store_url)
     return GramPlan(
         n=n,
         d=d,
@@ -211,10 +235,13 @@ def plan_gram(
         flops=float(entries) * flops_entry,
         worker_memory_bytes=memory,
         chunk_pairs=chunk,
-        **_timing(plan.n_tiles, entries * item, workers, seconds_per_tile, write_bytes_per_s),
+        **_timing(plan.n_tiles, entries * item, workers, seconds_per_tile, write_bytes_per_s,
+                  serial),
         tile_write_seconds=tile_write,
         tile_compute_seconds=compute,
         startup=startup,
+        serial_writes=serial,
+        stop_seconds=float(ray_stop_s) if startup else 0.0,
     )
 
 
@@ -222,26 +249,32 @@ def startup_estimate(
     timed: dict, x_bytes: int, write_rate: float | None, ray_start_s: float = LOCAL_RAY_START_S
 ) -> tuple[tuple[str, float], ...]:
     """A Gram command's start-up from a worker's measured start (:func:`time_worker_start`:
-    "imports", "compile"; {} unmeasured: ()): the CLI's imports, Ray's start, then the hosts'
-    start (HOST_START_S + imports + compile) beside the store's creation (X written at the
-    write rate), whichever is longer (stages.gram boots the hosts while it builds the
+    "imports", "compile", and the tiles "compute" and "diagonal"; {} unmeasured: ()): the CLI's
+    imports, Ray's start, then the hosts' start (HOST_START_S + imports + compile + one tile of
+    each kind, which the role runs once to compile them) beside the store's creation (X written
+    at the write rate), whichever is longer (stages.gram boots the hosts while it builds the
     store)."""
     if not timed or timed.get("imports") is None:
         return ()
     imports, compile_s = float(timed["imports"]), float(timed.get("compile") or 0.0)
-    hosts = HOST_START_S + imports + compile_s
+    warm_up = float(timed.get("compute") or 0.0) + float(timed.get("diagonal") or 0.0)
+    hosts = HOST_START_S + imports + compile_s + warm_up
     store = 0.0 if not write_rate else x_bytes / write_rate
     return (("imports", imports), ("Ray start", float(ray_start_s)),
             ("hosts' start beside the store", max(hosts, store)))  # fmt: skip
 
 
 def _timing(
-    tiles: int, nbytes: int, workers: int, per_tile: float | None, write_rate: float | None
+    tiles: int, nbytes: int, workers: int, per_tile: float | None, write_rate: float | None,
+    serial: bool = False,
 ) -> dict[str, float | str | None]:
-    """GramPlan's time fields (seconds; write rate in bytes/s)."""
-    compute = None if per_tile is None else per_tile * tiles / workers
+    """GramPlan's time fields (seconds; write rate in bytes/s); serial: writes add to the
+    compute (a local disk) instead of overlapping it."""
+    compute = None if per_tile is None else per_tile * math.ceil(tiles / workers)
     write = None if write_rate is None else nbytes / write_rate
     bound, est = _bound(compute, write)
+    if serial and bound is not None:
+        est = compute + write
     return {
         "seconds_per_tile": per_tile,
         "compute_seconds": compute,
