@@ -3,11 +3,14 @@
 The public surface: re-exports only. The stages (gram, solve, predict, fit) each take one frozen
 options record; the estimators, the CLI and the config run through them.
 
-The scikit-learn estimators are imported on first use (``ntk_scale.NTKRegressor``, PEP 562):
-scikit-learn and what it pulls in (SciPy's stats, pandas) take 8-16 s of CPU to import here,
-and every CLI process and every Ray worker process imports this package (a worker unpickles
-its role class from ntk_scale.roles), while only estimator users need them.
+Everything but the errors is imported on first use (PEP 562): ``import ntk_scale.cluster`` then
+costs no JAX import, so ``ntk-scale demo`` starts its local Ray while the CLI imports JAX
+(:mod:`ntk_scale.launch`). scikit-learn, behind the estimators, takes 8-16 s of CPU to import
+here (with SciPy's stats and pandas); every Ray worker process imports this package too (a
+worker unpickles its role class from ntk_scale.roles), and needs neither.
 """
+
+import importlib
 
 from ntk_scale.errors import (
     ConvergenceWarning,
@@ -22,29 +25,42 @@ from ntk_scale.errors import (
     TileCorruptError,
     WorkerLostError,
 )
-from ntk_scale.kernels import FullyConnected, Myrtle, spec_from_json, stax
-from ntk_scale.options import GramOptions, RunOptions, SolveOptions
-from ntk_scale.pool import shutdown_pools
-from ntk_scale.stages import fit, gram, predict, solve, verify
-from ntk_scale.store import GramStore
 
 __version__ = "0.1.0"
 
-
-_ESTIMATORS = ("NTKClassifier", "NTKClassifierCV", "NTKRegressor", "NTKRegressorCV")
+#: name -> the module that defines it, imported on first use.
+_LAZY = {
+    **dict.fromkeys(("FullyConnected", "Myrtle", "spec_from_json", "stax"), "ntk_scale.kernels"),
+    **dict.fromkeys(("GramOptions", "RunOptions", "SolveOptions"), "ntk_scale.options"),
+    "shutdown_pools": "ntk_scale.pool",
+    **dict.fromkeys(("fit", "gram", "predict", "solve", "verify"), "ntk_scale.stages"),
+    "GramStore": "ntk_scale.store",
+    **dict.fromkeys(("NTKClassifier", "NTKClassifierCV", "NTKRegressor", "NTKRegressorCV"),
+                    "ntk_scale.estimator"),  # fmt: skip
+}
 
 
 def __getattr__(name: str):
-    if name in _ESTIMATORS:
-        from ntk_scale import estimator  # on first use: it imports scikit-learn (docstring)
-
-        return getattr(estimator, name)
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # once: later lookups do not come here
+        return value
+    try:  # a submodule not imported yet (``ntk_scale.stages`` after ``import ntk_scale``)
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as err:
+        if err.name != f"{__name__}.{name}":
+            raise
     raise AttributeError(f"module 'ntk_scale' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def shutdown() -> None:
     """Stop this process's worker actors (they stop at exit anyway); the next stage starts new
     ones."""
+    from ntk_scale.pool import shutdown_pools
 
     shutdown_pools()
 

@@ -8,9 +8,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+#: Seconds this process took to start or join Ray: "ray" by :func:`ensure_ray`, "launch" when
+#: :mod:`ntk_scale.launch` did it beside the CLI's imports (absent: not yet).
+STARTED_S: dict[str, float] = {}
+
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
-    """Return the ``ray`` module, initialised.
+    """Return the ``ray`` module, initialised (the seconds it took in ``STARTED_S["ray"]``).
 
     address: None starts a local Ray bound to 127.0.0.1 (unless ``RAY_ADDRESS`` is set or Ray is
     already initialised); "auto" or "ray://host:port" or "host:port" joins an existing cluster.
@@ -20,18 +24,25 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
         # Ray's own switch for a local-only instance: it must be in the environment of the
         # process that starts Ray (this one) before Ray reads its configuration.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    import warnings
-
     import ray
+
+    if ray.is_initialized():
+        return ray
+    start = time.perf_counter()
+    _init(ray, address, num_cpus)
+    STARTED_S["ray"] = time.perf_counter() - start
+    return ray
+
+
+def _init(ray: Any, address: str | None, num_cpus: int | None) -> None:
+    import warnings
 
     # Ray starts its processes with fork+exec; after JAX has run in this process Python warns
     # that fork is unsafe with threads, which does not apply to an immediate exec.
     warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
-    if ray.is_initialized():
-        return ray
     if address:
         ray.init(address=address, log_to_driver=True)
-        return ray
+        return
     # A new local instance gets Ray's token authentication by default (the token is written to
     # ~/.ray/auth_token), unless RAY_AUTH_MODE says otherwise.
     ray.init(
@@ -42,7 +53,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
         log_to_driver=True,
         configure_logging=False,
     )
-    return ray
 
 
 def joins_cluster(address: str | None = None) -> bool:

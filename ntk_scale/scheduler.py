@@ -53,10 +53,12 @@ class GramReport:
     def entries_per_second(self) -> float:
         return self.entries_computed / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
-    def phase_line(self) -> str:
-        """"Ray start 2.1 s, store 0.4 s, pool start 1.2 s, tiles 0.2 s" ("" if not timed)."""
+    def phase_line(self, without: tuple[str, ...] = ()) -> str:
+        """"Ray start 2.1 s, store 0.4 s, pool start 1.2 s, tiles 0.2 s" ("" if not timed),
+        leaving out the phases named in ``without`` (e.g. "ray" where Ray started earlier)."""
         names = {"ray": "Ray start", "store": "store", "pool": "pool start", "tiles": "tiles"}
-        return ", ".join(f"{names.get(k, k)} {v:.1f} s" for k, v in self.phases)
+        return ", ".join(f"{names.get(k, k)} {v:.1f} s" for k, v in self.phases
+                         if k not in without)  # fmt: skip
 
     def summary(self) -> str:
         lost = f", {self.deaths} workers lost and replaced" if self.deaths else ""
