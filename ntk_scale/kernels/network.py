@@ -225,15 +225,18 @@ def _result(z: jax.Array, kind: str, ends: tuple) -> jax.Array:
 
 def run_network(spec: Layer, layout: str, kind: str, base: Inputs, hw: Any,
                 stats: tuple[list, list] | None = None, self_mode: str = "batched",
-                ) -> tuple[jax.Array, list]:  # fmt: skip
+                pair: bool = False) -> tuple[Any, list]:  # fmt: skip
     """The network on ``base``: the cross pass when ``stats`` (each side's list of segment
     records) is given, else the self pass (base: a stack of images, each paired with itself;
-    one image for ``self_mode`` "single"). Returns (the kernel values, the records)."""
+    one image for ``self_mode`` "single"). Returns (the kernel values, the records). pair (the
+    cross pass of kind "ntk"): the values are (K, Θ), both from the one z = D + iΘ."""
     ctx = Context(layout, kind, stats, self_mode)
     out = _apply(spec, State(base, (), hw), ctx)
     z = ctx.run(out, None)[0]
     if stats is None and kind == "nngp":
         return ctx.last[0][-1][0], ctx.record  # the self pass's final variance: K(x, x)
+    if pair:
+        return (_result(z, "nngp", ctx.last), _result(z, "ntk", ctx.last)), ctx.record
     return _result(z, kind, ctx.last), ctx.record
 
 
@@ -317,10 +320,14 @@ class Compiled:
                              len(a), len(a), self.budget)  # fmt: skip
         return self.self_pass(a, max(c1, c2))
 
-    def tile(self, x1: Any, x2: Any = None, stats1: Any = None, stats2: Any = None) -> np.ndarray:
+    def tile(self, x1: Any, x2: Any = None, stats1: Any = None, stats2: Any = None,
+             pair: bool = False) -> Any:  # fmt: skip
         """K(x1, x2) (n1, n2) float64 (computed in dtype); x2=None: the symmetric K(x1, x1)
         from the chunks on and above the diagonal, its diagonal from the self pass.
-        stats1 / stats2: :meth:`self_stats` of x1 / x2, when already known."""
+        stats1 / stats2: :meth:`self_stats` of x1 / x2, when already known. pair (kind "ntk"):
+        (NNGP, NTK), both from the NTK's one pass (its real part carries the NNGP's D)."""
+        if pair and self.kind != "ntk":
+            raise ValueError(f"pair=True needs the NTK's pass (kind 'ntk'), not {self.kind!r}")
         a = self._shaped(x1)
         b = a if x2 is None else self._shaped(x2)
         n1, n2 = a.shape[0], b.shape[0]
@@ -333,7 +340,7 @@ class Compiled:
             s2 = s1
         else:
             s2 = (stats2 if stats2 is not None else self.self_pass(b, max(c1, c2)))[0]
-        out = np.empty((n1, n2), dtype=np.float64)
+        outs = [np.empty((n1, n2), dtype=np.float64) for _ in range(1 + pair)]
         with jax.enable_x64(True):
             for r0 in range(0, n1, c1):
                 for k0 in range(0, n2, c2):
@@ -341,15 +348,24 @@ class Compiled:
                         continue
                     stats = (self._records(s1, r0, c1), self._records(s2, k0, c2))
                     base = Inputs(_pad_rows(a[r0 : r0 + c1], c1), _pad_rows(b[k0 : k0 + c2], c2))
-                    blk = run_network(self.spec, self.a.layout, self.kind, base, self.hw,
-                                      stats)[0]  # fmt: skip
-                    blk = np.asarray(blk)[: min(c1, n1 - r0), : min(c2, n2 - k0)]
-                    out[r0 : r0 + blk.shape[0], k0 : k0 + blk.shape[1]] = blk
-        if x2 is None:
-            upper = np.triu(out)
-            out = upper + np.triu(out, 1).T
-            out[np.diag_indices(n1)] = d1
-        return out
+                    blks = run_network(self.spec, self.a.layout, self.kind, base, self.hw,
+                                       stats, pair=pair)[0]  # fmt: skip
+                    for out, blk in zip(outs, blks if pair else (blks,), strict=True):
+                        blk = np.asarray(blk)[: min(c1, n1 - r0), : min(c2, n2 - k0)]
+                        out[r0 : r0 + blk.shape[0], k0 : k0 + blk.shape[1]] = blk
+        if x2 is None:  # the diagonals of the self pass: NNGP's its final variance
+            diags = (self._final_variance(s1, n1), d1) if pair else (d1,)
+            for k, diag in enumerate(diags):
+                outs[k] = np.triu(outs[k]) + np.triu(outs[k], 1).T
+                outs[k][np.diag_indices(n1)] = diag
+        return tuple(outs) if pair else outs[0]
+
+    def _final_variance(self, leaves: tuple[np.ndarray, ...], n: int) -> np.ndarray:
+        """K(x_i, x_i) (n,) float64: the last segment's final variance in a self pass's records
+        (what the NNGP's own self pass returns as its diagonal)."""
+        with jax.enable_x64(True):
+            records = self._records(leaves, 0, n)
+            return np.asarray(records[-1][-1][0], dtype=np.float64).reshape(n)
 
     def diag(self, x: Any) -> np.ndarray:
         a = self._shaped(x)
@@ -475,10 +491,15 @@ class Network:
         return lambda x1, x2: compiled.tile(self.rows(x1), self.rows(x2)).astype(dtype)
 
     def pair_tile_function(self, dtype: str = "float32", symmetric: bool = False):
-        """The two kinds' tile functions in turn (a network's passes are compiled per kind)."""
-        nngp = self.tile_function("nngp", dtype, symmetric)
-        ntk = self.tile_function("ntk", dtype, symmetric)
-        return lambda x1, x2: (np.asarray(nngp(x1, x2)), np.asarray(ntk(x1, x2)))
+        """(NNGP, NTK) tiles from the NTK's one pass: its z = D + iΘ carries the NNGP's D, and
+        its self pass the final variances (the "ntk" posterior's two stores, issue N)."""
+        compiled = self.compiled("ntk", dtype)
+
+        def both(x1, x2):
+            pair = compiled.tile(self.rows(x1), None if symmetric else self.rows(x2), pair=True)
+            return tuple(v.astype(dtype) for v in pair)
+
+        return both
 
     def diag_function(self, kind: str = "ntk", dtype: str = "float32"):
         compiled = self.compiled(kind, dtype)
