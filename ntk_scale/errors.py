@@ -7,6 +7,10 @@ class StoreMismatchError(ValueError):
     """The store at this path was made for another kernel, other data or other settings."""
 
 
+class DiskSpaceError(ValueError):
+    """A local store's filesystem has less free space than a stage will write (CLI exit 2)."""
+
+
 class StoreLockedError(RuntimeError):
     """Another live driver holds the store's lock."""
 

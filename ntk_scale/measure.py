@@ -31,6 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 from ntk_scale.cost import workload
 from ntk_scale.kernels import Kernel, spec_from_json
 from ntk_scale.store import atomic_put, chunk_body, url_fs
+from ntk_scale.store.fsio import probe_location
 
 _PROBE_PREFIX = ".ntk-probe-"
 _PROBE_FILE_BYTES = 16 << 20
@@ -290,21 +291,6 @@ def _probe(url: str) -> Iterator[tuple[fsspec.AbstractFileSystem, str, bool]]:
         ) from e
     finally:
         _remove_probe(fs, probe, local)
-
-
-def probe_location(url: str) -> str:
-    """Where the throughput of a store at ``url`` is probed: for a local path (or file:// URL)
-    the nearest existing directory at or above it (``run/gram.zarr``, the path ``gram`` would
-    create, is probed in ``run/`` or, if that is missing too, in the first parent that
-    exists); an object-store URL itself (its prefix need not exist; its bucket must)."""
-    url = os.fspath(url)
-    fs, root = fsspec.core.url_to_fs(url)
-    if not isinstance(fs, LocalFileSystem):
-        return url
-    path = os.path.abspath(root)
-    while not os.path.isdir(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    return path
 
 
 def _store_root(url: str) -> tuple[fsspec.AbstractFileSystem, str, bool]:

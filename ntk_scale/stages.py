@@ -47,8 +47,10 @@ from ntk_scale.solve import (
     select_ridge,
     solve_store,
 )
-from ntk_scale.store import GramStore, read_meta
+from ntk_scale.store import GramStore, read_meta, url_fs
 from ntk_scale.store import exists as store_exists
+from ntk_scale.store.fsio import is_local
+from ntk_scale.store.space import check_free_space, gram_bytes, predict_bytes, solve_bytes
 from ntk_scale.tables import TableTransform
 
 __all__ = [
@@ -113,6 +115,12 @@ def gram(
         raise ValueError(f"also_nngp writes the NNGP Gram beside a symmetric NTK store; this is "
                          f"kind={o.kind!r}{', rectangular' if x_cols is not None else ''}: "
                          "drop also_nngp, or use kind='ntk' on K(x, x)")  # fmt: skip
+    twins = 2 if o.also_nngp else 1
+    n_cols = None if x_cols is None else x_cols.shape[0]
+    resumes = not o.overwrite and store_exists(store)
+    if not resumes:  # before a byte is written (a resumed store is checked below)
+        check_free_space(store, twins * gram_bytes(x.shape[0], n_cols, x.shape[1], o.tile,
+                                                   o.dtype), "the Gram store", GRAM_SMALLER)
     companion = None
     if o.also_nngp:  # checked and created first: nothing of the NTK store before its twin
         companion = GramStore.create(
@@ -124,6 +132,10 @@ def gram(
         overwrite=o.overwrite, diag=None if x_cols is not None else diag,
     )  # fmt: skip
     store_s = time.perf_counter() - t_store - ray_s[0]
+    if resumes and compute_tiles and is_local(store):  # (listing a bucket's markers: skipped)
+        left = len(g.missing()) + (0 if companion is None else len(companion.missing()))
+        check_free_space(store, gram_bytes(x.shape[0], n_cols, x.shape[1], g.meta.tile, o.dtype,
+                                           tiles=left), "the Gram's missing tiles", GRAM_SMALLER)
     if not compute_tiles:
         total = g.plan.n_tiles
         report = GramReport(g.url, total, 0, total - len(g.missing()), 0, 0, 0.0, 0)
@@ -131,6 +143,10 @@ def gram(
         report = run_store(g, run, on_tile, companion)
     phases = (("ray", ray_s[0]), ("store", store_s), *report.phases)
     return dataclasses.replace(report, dtype=o.dtype, dtype_reason=why, phases=phases)
+
+
+#: How a Gram job writes less (the disk check's advice).
+GRAM_SMALLER = "use dtype float32 (half of float64's bytes), or fewer rows (method='nystrom')"
 
 
 def nngp_store_url(store: str) -> str:
@@ -324,6 +340,13 @@ def solve(
     opts = dataclasses.replace(opts, operator=decision.operator)
     release_for_solve(opts.operator, run)  # on a cluster, GPU nodes leave a driver-side solve
     ckpt = None if model_dir is None else f"{model_dir.rstrip('/')}/checkpoint"
+    if model_dir is not None:
+        shape = np.shape(y)
+        fits = 1 + (opts.cv or (1 if opts.holdout else 0)) if opts.selects else 1
+        columns = (1 if len(shape) < 2 else shape[1]) * len(opts.ridges) * fits
+        check_free_space(model_dir, solve_bytes(g.meta.n_rows, columns, opts.rank),
+                         "the solve's checkpoint, sketch and model",
+                         "a lower rank or fewer ridges")  # fmt: skip
     rounding = precision_check(g, opts)
     selection = None
     try:
@@ -476,8 +499,24 @@ def predict(
     transform = transform_of(m.meta)
     finish = None if transform is None or not transform.target else transform.from_model_units
     of = {} if transform is None else {"transform": transform.fingerprint()}
+    if out is not None and (overwrite or not _written(out)):
+        columns = 1 if m.alpha.ndim == 1 else m.alpha.shape[1]
+        check_free_space(out, predict_bytes(_n_rows(x_star), columns), "the predictions",
+                         "predict fewer rows at a time")  # fmt: skip
     return predict_from_store(url, m.alpha, x_star, run, out=out, overwrite=overwrite,
                               finish=finish, of=of)  # fmt: skip
+
+
+def _n_rows(x: Any) -> int:
+    """Rows of an array-like without reading it (numpy, memmap, Zarr, dask, or a sequence)."""
+    shape = getattr(x, "shape", None)
+    return int(shape[0]) if shape else len(x)
+
+
+def _written(url: str) -> bool:
+    """Whether anything exists at ``url`` yet (a resumed output is not checked for space)."""
+    fs, root = url_fs(url)
+    return bool(fs.exists(root))
 
 
 def predict_uncertainty(
@@ -504,6 +543,9 @@ def predict_uncertainty(
     if "nystrom" in m.meta:
         raise ValueError("predict --std needs the exact method's store; this model was fitted "
                          "with method='nystrom': refit with method='exact'")  # fmt: skip
+    if out is not None and (overwrite or not _written(out)):
+        check_free_space(out, predict_bytes(_n_rows(x_star), 1), "the standard deviations",
+                         "predict fewer rows at a time")  # fmt: skip
     which = m.meta.get("posterior") or posterior.check_posterior(None, m.meta["kind"])
     prior = None
     if posterior.needs_prior_train(which):

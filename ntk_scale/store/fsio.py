@@ -9,6 +9,28 @@ import fsspec
 import zarr
 
 
+def probe_location(url: str) -> str:
+    """Where the disk of a store at ``url`` is measured (throughput, free space): for a local
+    path (or file:// URL) the nearest existing directory at or above it (``run/gram.zarr``, the
+    path ``gram`` would create, is probed in ``run/`` or, if that is missing too, in the first
+    parent that exists); an object-store URL itself (its prefix need not exist; its bucket
+    must)."""
+    url = os.fspath(url)
+    fs, root = fsspec.core.url_to_fs(url)
+    if not isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        return url
+    path = os.path.abspath(root)
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def is_local(url: str) -> bool:
+    """Whether ``url`` is a local path or file:// URL (not an object store); by its protocol,
+    without importing the object store's filesystem (gcsfs may not be installed)."""
+    return fsspec.utils.get_protocol(os.fspath(url)) in ("file", "local")
+
+
 def url_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``url`` and the path inside it (no trailing slash)."""
     fs, root = fsspec.core.url_to_fs(url)
