@@ -236,7 +236,7 @@ def choose_method(so: SolveOptions, spec: Kernel, n: int, d: int, o: GramOptions
     """(method, reason) for ``so.method`` ("auto" resolved). On a cluster joined by address:
     plan's cost model, the cheapest of the exact operators and a Nyström fit of
     ``so.centers`` within run.deadline_hours (:func:`ntk_scale.sizing.cluster_operator`).
-    Elsewhere: exact while its store (plan_gram's bytes) fits EXACT_DISK_SHARE of the free
+    Elsewhere: exact while its store (store.space.gram_bytes) fits EXACT_DISK_SHARE of the free
     disk where it lives (an object store: always), else Nyström."""
     if so.method != "auto":
         return so.method, "asked for"
@@ -249,7 +249,7 @@ def choose_method(so: SolveOptions, spec: Kernel, n: int, d: int, o: GramOptions
                                   centers=so.centers)  # fmt: skip
     if picked is not None:
         return ("nystrom" if picked[0] == "nystrom" else "exact"), picked[1]
-    need = plan_gram(n, d, spec, o.kind, o.dtype, o.tile, workers, measure=False).bytes_on_disk
+    need = gram_bytes(n, None, d, o.tile, o.dtype)  # what the disk check will ask for
     where = _store_parent(store)
     if "://" in where:
         return "exact", f"auto: the exact store ({need / 1e9:.3g} GB) goes to object storage"

@@ -19,18 +19,22 @@ from ntk_scale.options import GramOptions, RunOptions, SolveOptions
 from ntk_scale.store import space
 
 SPEC = FullyConnected(depth=2, W_std=1.4, b_std=0.1)
-MiB = 1 << 20
 
 
 def test_the_gram_writes_whole_chunks_its_x_and_its_diagonal():
+    marker = space.MARKER_BYTES  # a tile's marker file: one filesystem block
     # 4096 rows, tile 2048: 3 stored tiles of 2048² float32, X (4096 x 8) and the diagonal
-    assert space.gram_bytes(4096, None, 8, 2048, "float32") == 4 * (3 * 2048**2 + 4096 * 8 + 4096)
+    assert space.gram_bytes(4096, None, 8, 2048, "float32") == (
+        3 * (4 * 2048**2 + marker) + 4 * (4096 * 8 + 4096))
     # 5000 rows: 6 tiles, the edge ones stored at the full chunk's shape (Zarr's regular grid)
-    assert space.gram_bytes(5000, None, 8, 2048, "float64") == 8 * (6 * 2048**2 + 5000 * 9)
+    assert space.gram_bytes(5000, None, 8, 2048, "float64") == (
+        6 * (8 * 2048**2 + marker) + 8 * 5000 * 9)
     # K(X*, X), 100 x 5000: 3 tiles of 2048² (the tile clamped to the larger side), both X
-    assert space.gram_bytes(100, 5000, 8, 2048, "float32") == 4 * (3 * 2048**2 + 5100 * 8)
-    assert space.gram_bytes(5000, None, 8, 2048, "float32", tiles=2) == 2 * 4 * 2048**2
+    assert space.gram_bytes(100, 5000, 8, 2048, "float32") == (
+        3 * (4 * 2048**2 + marker) + 4 * 5100 * 8)
+    assert space.gram_bytes(5000, None, 8, 2048, "float32", tiles=2) == 2 * (4 * 2048**2 + marker)
     assert space.solve_bytes(1000, 3, 500) == 8 * 1000 * (500 + 15)
+    assert space.solve_bytes(100, 1, 500) == 8 * 100 * (100 + 5)  # the rank is at most n
     assert space.predict_bytes(10, 4) == 320
 
 
@@ -54,7 +58,7 @@ def test_the_message_names_the_need_the_free_space_and_the_choices(tmp_path, mon
         space.check_free_space(str(tmp_path / "run" / "gram.zarr"), 2 * 10**12, "the Gram store",
                                "use dtype float32")  # fmt: skip
     text = str(err.value)
-    # 2 TB plus 1 % and 64 MiB, against 80 GB free, in the nearest existing directory
+    # 2 TB plus 1 % and 256 KiB, against 80 GB free, in the nearest existing directory
     assert "needs 2.0 TB" in text and "80.0 GB free" in text and str(tmp_path) in text
     assert "free 1.9 TB there" in text and "bucket" in text and "use dtype float32" in text
     assert isinstance(err.value, ValueError)  # the CLI's exit 2
@@ -69,7 +73,7 @@ def test_solve_and_predict_check_their_outputs_first(ray_local, tmp_path, monkey
     stages.gram(x, SPEC, store, GramOptions(tile=128, dtype="float64"), run)
     model = str(tmp_path / "m")
     res = stages.solve(store, y, SolveOptions(rank=50, tol=1e-8), run, model_dir=model)
-    _fake_free(monkeypatch, free=MiB)
+    _fake_free(monkeypatch, free=100_000)  # less than the headroom alone
     with pytest.raises(DiskSpaceError, match="the solve's checkpoint, sketch and model"):
         stages.solve(store, y, SolveOptions(rank=50), run, model_dir=str(tmp_path / "m2"))
     assert not (tmp_path / "m2").exists()
@@ -102,9 +106,9 @@ def test_a_gram_too_big_for_a_real_small_disk_exits_2_and_writes_nothing(small_d
     x = np.random.default_rng(0).normal(size=(6000, 8)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     store = small_disk / "run" / "gram.zarr"  # its parent does not exist: the disk is probed
-    # 6 tiles of 2048² float32 (101 MB) and 64 MiB of headroom do not fit in 128 MiB
-    argv = ["gram", "--x", str(tmp_path / "x.npy"), "--store", str(store), "--dtype", "float32",
-            "--tile", "2048", "--no-progress"]  # fmt: skip
+    # 21 tiles of 1024² float64 (176 MB) do not fit in 128 MiB
+    argv = ["gram", "--x", str(tmp_path / "x.npy"), "--store", str(store), "--dtype", "float64",
+            "--tile", "1024", "--no-progress"]  # fmt: skip
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "the Gram store needs" in err and re.search(r"has [0-9.]+ MB free of 134\.2 MB", err)

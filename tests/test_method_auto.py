@@ -11,6 +11,7 @@ import pytest
 from ntk_scale import FullyConnected, NTKRegressor, cost, stages
 from ntk_scale.options import GramOptions, RunOptions, SolveOptions
 from ntk_scale.sizing import cluster_operator, plan_gram, plan_nystrom
+from ntk_scale.store.space import gram_bytes
 
 SPEC = FullyConnected()
 GO = GramOptions(dtype="float32", tile=4096)
@@ -52,7 +53,7 @@ def test_on_a_cluster_auto_takes_the_cheapest_method_within_the_deadline():
 
 def test_here_auto_is_exact_while_its_store_fits_the_disk(tmp_path, monkeypatch):
     n, d = 200_000, 10
-    need = plan_gram(n, d, SPEC, "ntk", "float32", 4096, 2, measure=False).bytes_on_disk
+    need = gram_bytes(n, None, d, 4096, "float32")  # tiles, markers, X, diagonal
     so, run, store = SolveOptions(method="auto", centers=1000), RunOptions(workers=2), tmp_path
     for free, want in ((need * 2, "exact"), (need, "nystrom")):  # need <= 80 % of free?
         monkeypatch.setattr("shutil.disk_usage", lambda p, f=free: Usage(f * 2, f, f))
@@ -95,7 +96,9 @@ def test_the_estimator_records_what_auto_took(ray_local, tmp_path, monkeypatch):
     assert exact.method_ == "exact" and "fits in 80%" in exact.method_choice_
     assert exact.alpha_.shape == (300,)
     assert exact.solve_result_.meta["method_choice"] == exact.method_choice_
-    monkeypatch.setattr("shutil.disk_usage", lambda p: Usage(10**6, 10**6 - 1000, 1000))
+    # 900 KB free: the exact store (6 tiles of 128² float64, 0.8 MB) is more than 80 % of it,
+    # and the Nyström one (K(C, C), one tile) fits, as the stages' disk check asks
+    monkeypatch.setattr("shutil.disk_usage", lambda p: Usage(10**6, 10**5, 9 * 10**5))
     small = NTKRegressor(**kw, workdir=str(tmp_path / "b")).fit(x, y)
     assert small.method_ == "nystrom" and "is more than 80%" in small.method_choice_
     assert small.alpha_.shape == (100,) and small.solve_result_.meta["method"] == "nystrom"

@@ -20,9 +20,11 @@ from ntk_scale.errors import DiskSpaceError
 from ntk_scale.plan import BlockPlan
 from ntk_scale.store.fsio import is_local, probe_location
 
-#: What a stage asks beyond its payload: 1 % and 64 MiB (markers, metadata, checkpoints' copies).
+#: What a stage asks beyond its payload: 1 % and 256 KiB (metadata, a checkpoint's next copy).
 HEADROOM_FRACTION = 0.01
-HEADROOM_BYTES = 64 << 20
+HEADROOM_BYTES = 256 << 10
+#: A tile's completion marker: a small file, which takes a filesystem block (4 KiB on ext4/xfs).
+MARKER_BYTES = 4096
 
 
 def check_free_space(url: str, need: int, what: str, smaller: str) -> None:
@@ -49,23 +51,23 @@ def gram_bytes(n_rows: int, n_cols: int | None, d: int, tile: int, dtype: str,
                tiles: int | None = None) -> int:  # fmt: skip
     """Bytes a Gram store of (n_rows, n_cols or n_rows) writes: each stored tile (the upper
     triangle of a symmetric one) as a whole uncompressed chunk (Zarr stores an edge chunk at
-    the full chunk's shape), the copies of X and the diagonal; ``tiles``: only that many
-    tiles (a resumed store's missing ones), without X."""
+    the full chunk's shape) and its marker's block, the copies of X and the diagonal;
+    ``tiles``: only that many tiles (a resumed store's missing ones), without X."""
     item = np.dtype(dtype).itemsize
     side = min(int(tile), max(n_rows, n_cols or n_rows))  # as the store clamps it
     if tiles is None:
         plan = BlockPlan(n_rows, n_cols or n_rows, side, symmetric=n_cols is None)
         tiles, x = plan.n_tiles, (n_rows + (n_cols or 0)) * d * item
         diag = n_rows * item if n_cols is None else 0
-        return tiles * side * side * item + x + diag
-    return tiles * side * side * item
+        return tiles * (side * side * item + MARKER_BYTES) + x + diag
+    return tiles * (side * side * item + MARKER_BYTES)
 
 
 def solve_bytes(n: int, columns: int, rank: int) -> int:
-    """Bytes a solve writes: the preconditioner's sketch (n x rank float64), its checkpoint
-    (the PCG state: four (n, columns) float64 arrays, columns = targets x ridges x fits) and
-    the model's alpha (n x targets, at most columns)."""
-    return 8 * n * (rank + 5 * columns)
+    """Bytes a solve writes: the preconditioner's sketch (n x rank float64, rank at most n),
+    its checkpoint (the PCG state: four (n, columns) float64 arrays, columns = targets x
+    ridges x fits) and the model's alpha (n x targets, at most columns)."""
+    return 8 * n * (min(rank, n) + 5 * columns)
 
 
 def predict_bytes(m: int, columns: int) -> int:
