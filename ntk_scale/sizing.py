@@ -41,6 +41,7 @@ from ntk_scale.measure import (  # noqa: F401
     time_worker_tile,
 )
 from ntk_scale.plan import DEFAULT_TILE, BlockPlan
+from ntk_scale.store.space import human_bytes
 
 #: The disk's write rate is probed with the store's bytes up to this much: a small probe sees
 #: the disk's cache, a store of several GB its sustained rate.
@@ -305,12 +306,8 @@ def _bound(compute: float | None, write: float | None) -> tuple[str | None, floa
     return ("write", write) if write > compute else ("compute", compute)
 
 
-def _bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if n < 1000:
-            return f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} EB"
+#: Sizes as every message of the project prints them (one definition, in store.space).
+_bytes = human_bytes
 
 
 def _rate(bytes_per_s: float) -> str:
